@@ -1,0 +1,191 @@
+"""Latent-cache model: each attention layer caches only its K/V latent(s).
+
+Exact-RoPE realisation of CARE.md §3. Per token and layer the cache holds the latent(s)
+`c = x @ W_a` (width r_k + r_v, or r_kv for a joint latent) instead of the GQA keys and
+values (2·g·d_h). At attention time the latents are up-projected to per-KV-head K and V,
+K gets Qwen3's k_norm (if any) and RoPE at its true positions, and attention runs as in the
+original model. At full rank the logits equal the original model's.
+
+Shapes in comments: B batch, T new tokens, S cached tokens (incl. new), g KV heads,
+h query heads, d head dim, r latent width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
+
+from .configuration_care_mla import CareMlaConfig
+from .families import FAMILIES, head_dim
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, heads, S, d) by cos/sin (B or 1, S, d)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+class CareMlaAttention(nn.Module):
+    """GQA attention whose K/V cache is a low-rank latent."""
+
+    def __init__(self, config, layer_idx: int, kv_latent: str, ranks: list[int]):
+        super().__init__()
+        family = FAMILIES[config.model_type]
+        self.config = config
+        self.layer_idx = layer_idx
+        self.kv_latent = kv_latent
+        self.head_dim = head_dim(config)
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = getattr(config, "attention_dropout", 0.0)
+        self.is_causal = True
+        qkv_bias, o_bias = family.biases(config)
+        hidden, kv_width = config.hidden_size, self.num_key_value_heads * self.head_dim
+
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
+        if kv_latent == "joint":
+            (r,) = ranks
+            self.kv_a_proj = nn.Linear(hidden, r, bias=False)
+            self.kv_b_proj = nn.Linear(r, 2 * kv_width, bias=qkv_bias)  # rows: [K heads | V heads]
+        else:
+            r_k, r_v = ranks
+            self.k_a_proj = nn.Linear(hidden, r_k, bias=False)
+            self.k_b_proj = nn.Linear(r_k, kv_width, bias=qkv_bias)
+            self.v_a_proj = nn.Linear(hidden, r_v, bias=False)
+            self.v_b_proj = nn.Linear(r_v, kv_width, bias=qkv_bias)
+        if family.qk_norm_cls is not None:
+            self.q_norm = family.qk_norm_cls(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = family.qk_norm_cls(self.head_dim, eps=config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        # RoPE for cached positions: the latent carries no position, so K is rotated at read time.
+        self.rotary_emb = family.rotary_cls(config=config)
+
+    def latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cache stores for tokens x (B, T, D): two tensors (B, 1, T, r·)."""
+        if self.kv_latent == "joint":
+            c = self.kv_a_proj(x).unsqueeze(1)
+            return c, c[..., :0]
+        return self.k_a_proj(x).unsqueeze(1), self.v_a_proj(x).unsqueeze(1)
+
+    def expand(self, c_a: torch.Tensor, c_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up-project cached latents to K, V (B, g, S, d), before RoPE."""
+        B, _, S, _ = c_a.shape
+        if self.kv_latent == "joint":
+            k, v = self.kv_b_proj(c_a[:, 0]).chunk(2, dim=-1)
+        else:
+            k, v = self.k_b_proj(c_a[:, 0]), self.v_b_proj(c_b[:, 0])
+        shape = (B, S, self.num_key_value_heads, self.head_dim)
+        return k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = q.transpose(1, 2)  # (B, h, T, d)
+
+        c_a, c_b = self.latents(hidden_states)
+        if past_key_values is not None:
+            c_a, c_b = past_key_values.update(c_a, c_b, self.layer_idx)
+            # Positions are cache indices: what matters to RoPE is j − i, which they preserve
+            # (also for left-padded batches, where position_ids are shifted per row).
+            S = c_a.shape[-2]
+            positions = torch.arange(S, device=c_a.device).unsqueeze(0)
+            cos_k, sin_k = self.rotary_emb(hidden_states, positions)
+            cos_q, sin_q = cos_k[:, S - T :], sin_k[:, S - T :]
+        else:
+            cos_q, sin_q = cos_k, sin_k = position_embeddings
+
+        k, v = self.expand(c_a, c_b)
+        if self.k_norm is not None:
+            k = self.k_norm(k.transpose(1, 2)).transpose(1, 2)
+        q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos_k, sin_k)
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, weights = attention_interface(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return self.o_proj(out.reshape(B, T, -1).contiguous()), weights
+
+
+class CareMlaPreTrainedModel(PreTrainedModel):
+    config_class = CareMlaConfig
+    config: CareMlaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+
+class CareMlaForCausalLM(CareMlaPreTrainedModel, GenerationMixin):
+    """The original family's decoder with every attention layer replaced by `CareMlaAttention`."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: CareMlaConfig):
+        super().__init__(config)
+        base = config.base_config()
+        self.model = FAMILIES[config.base_model_type].model_cls(base)
+        for idx, layer in enumerate(self.model.layers):
+            layer.self_attn = CareMlaAttention(base, idx, config.kv_latent, config.kv_lora_ranks[idx])
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
