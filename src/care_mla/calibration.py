@@ -1,0 +1,168 @@
+"""Layer-sequential calibration: streaming statistics of every attention input (CARE.md §0).
+
+Per decoder layer we keep the uncentered second moment C = (1/N) Σ x xᵀ of the attention
+input x (the output of `input_layernorm`) and the mean absolute value per channel (for ASVD).
+Activations are never stored beyond the hidden states carried from one layer to the next:
+the calibration set runs through layer l, its statistics are accumulated by a hook on that
+layer's `input_layernorm`, and its outputs become layer l+1's inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+class SecondMoment:
+    """Running Σ x xᵀ, Σ |x| and token count of one layer's input.
+
+    Each batch is reduced with one fp32 GEMM and added to fp64 totals, so the accumulation
+    error does not grow with the number of batches.
+    """
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu"):
+        self.dim = dim
+        self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.sum_abs = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.count = 0
+
+    @torch.no_grad()
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.dim).to(torch.float32)
+        self.sum_outer += (x.T @ x).to(torch.float64)
+        self.sum_abs += x.abs().sum(0, dtype=torch.float64)
+        self.count += x.shape[0]
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        return self.sum_outer / max(self.count, 1)
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.sum_abs / max(self.count, 1)
+
+
+@dataclass
+class CalibrationStats:
+    """Per-layer statistics of the attention inputs, what every factorization needs."""
+
+    second_moments: list[torch.Tensor]  # (D, D) float64 each
+    abs_means: list[torch.Tensor]  # (D,) float64 each
+    num_tokens: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.second_moments)
+
+    def save(self, path: Path) -> None:
+        """Write atomically (temp file + rename), so a killed run leaves no partial file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for i, (c, a) in enumerate(zip(self.second_moments, self.abs_means)):
+            tensors[f"layers.{i}.second_moment"] = c.contiguous().cpu()
+            tensors[f"layers.{i}.abs_mean"] = a.contiguous().cpu()
+        meta = {"num_tokens": str(self.num_tokens), "meta": json.dumps(self.meta, sort_keys=True)}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "CalibrationStats":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata()
+        tensors = load_file(str(path))
+        n = len([k for k in tensors if k.endswith(".second_moment")])
+        return cls(
+            second_moments=[tensors[f"layers.{i}.second_moment"] for i in range(n)],
+            abs_means=[tensors[f"layers.{i}.abs_mean"] for i in range(n)],
+            num_tokens=int(header["num_tokens"]),
+            meta=json.loads(header["meta"]),
+        )
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, input_ids: torch.Tensor, batch_size: int
+) -> tuple[list[torch.Tensor], list[dict]]:
+    """Hidden states and keyword arguments (mask, RoPE, ...) that reach the first decoder layer.
+
+    The model runs only up to the first layer; a pre-hook records its inputs and stops it.
+    """
+    first = model.model.layers[0]
+    device = next(model.parameters()).device
+    hidden, kwargs = [], []
+
+    def catch(_module, args, kw):
+        hidden.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            try:
+                model(input_ids[start : start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return hidden, kwargs
+
+
+@torch.no_grad()
+def collect_statistics(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    meta: dict | None = None,
+) -> CalibrationStats:
+    """Stream the attention-input statistics of every decoder layer over `input_ids` (N, T).
+
+    Peak memory is one layer's work plus the hidden states of the calibration set.
+    """
+    was_training = model.training
+    model.eval()
+    layers = model.model.layers
+    hidden, kwargs = capture_layer_inputs(model, input_ids, batch_size)
+    device = hidden[0].device
+    stats = []
+    bar = tqdm(layers, desc="calibrating", unit="layer", disable=not progress)
+    for idx, layer in enumerate(bar):
+        bar.set_description(f"layer {idx + 1}/{len(layers)}: calibrating")
+        moment = SecondMoment(layer.input_layernorm.weight.shape[0], device=device)
+        handle = layer.input_layernorm.register_forward_hook(lambda _m, _a, out: moment.add_batch(out))
+        try:
+            hidden = [_layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+        finally:
+            handle.remove()
+        stats.append(moment)
+    model.train(was_training)
+    return CalibrationStats(
+        second_moments=[s.second_moment.cpu() for s in stats],
+        abs_means=[s.abs_mean.cpu() for s in stats],
+        num_tokens=stats[0].count,
+        meta=dict(meta or {}),
+    )

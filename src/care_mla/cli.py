@@ -1,0 +1,83 @@
+"""`care-mla` command line: a thin layer over `care_mla.convert`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .settings import ALLOCATIONS, DEVICES, DTYPES, LATENTS, METHODS, ConvertSettings
+
+DEFAULTS = ConvertSettings()
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-text", default=DEFAULTS.eval_text, help="held-out text: 'austen' or a UTF-8 file")
+    p.add_argument("--eval-samples", type=int, default=DEFAULTS.eval_samples)
+    p.add_argument("--eval-seq-len", type=int, default=DEFAULTS.eval_seq_len)
+    p.add_argument("--device", choices=DEVICES, default=DEFAULTS.device)
+    p.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype)
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="care-mla", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert a GQA model to a latent-cache (MLA) model with CARE")
+    c.add_argument("model", nargs="?", default=DEFAULTS.model, help="local HF folder, hub id, or 'smollm2-135m-instruct'")
+    c.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    c.add_argument("--kv-fraction", type=float, default=DEFAULTS.kv_fraction,
+                   help="kept fraction of the GQA KV width: 1.0 = parity, 0.25 = 75%% saving")
+    c.add_argument("--method", choices=METHODS, default=DEFAULTS.method)
+    c.add_argument("--allocation", choices=ALLOCATIONS, default=DEFAULTS.allocation)
+    c.add_argument("--allocation-score", choices=("energy", "paper"), default=DEFAULTS.allocation_score,
+                   help="adjusted allocation priority: 'energy' (next gain / layer energy) or the paper's (next gain / tail)")
+    c.add_argument("--latent", choices=LATENTS, default=DEFAULTS.latent)
+    c.add_argument("--no-balance-kv", dest="balance_kv", action="store_false", help="joint latent: do not balance K against V")
+    c.add_argument("--whitening", choices=("cholesky", "sqrt"), default=DEFAULTS.whitening)
+    c.add_argument("--damping", type=float, default=DEFAULTS.damping)
+    c.add_argument("--rank-min-ratio", type=float, default=DEFAULTS.rank_min_ratio)
+    c.add_argument("--rank-max-ratio", type=float, default=DEFAULTS.rank_max_ratio)
+    c.add_argument("--calib-text", default=DEFAULTS.calib_text, help="calibration text: 'austen' or a UTF-8 file")
+    c.add_argument("--calib-samples", type=int, default=DEFAULTS.calib_samples)
+    c.add_argument("--calib-seq-len", type=int, default=DEFAULTS.calib_seq_len)
+    c.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip perplexity and cache measurements")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--cache-dir", default=None, help="where calibration statistics are kept")
+    _add_eval_args(c)
+
+    e = sub.add_parser("eval", help="held-out perplexity and KV bytes/token of a saved model")
+    e.add_argument("model", help="a converted folder, or any model care-mla convert accepts")
+    _add_eval_args(e)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from . import convert as api  # import torch/transformers only once the arguments are valid
+
+    try:
+        if args.command == "convert":
+            fields = {k: v for k, v in vars(args).items() if k not in ("command", "quiet")}
+            settings = ConvertSettings.from_dict({**fields, "progress": not args.quiet})
+            report = api.convert(settings)
+            summary = {k: report[k] for k in ("ppl", "kv_bytes_per_token") if k in report}
+            print(json.dumps({"out": settings.out, **summary}, indent=2))
+        else:
+            report = api.evaluate_folder(
+                args.model, eval_text=args.eval_text, eval_samples=args.eval_samples, eval_seq_len=args.eval_seq_len,
+                dtype=args.dtype, device=args.device, batch_size=args.batch_size, progress=not args.quiet,
+            )
+            print(json.dumps(report, indent=2))
+    except (ValueError, OSError, RuntimeError) as err:
+        print(f"care-mla: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""Conversion pipeline: load → calibrate → allocate ranks → factorize → build → evaluate → save.
+
+Orchestration only: the maths lives in `factorization` and `allocation`, the statistics in
+`calibration`, the model in `modeling_care_mla`. `convert(settings)` is the Python API the
+CLI calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from . import allocation, assets, factorization
+from .calibration import CalibrationStats, collect_statistics
+from .data import load_windows
+from .evaluation import kv_bytes_per_token, measured_kv_bytes_per_token, perplexity
+from .families import get_family, head_dim
+from .mapping import LayerLatent, build_latent_model
+from .settings import ConvertSettings, SettingsError
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_FILE = "care_mla_settings.json"
+REPORT_FILE = "report.json"
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found or loaded; the message names the fix."""
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder exists and --overwrite was not given."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def resolve_model_path(spec: str) -> str:
+    """The embedded default model's folder, a local folder, or a hub id (left to transformers)."""
+    if spec == assets.DEFAULT_MODEL:
+        return str(assets.default_model_dir())
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{spec} is not a Hugging Face model folder (no config.json)")
+        return str(path)
+    return spec
+
+
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cpu" else torch.float16
+    return getattr(torch, name)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SettingsError("--device cuda was asked for but torch sees no CUDA device (use --device cpu)")
+    return torch.device(name)
+
+
+def load_model(spec: str, dtype: torch.dtype, device: torch.device):
+    """(model, tokenizer, resolved path). The files on disk are only read."""
+    path = resolve_model_path(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as err:
+        raise ModelLoadError(
+            f"could not load model {spec!r}: {str(err).splitlines()[0]} — pass a local model folder "
+            f"(or {assets.DEFAULT_MODEL!r}); hub ids need network access or a populated HF cache"
+        ) from err
+    return model.to(device).eval(), tokenizer, path
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def _fingerprint(model_path: str, text_path: Path, settings: ConvertSettings, dtype: torch.dtype) -> str:
+    """Key of the calibration cache: model files, text content and calibration shape."""
+    h = hashlib.sha256()
+    mp = Path(model_path)
+    if mp.is_dir():
+        for f in sorted(mp.iterdir()):
+            if f.suffix in (".json", ".safetensors", ".bin"):
+                h.update(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}".encode())
+        h.update((mp / "config.json").read_bytes())
+    else:
+        h.update(model_path.encode())
+    h.update(hashlib.sha256(text_path.read_bytes()).digest())
+    h.update(f"{settings.calib_samples}x{settings.calib_seq_len}:{dtype}".encode())
+    return h.hexdigest()[:20]
+
+
+def calibrate(model, tokenizer, model_path: str, settings: ConvertSettings, dtype: torch.dtype) -> CalibrationStats:
+    """Statistics from the cache when this model, text and shape were calibrated before, else collected."""
+    windows, text_path = load_windows(
+        tokenizer, settings.calib_text, "calibration", settings.calib_samples, settings.calib_seq_len
+    )
+    cache_root = assets.resolve_cache_dir(settings.cache_dir)
+    cache = cache_root / "calibration" / f"{_fingerprint(model_path, text_path, settings, dtype)}.safetensors"
+    if cache.is_file():
+        logger.info("calibration statistics from %s", cache)
+        return CalibrationStats.load(cache)
+    meta = {
+        "model": model_path,
+        "text": str(text_path),
+        "samples": settings.calib_samples,
+        "seq_len": settings.calib_seq_len,
+        "dtype": str(dtype),
+    }
+    stats = collect_statistics(model, windows, batch_size=settings.batch_size, progress=settings.progress, meta=meta)
+    stats.save(cache)
+    return stats
+
+
+# ----------------------------------------------------------------------------- ranks and factors
+
+
+def _factorize(method: str, W, C, abs_mean, rank: int, s: ConvertSettings) -> factorization.Factors:
+    if method == "care":
+        return factorization.care_factorize(W, C, rank, method=s.whitening, damping=s.damping)
+    if method == "svd":
+        return factorization.svd_factorize(W, rank)
+    if method == "asvd":
+        return factorization.asvd_factorize(W, abs_mean, rank)
+    if method == "svd-llm":
+        return factorization.svd_llm_factorize(W, C, rank)
+    raise SettingsError(f"unknown method {method!r}")
+
+
+def _kv_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    attn = layer.self_attn
+    return attn.k_proj.weight.detach().T.float().cpu(), attn.v_proj.weight.detach().T.float().cpu()
+
+
+def rank_budget(config, settings: ConvertSettings) -> dict:
+    """Per-branch mean rank, total, bounds, for the asked KV fraction."""
+    kv_width = config.num_key_value_heads * head_dim(config)
+    branch_width = 2 * kv_width if settings.latent == "joint" else kv_width
+    cap = min(branch_width, config.hidden_size)
+    layers = config.num_hidden_layers
+    mean = settings.kv_fraction * branch_width
+    total = round(mean * layers)
+    if total < layers:
+        raise SettingsError(
+            f"kv_fraction {settings.kv_fraction} leaves less than one latent dim per layer; the smallest that works is "
+            f"{1 / branch_width:.6g}"
+        )
+    if total > cap * layers:
+        raise SettingsError(
+            f"kv_fraction {settings.kv_fraction} needs rank {mean:g} per layer but the attention input has only "
+            f"{config.hidden_size} dims; the largest kv_fraction that works is {cap / branch_width:.6g}"
+        )
+    r_min = max(1, math.floor(settings.rank_min_ratio * mean))
+    r_max = min(cap, math.ceil(settings.rank_max_ratio * mean))
+    return {"mean": mean, "total": total, "r_min": r_min, "r_max": r_max, "cap": cap, "layers": layers}
+
+
+def choose_ranks(spectra: list[torch.Tensor], budget: dict, settings: ConvertSettings) -> list[int]:
+    if settings.allocation == "uniform":
+        return allocation.uniform_ranks(budget["layers"], budget["total"], r_max=budget["cap"])
+    return allocation.adjusted_ranks(
+        spectra, budget["total"], r_min=budget["r_min"], r_max=budget["r_max"], score=settings.allocation_score
+    )
+
+
+def _relative_error(W, W_hat, C) -> float:
+    energy = factorization.activation_error(W, torch.zeros_like(W), C)
+    return factorization.activation_error(W, W_hat, C) / max(energy, 1e-30)
+
+
+def plan_latents(model, stats: CalibrationStats, settings: ConvertSettings) -> tuple[list[LayerLatent], list[dict]]:
+    """Factors of every layer at the budgeted ranks, and a per-layer table (ranks, relative errors)."""
+    layers = model.model.layers
+    budget = rank_budget(model.config, settings)
+    weights = [_kv_weights(layer) for layer in layers]
+    Cs, abs_means = stats.second_moments, stats.abs_means
+
+    if settings.latent == "joint":
+
+        def joint(i, rank):
+            return factorization.joint_factorize(
+                *weights[i], Cs[i], rank, balance=settings.balance_kv, method=settings.whitening, damping=settings.damping
+            )[0]
+
+        ranks = choose_ranks([joint(i, 0).spectrum for i in range(len(layers))], budget, settings)
+        latents, table = [], []
+        for i, r in enumerate(ranks):
+            f = joint(i, r)
+            W_k, W_v = weights[i]
+            m_k = W_k.shape[1]
+            W_hat = f.weight()
+            table.append(
+                {
+                    "layer": i,
+                    "kv_rank": r,
+                    "k_rel_error": _relative_error(W_k, W_hat[:, :m_k], Cs[i]),
+                    "v_rel_error": _relative_error(W_v, W_hat[:, m_k:], Cs[i]),
+                }
+            )
+            latents.append(LayerLatent((f,)))
+        return latents, table
+
+    per_branch = {}
+    for b, name in enumerate(("k", "v")):
+        spectra = [_factorize(settings.method, weights[i][b], Cs[i], abs_means[i], 0, settings).spectrum for i in range(len(layers))]
+        per_branch[name] = choose_ranks(spectra, budget, settings)
+    latents, table = [], []
+    for i in range(len(layers)):
+        fk, fv = (
+            _factorize(settings.method, weights[i][b], Cs[i], abs_means[i], per_branch[n][i], settings)
+            for b, n in enumerate(("k", "v"))
+        )
+        table.append(
+            {
+                "layer": i,
+                "k_rank": fk.rank,
+                "v_rank": fv.rank,
+                "k_rel_error": _relative_error(weights[i][0], fk.weight(), Cs[i]),
+                "v_rel_error": _relative_error(weights[i][1], fv.weight(), Cs[i]),
+            }
+        )
+        latents.append(LayerLatent((fk, fv)))
+    return latents, table
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output folder {out} exists; pass --overwrite to replace it")
+
+
+@contextmanager
+def atomic_output(out: Path, overwrite: bool):
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on failure it is removed."""
+    out = Path(out)
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(trash)
+            tmp.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_pair(original, converted, tokenizer, settings: ConvertSettings, dtype: torch.dtype) -> dict:
+    windows, text_path = load_windows(
+        tokenizer, settings.eval_text, "evaluation", settings.eval_samples, settings.eval_seq_len
+    )
+    probe = windows[:1, :32]
+    return {
+        "ppl": {
+            "original": perplexity(original, windows, batch_size=settings.batch_size, progress=settings.progress),
+            "converted": perplexity(converted, windows, batch_size=settings.batch_size, progress=settings.progress),
+        },
+        "kv_bytes_per_token": {
+            "original": kv_bytes_per_token(original.config, dtype),
+            "converted": kv_bytes_per_token(converted.config, dtype),
+            "original_measured": measured_kv_bytes_per_token(original, probe),
+            "converted_measured": measured_kv_bytes_per_token(converted, probe),
+        },
+        "evaluation": {"text": str(text_path), "samples": settings.eval_samples, "seq_len": settings.eval_seq_len},
+    }
+
+
+# ----------------------------------------------------------------------------- API
+
+
+def convert(settings: ConvertSettings) -> dict:
+    """Convert `settings.model` and write the latent-cache model with its report to `settings.out`.
+
+    Returns the report (also written as report.json). The input model is never modified.
+    """
+    out = Path(settings.out)
+    check_output(out, settings.overwrite)  # fail before any work
+    timings: dict[str, float] = {}
+    device = resolve_device(settings.device)
+    dtype = torch_dtype(settings.dtype, device)
+
+    t = time.perf_counter()
+    model, tokenizer, model_path = load_model(settings.model, dtype, device)
+    get_family(model.config)
+    timings["load"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    stats = calibrate(model, tokenizer, model_path, settings, dtype)
+    timings["calibrate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    latents, table = plan_latents(model, stats, settings)
+    converted = build_latent_model(model, latents)
+    timings["factorize_and_build"] = time.perf_counter() - t
+
+    report: dict = {
+        "model": model_path,
+        "method": settings.method,
+        "allocation": settings.allocation,
+        "latent": settings.latent,
+        "kv_fraction": settings.kv_fraction,
+        "kv_cache_width_per_layer": converted.config.kv_cache_width() / converted.config.num_hidden_layers,
+        "ranks": [l.ranks for l in latents],
+        "layers": table,
+        "calibration": {
+            "text": stats.meta.get("text", settings.calib_text),
+            "samples": settings.calib_samples,
+            "seq_len": settings.calib_seq_len,
+            "tokens": stats.num_tokens,
+        },
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+    }
+    if settings.evaluate:
+        t = time.perf_counter()
+        report.update(evaluate_pair(model, converted, tokenizer, settings, dtype))
+        report["ppl"]["ratio"] = report["ppl"]["converted"] / report["ppl"]["original"]
+        timings["evaluate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    with atomic_output(out, settings.overwrite) as tmp:
+        converted.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        settings.save(tmp / SETTINGS_FILE)
+        timings["save"] = time.perf_counter() - t
+        report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def evaluate_folder(path: str, *, eval_text: str = "austen", eval_samples: int = 64, eval_seq_len: int = 256,
+                    dtype: str = "float32", device: str = "auto", batch_size: int = 8, progress: bool = True) -> dict:
+    """Held-out perplexity and KV bytes per token of a saved model (converted or original)."""
+    dev = resolve_device(device)
+    dt = torch_dtype(dtype, dev)
+    model, tokenizer, model_path = load_model(path, dt, dev)
+    windows, text_path = load_windows(tokenizer, eval_text, "evaluation", eval_samples, eval_seq_len)
+    return {
+        "model": model_path,
+        "ppl": perplexity(model, windows, batch_size=batch_size, progress=progress),
+        "kv_bytes_per_token": kv_bytes_per_token(model.config, dt),
+        "kv_bytes_per_token_measured": measured_kv_bytes_per_token(model, windows[:1, :32]),
+        "evaluation": {"text": str(text_path), "samples": eval_samples, "seq_len": eval_seq_len},
+        "dtype": str(dt).removeprefix("torch."),
+    }
