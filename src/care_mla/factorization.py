@@ -1,0 +1,496 @@
+"""Low-rank factorizations of projection weights (CARE.md §1).
+
+Pure functions on tensors, no model code. Conventions:
+
+* a projection is ``y = x @ W`` with ``W`` of shape (D, m), i.e. ``nn.Linear.weight.T``;
+* ``C = XᵀX / N`` is the uncentered second moment of the inputs (D, D);
+* a rank-r result is ``down`` (D, r) and ``up`` (r, m): ``latent = x @ down``,
+  ``y ≈ latent @ up``.
+
+The activation error of an approximation ``Ŵ`` is ``(1/N)‖X(W − Ŵ)‖²_F = ‖S(W − Ŵ)‖²_F``
+for any ``S`` with ``SᵀS = C``. CARE takes the SVD ``S·W = UΣVᵀ`` and keeps r terms, which is
+the optimum of that objective; the error of the rank-r result is the tail ``Σ_{i>r} σ_i²``
+of the whitened spectrum (exactly, when no damping is added to C).
+
+Numerics: the maths runs in float64 when D ≤ 16384 (cheap at these sizes), in float32
+otherwise or when ``compute_dtype=torch.float32`` is passed; tensors are returned in float32
+on the device of the inputs. SVD signs are fixed (the largest-|.| entry of each column of U
+is made positive) so that identical inputs give byte-identical outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Factors",
+    "whitening",
+    "care_factorize",
+    "svd_factorize",
+    "asvd_factorize",
+    "svd_llm_factorize",
+    "activation_error",
+    "balance_scale",
+    "joint_factorize",
+    "whitened_spectrum",
+]
+
+WhiteningMethod = Literal["cholesky", "sqrt"]
+
+#: Above this input width the maths defaults to float32 instead of float64.
+FLOAT64_MAX_DIM = 16384
+#: Tolerated asymmetry of C, relative to max|C| (covers float32 accumulation).
+_SYMMETRY_RTOL = 1e-4
+#: Cholesky retries multiply the relative damping by this factor ...
+_DAMPING_GROWTH = 10.0
+#: ... starting from at least this relative damping ...
+_DAMPING_FIRST_RETRY = 1e-10
+#: ... and give up above this one.
+_DAMPING_MAX = 1.0
+
+
+@dataclass(frozen=True)
+class Factors:
+    """A rank-r factorization ``W ≈ down @ up``.
+
+    ``spectrum`` holds all min(D, m) singular values (descending) of the matrix that was
+    truncated: S·W for CARE / SVD-LLM, diag(s)·W for ASVD, W itself for weight SVD.
+    """
+
+    down: Tensor  # (D, r)
+    up: Tensor  # (r, m)
+    spectrum: Tensor  # (min(D, m),)
+
+    def __post_init__(self) -> None:
+        if self.down.ndim != 2 or self.up.ndim != 2:
+            raise ValueError(
+                f"down and up must be 2-D, got shapes {tuple(self.down.shape)} and "
+                f"{tuple(self.up.shape)}"
+            )
+        if self.down.shape[1] != self.up.shape[0]:
+            raise ValueError(
+                f"inner dimensions differ: down {tuple(self.down.shape)}, up {tuple(self.up.shape)}"
+            )
+        if self.spectrum.ndim != 1:
+            raise ValueError(f"spectrum must be 1-D, got shape {tuple(self.spectrum.shape)}")
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[1])
+
+    def weight(self) -> Tensor:
+        """``down @ up`` (D, m), multiplied in float64 and returned in down's dtype."""
+        return (self.down.double() @ self.up.double()).to(self.down.dtype)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _compute_dtype(dim: int, compute_dtype: torch.dtype | None) -> torch.dtype:
+    if compute_dtype is None:
+        return torch.float64 if dim <= FLOAT64_MAX_DIM else torch.float32
+    if compute_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
+    return compute_dtype
+
+
+def _check_weight(W: Tensor, name: str = "W") -> None:
+    if not isinstance(W, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(W).__name__}")
+    if W.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (D, m), got shape {tuple(W.shape)}")
+    if not W.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {W.dtype}")
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def _check_covariance(C: Tensor, dim: int | None) -> None:
+    if not isinstance(C, Tensor):
+        raise TypeError(f"C must be a torch.Tensor, got {type(C).__name__}")
+    if C.ndim != 2 or C.shape[0] != C.shape[1]:
+        raise ValueError(f"C must be a square (D, D) matrix, got shape {tuple(C.shape)}")
+    if dim is None:
+        dim = int(C.shape[0])
+    if C.shape[0] != dim:
+        raise ValueError(f"C is {tuple(C.shape)} but the weight has D = {dim} input rows")
+    if not C.is_floating_point():
+        raise ValueError(f"C must be a floating-point tensor, got {C.dtype}")
+    if not bool(torch.isfinite(C).all()):
+        raise ValueError("C contains NaN or Inf")
+    if dim:
+        Cd = C.double()
+        scale = float(Cd.abs().max())
+        asym = float((Cd - Cd.T).abs().max())
+        if asym > _SYMMETRY_RTOL * scale:
+            raise ValueError(
+                f"C is not symmetric: max|C - Cᵀ| = {asym:.3g} vs max|C| = {scale:.3g}; "
+                "pass the second moment XᵀX/N"
+            )
+
+
+def _check_rank(rank: int, dim: int, width: int) -> int:
+    if isinstance(rank, bool):
+        raise TypeError("rank must be an int, got bool")
+    try:
+        r = operator.index(rank)
+    except TypeError:
+        raise TypeError(f"rank must be an int, got {type(rank).__name__}") from None
+    limit = min(dim, width)
+    if r < 0:
+        raise ValueError(f"rank must be >= 0, got {r}")
+    if r > limit:
+        raise ValueError(f"rank {r} exceeds min(D, m) = {limit} (D = {dim}, m = {width})")
+    return r
+
+
+def _check_damping(damping: float) -> float:
+    d = float(damping)
+    if not math.isfinite(d) or d < 0:
+        raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+    return d
+
+
+# --------------------------------------------------------------------------- whitening
+
+
+def _damping_scale(C: Tensor) -> float:
+    """mean(diag C), the unit of the relative damping (1 when C's diagonal is all zero)."""
+    if C.shape[0] == 0:
+        return 1.0
+    s = float(torch.diagonal(C).mean())
+    return s if s > 0 else 1.0
+
+
+def _cholesky_upper(C: Tensor, damping: float, *, warn: bool) -> tuple[Tensor, float]:
+    """Upper factor S = Lᵀ of C + δ·mean(diag C)·I, growing δ until Cholesky succeeds."""
+    dim = C.shape[0]
+    scale = _damping_scale(C)
+    eye = torch.eye(dim, dtype=C.dtype, device=C.device)
+    d = damping
+    while True:
+        L, info = torch.linalg.cholesky_ex(C + (d * scale) * eye)
+        if int(info) == 0:
+            break
+        d = max(d * _DAMPING_GROWTH, _DAMPING_FIRST_RETRY)
+        if d > _DAMPING_MAX:
+            raise ValueError(
+                f"Cholesky of C failed even with relative damping {_DAMPING_MAX}: "
+                "C is not positive semi-definite"
+            )
+    if warn and d != damping:
+        warnings.warn(
+            f"Cholesky of C + {damping:g}·mean(diag C)·I failed (C is singular or not "
+            f"positive definite); used relative damping {d:g} instead",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return L.mT.contiguous(), d
+
+
+def _sqrt_factor(C: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """Symmetric √(C + δ·mean(diag C)·I) and its inverse, eigenvalues floored."""
+    dim = C.shape[0]
+    eye = torch.eye(dim, dtype=C.dtype, device=C.device)
+    evals, evecs = torch.linalg.eigh(C + (damping * _damping_scale(C)) * eye)
+    top = float(evals.abs().max()) if dim else 0.0
+    floor = max(top, torch.finfo(C.dtype).tiny) * dim * torch.finfo(C.dtype).eps
+    root = evals.clamp_min(floor).sqrt()
+    S = (evecs * root) @ evecs.mT
+    S_inv = (evecs / root) @ evecs.mT
+    # exact symmetry (the products above are symmetric only up to rounding)
+    return (S + S.mT) / 2, (S_inv + S_inv.mT) / 2
+
+
+def _whiten(
+    C: Tensor, method: str, damping: float, dtype: torch.dtype, *, warn: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """Whitening factor S (SᵀS = damped C) in ``dtype``, and S⁻¹ for the symmetric root.
+
+    For Cholesky the second item is None: S is upper triangular and S⁻¹ is applied by a
+    triangular solve (more accurate than forming the inverse).
+    """
+    Cc = C.to(dtype)
+    Cc = (Cc + Cc.mT) / 2
+    if method == "cholesky":
+        S, _ = _cholesky_upper(Cc, damping, warn=warn)
+        return S, None
+    if method == "sqrt":
+        return _sqrt_factor(Cc, damping)
+    raise ValueError(f"unknown whitening method {method!r}; use 'cholesky' or 'sqrt'")
+
+
+def whitening(
+    C: Tensor,
+    *,
+    method: WhiteningMethod = "cholesky",
+    damping: float = 1e-2,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Whitening factor ``S`` and its inverse, with ``SᵀS = C + damping·mean(diag C)·I``.
+
+    ``method="cholesky"``: ``S = Lᵀ`` (upper triangular) with ``L`` the Cholesky factor;
+    if the factorization fails the damping is grown (×10, from at least 1e-10) until it
+    succeeds and a single warning names the damping used. ``S_inv`` comes from a
+    triangular solve.
+
+    ``method="sqrt"``: the symmetric square root from ``eigh`` (the paper's choice);
+    eigenvalues are floored at ``D·eps·λ_max``, so for a singular undamped C the identity
+    ``SᵀS = C`` holds only up to that floor.
+
+    Returned in float32 (computed in float64 for D ≤ 16384 unless ``compute_dtype`` says
+    otherwise).
+    """
+    _check_covariance(C, None)
+    damping = _check_damping(damping)
+    dtype = _compute_dtype(C.shape[0], compute_dtype)
+    S, S_inv = _whiten(C, method, damping, dtype)
+    if S_inv is None:  # Cholesky: S is upper triangular
+        eye = torch.eye(S.shape[0], dtype=dtype, device=S.device)
+        S_inv = torch.linalg.solve_triangular(S, eye, upper=True)
+    return S.float(), S_inv.float()
+
+
+# --------------------------------------------------------------------------- SVD helpers
+
+
+def _fixed_sign_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD with deterministic signs: the largest-|.| entry of each U column is > 0."""
+    U, sigma, Vh = torch.linalg.svd(A, full_matrices=False)
+    if U.shape[1]:
+        idx = U.abs().argmax(dim=0, keepdim=True)
+        signs = torch.gather(U, 0, idx).squeeze(0).sign()
+        signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+        U = U * signs
+        Vh = Vh * signs[:, None]
+    return U, sigma, Vh
+
+
+def _truncate(U: Tensor, sigma: Tensor, Vh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """(U_r Σ_r, V_rᵀ)."""
+    return U[:, :rank] * sigma[:rank], Vh[:rank]
+
+
+def _factors(down: Tensor, up: Tensor, spectrum: Tensor) -> Factors:
+    """Package compute-dtype results as float32 Factors."""
+    return Factors(
+        down=down.float().contiguous(),
+        up=up.float().contiguous(),
+        spectrum=spectrum.float().contiguous(),
+    )
+
+
+def _care(
+    W: Tensor,
+    C: Tensor,
+    rank: int,
+    method: str,
+    damping: float,
+    compute_dtype: torch.dtype | None,
+    *,
+    warn: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CARE on validated inputs: SVD of S·W, down = S⁻¹U_rΣ_r, up = V_rᵀ (compute dtype)."""
+    dtype = _compute_dtype(W.shape[0], compute_dtype)
+    S, S_inv = _whiten(C, method, damping, dtype, warn=warn)
+    U, sigma, Vh = _fixed_sign_svd(S @ W.to(dtype))
+    left, up = _truncate(U, sigma, Vh, rank)
+    if S_inv is None:
+        down = torch.linalg.solve_triangular(S, left, upper=True)
+    else:
+        down = S_inv @ left
+    return down, up, sigma
+
+
+# --------------------------------------------------------------------------- factorizations
+
+
+def care_factorize(
+    W: Tensor,
+    C: Tensor,
+    rank: int,
+    *,
+    method: WhiteningMethod = "cholesky",
+    damping: float = 1e-2,
+    compute_dtype: torch.dtype | None = None,
+) -> Factors:
+    """CARE: the rank-r ``Ŵ`` minimising ``‖S(W − Ŵ)‖_F`` with ``SᵀS = C + damping·mean(diag C)·I``.
+
+    SVD ``S·W = UΣVᵀ``; ``down = S⁻¹U_rΣ_r`` (D, r), ``up = V_rᵀ`` (r, m). Cholesky and the
+    symmetric square root reach the same optimum (S differs by an orthogonal factor);
+    with ``damping=0`` and full-rank C the activation error equals the spectrum's tail.
+    """
+    _check_weight(W)
+    _check_covariance(C, W.shape[0])
+    r = _check_rank(rank, *W.shape)
+    return _factors(*_care(W, C, r, method, _check_damping(damping), compute_dtype))
+
+
+def svd_factorize(W: Tensor, rank: int, *, compute_dtype: torch.dtype | None = None) -> Factors:
+    """Weight-only truncated SVD (baseline): ``down = U_rΣ_r``, ``up = V_rᵀ``."""
+    _check_weight(W)
+    r = _check_rank(rank, *W.shape)
+    dtype = _compute_dtype(W.shape[0], compute_dtype)
+    U, sigma, Vh = _fixed_sign_svd(W.to(dtype))
+    down, up = _truncate(U, sigma, Vh, r)
+    return _factors(down, up, sigma)
+
+
+def asvd_factorize(
+    W: Tensor,
+    abs_mean: Tensor,
+    rank: int,
+    *,
+    alpha: float = 0.5,
+    compute_dtype: torch.dtype | None = None,
+) -> Factors:
+    """ASVD baseline: SVD of ``diag(s)·W`` with ``s = mean|x|^alpha`` per input channel.
+
+    ``s`` is clamped to at least ``1e-6·max(s)`` (1 if all zero) so that dead channels do
+    not make ``diag(1/s)`` blow up. ``down = diag(1/s)U_rΣ_r``, ``up = V_rᵀ``.
+    """
+    _check_weight(W)
+    r = _check_rank(rank, *W.shape)
+    if not isinstance(abs_mean, Tensor):
+        raise TypeError(f"abs_mean must be a torch.Tensor, got {type(abs_mean).__name__}")
+    if abs_mean.ndim != 1 or abs_mean.shape[0] != W.shape[0]:
+        raise ValueError(
+            f"abs_mean must have shape ({W.shape[0]},) to match W {tuple(W.shape)}, "
+            f"got {tuple(abs_mean.shape)}"
+        )
+    if not bool(torch.isfinite(abs_mean).all()) or bool((abs_mean < 0).any()):
+        raise ValueError("abs_mean must be finite and non-negative (it is mean|x| per channel)")
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}")
+    dtype = _compute_dtype(W.shape[0], compute_dtype)
+    s = abs_mean.to(dtype) ** alpha
+    top = float(s.max()) if s.numel() else 0.0
+    eps = max(1e-6 * top, torch.finfo(dtype).tiny) if top > 0 else 1.0
+    s = s.clamp_min(eps)
+    U, sigma, Vh = _fixed_sign_svd(s[:, None] * W.to(dtype))
+    left, up = _truncate(U, sigma, Vh, r)
+    return _factors(left / s[:, None], up, sigma)
+
+
+def svd_llm_factorize(
+    W: Tensor, C: Tensor, rank: int, *, compute_dtype: torch.dtype | None = None
+) -> Factors:
+    """SVD-LLM baseline: Cholesky whitening with damping only as large as needed.
+
+    The objective is the same as CARE's (``‖S(W − Ŵ)‖_F`` with ``SᵀS ≈ C``) and so is the
+    optimum; the two differ only in the whitening details: SVD-LLM uses a Cholesky factor
+    with the smallest damping that factors (relative damping 1e-6, grown ×10 on failure,
+    silently, since that is the method's normal path), whereas CARE uses a fixed, larger
+    regulariser (1e-2 by default) and, in the paper, the symmetric square root.
+    """
+    _check_weight(W)
+    _check_covariance(C, W.shape[0])
+    r = _check_rank(rank, *W.shape)
+    return _factors(*_care(W, C, r, "cholesky", 1e-6, compute_dtype, warn=False))
+
+
+def joint_factorize(
+    W_k: Tensor,
+    W_v: Tensor,
+    C: Tensor,
+    rank: int,
+    *,
+    balance: bool = True,
+    method: WhiteningMethod = "cholesky",
+    damping: float = 1e-2,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[Factors, int]:
+    """One latent for K and V (DeepSeek's c_KV): CARE of ``[W_k/α, W_v]``.
+
+    ``α = balance_scale(W_k, W_v, C)`` when ``balance`` (else 1). The first ``m_k`` columns of
+    ``up`` are multiplied back by α, so ``latent @ up ≈ [x W_k, x W_v]``. Returns
+    ``(factors, m_k)``; split with ``up[:, :m_k]`` (K) and ``up[:, m_k:]`` (V).
+    ``factors.spectrum`` is the whitened spectrum of the *balanced* stack, whose tail is
+    the error of the balanced objective ``‖S(W_k − Ŵ_k)‖²/α² + ‖S(W_v − Ŵ_v)‖²``.
+    """
+    _check_weight(W_k, "W_k")
+    _check_weight(W_v, "W_v")
+    if W_k.shape[0] != W_v.shape[0]:
+        raise ValueError(
+            f"W_k {tuple(W_k.shape)} and W_v {tuple(W_v.shape)} must have the same input width D"
+        )
+    _check_covariance(C, W_k.shape[0])
+    m_k = int(W_k.shape[1])
+    r = _check_rank(rank, W_k.shape[0], m_k + W_v.shape[1])
+    damping = _check_damping(damping)
+    dtype = _compute_dtype(W_k.shape[0], compute_dtype)
+    alpha = balance_scale(W_k, W_v, C) if balance else 1.0
+    stacked = torch.cat([W_k.to(dtype) / alpha, W_v.to(dtype)], dim=1)
+    down, up, sigma = _care(stacked, C, r, method, damping, compute_dtype)
+    up = torch.cat([up[:, :m_k] * alpha, up[:, m_k:]], dim=1)
+    return _factors(down, up, sigma), m_k
+
+
+def whitened_spectrum(
+    W: Tensor,
+    C: Tensor,
+    *,
+    method: WhiteningMethod = "cholesky",
+    damping: float = 1e-2,
+    compute_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Singular values (descending, float32) of ``S·W``, without building factors."""
+    _check_weight(W)
+    _check_covariance(C, W.shape[0])
+    damping = _check_damping(damping)
+    dtype = _compute_dtype(W.shape[0], compute_dtype)
+    S, _ = _whiten(C, method, damping, dtype)
+    return torch.linalg.svdvals(S @ W.to(dtype)).float()
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _c_norm_sq(W: Tensor, C: Tensor, dtype: torch.dtype) -> float:
+    """trace(Wᵀ C W), i.e. (1/N)‖XW‖²_F."""
+    Wd = W.to(dtype)
+    return float(((C.to(dtype) @ Wd) * Wd).sum())
+
+
+def activation_error(
+    W: Tensor, W_hat: Tensor, C: Tensor, *, compute_dtype: torch.dtype | None = None
+) -> float:
+    """``(1/N)‖X(W − Ŵ)‖²_F = trace((W − Ŵ)ᵀ C (W − Ŵ))``, computed from C."""
+    _check_weight(W)
+    _check_weight(W_hat, "W_hat")
+    if W.shape != W_hat.shape:
+        raise ValueError(f"W {tuple(W.shape)} and W_hat {tuple(W_hat.shape)} differ in shape")
+    _check_covariance(C, W.shape[0])
+    dtype = _compute_dtype(W.shape[0], compute_dtype)
+    return _c_norm_sq(W.to(dtype) - W_hat.to(dtype), C, dtype)
+
+
+def balance_scale(
+    W_k: Tensor, W_v: Tensor, C: Tensor, *, compute_dtype: torch.dtype | None = None
+) -> float:
+    """α with ``‖W_k‖_C / α = ‖W_v‖_C``, where ``‖W‖_C = sqrt(trace(WᵀCW))`` (output RMS).
+
+    Dividing K by α gives K and V equal output energy in a joint latent. Returns 1.0 when
+    either norm is zero.
+    """
+    _check_weight(W_k, "W_k")
+    _check_weight(W_v, "W_v")
+    if W_k.shape[0] != W_v.shape[0]:
+        raise ValueError(
+            f"W_k {tuple(W_k.shape)} and W_v {tuple(W_v.shape)} must have the same input width D"
+        )
+    _check_covariance(C, W_k.shape[0])
+    dtype = _compute_dtype(W_k.shape[0], compute_dtype)
+    nk = _c_norm_sq(W_k, C, dtype)
+    nv = _c_norm_sq(W_v, C, dtype)
+    if nk <= 0 or nv <= 0:
+        return 1.0
+    return math.sqrt(nk / nv)
