@@ -55,10 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .assets import AssetError
+    from .convert import ModelLoadError, OutputExistsError
+    from .data import TextError
+    from .families import UnsupportedModelError
+    from .settings import SettingsError
+
+    return (AssetError, ModelLoadError, OutputExistsError, TextError, UnsupportedModelError, SettingsError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    USER_ERRORS = _user_errors()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
     from . import convert as api  # import torch/transformers only once the arguments are valid
+
+    if args.quiet:
+        hf_logging.disable_progress_bar()
 
     try:
         if args.command == "convert":
@@ -73,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype, device=args.device, batch_size=args.batch_size, progress=not args.quiet,
             )
             print(json.dumps(report, indent=2))
-    except (ValueError, OSError, RuntimeError) as err:
+    except USER_ERRORS as err:
         print(f"care-mla: error: {err}", file=sys.stderr)
         return 2
     return 0

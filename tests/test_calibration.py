@@ -1,0 +1,55 @@
+"""Layer-sequential statistics equal the ones computed from a full forward pass."""
+
+from __future__ import annotations
+
+import torch
+
+from care_mla.calibration import CalibrationStats, SecondMoment, collect_statistics
+
+from conftest import tiny_model
+
+
+def reference_stats(model, ids):
+    """Attention inputs of every layer from one full forward, kept in memory (test only)."""
+    inputs = []
+    hooks = [l.input_layernorm.register_forward_hook(lambda m, a, o: inputs.append(o.detach())) for l in model.model.layers]
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    xs = [x.reshape(-1, x.shape[-1]).double() for x in inputs]
+    return [x.T @ x / x.shape[0] for x in xs], [x.abs().mean(0) for x in xs]
+
+
+def test_layer_sequential_statistics_match_full_forward():
+    model = tiny_model("qwen2")
+    ids = torch.randint(3, 256, (6, 24), generator=torch.Generator().manual_seed(0))
+    stats = collect_statistics(model, ids, batch_size=4, progress=False)  # batches of 4 and 2
+    C_ref, a_ref = reference_stats(model, ids)
+    assert stats.num_tokens == 6 * 24
+    assert stats.num_layers == model.config.num_hidden_layers
+    for C, Cr, a, ar in zip(stats.second_moments, C_ref, stats.abs_means, a_ref):
+        assert torch.allclose(C, Cr, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(a, ar, rtol=1e-5, atol=1e-6)
+    # the hooks were removed: no hook left on any module
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_second_moment_streams_batches():
+    x = torch.randn(1000, 8, dtype=torch.float64)
+    acc = SecondMoment(8)
+    for chunk in x.split(128):
+        acc.add_batch(chunk)
+    assert acc.count == 1000
+    assert torch.allclose(acc.second_moment, x.T @ x / 1000, rtol=1e-6, atol=1e-7)
+
+
+def test_statistics_round_trip(tmp_path):
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (2, 16))
+    stats = collect_statistics(model, ids, progress=False, meta={"text": "x"})
+    stats.save(tmp_path / "s.safetensors")
+    back = CalibrationStats.load(tmp_path / "s.safetensors")
+    assert back.num_tokens == 32 and back.meta == {"text": "x"}
+    assert all(torch.equal(a, b) for a, b in zip(stats.second_moments, back.second_moments))
+    assert not list(tmp_path.glob("*.tmp"))

@@ -1,0 +1,171 @@
+"""The conversion pipeline and CLI end to end on tiny saved models."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import care_mla  # noqa: F401
+from care_mla import calibration, convert as api
+from care_mla.cli import main
+from care_mla.families import UnsupportedModelError
+from care_mla.settings import ConvertSettings, SettingsError
+
+from conftest import FAMILY_CLASSES
+
+
+def settings_for(model_dir, text_file, tmp_path, **kw) -> ConvertSettings:
+    base = dict(
+        model=str(model_dir),
+        out=str(tmp_path / "out"),
+        calib_text=str(text_file),
+        eval_text=str(text_file),
+        calib_samples=8,
+        calib_seq_len=32,
+        eval_samples=4,
+        eval_seq_len=32,
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
+    base.update(kw)
+    return ConvertSettings(**base)
+
+
+def folder_digest(path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CLASSES))
+def test_parity_conversion_reproduces_original(family, tiny_model_dir, text_file, tmp_path):
+    src = tiny_model_dir(family)
+    digest = folder_digest(src)
+    report = api.convert(settings_for(src, text_file, tmp_path, kv_fraction=1.0))
+    assert folder_digest(src) == digest  # the input model is never modified
+    original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = torch.randint(3, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (original(ids).logits - converted(ids).logits).abs().max().item() <= 1e-4
+    assert report["ppl"]["converted"] == pytest.approx(report["ppl"]["original"], rel=1e-5)
+    kv = report["kv_bytes_per_token"]
+    assert kv["original"] == kv["converted"] == kv["original_measured"] == kv["converted_measured"] == 3 * 64 * 4
+
+
+@pytest.mark.parametrize("latent", ["separate", "joint"])
+@pytest.mark.parametrize("allocation", ["uniform", "adjusted"])
+def test_budget_is_met_exactly_and_measured(latent, allocation, tiny_model_dir, text_file, tmp_path):
+    s = settings_for(tiny_model_dir("llama"), text_file, tmp_path, kv_fraction=0.3, latent=latent, allocation=allocation)
+    report = api.convert(s)
+    # GQA width 2·2·16 = 64 per layer; 0.3 of it over 3 layers
+    widths = [sum(r) for r in report["ranks"]]
+    if latent == "separate":
+        assert sum(r[0] for r in report["ranks"]) == sum(r[1] for r in report["ranks"]) == round(0.3 * 32 * 3)
+    else:
+        assert sum(widths) == round(0.3 * 64 * 3)
+    kv = report["kv_bytes_per_token"]
+    assert kv["converted"] == kv["converted_measured"] == sum(widths) * 4
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    for key in ("ppl", "kv_bytes_per_token", "ranks", "calibration", "timings_s", "peak_rss_mb"):
+        assert key in saved
+    assert saved["calibration"]["tokens"] == 8 * 32
+    assert ConvertSettings.from_dict(json.loads((tmp_path / "out" / api.SETTINGS_FILE).read_text())) == s
+
+
+def test_care_has_lower_activation_error_than_weight_svd(tiny_model_dir, text_file, tmp_path):
+    common = dict(kv_fraction=0.25, allocation="uniform", evaluate=False)
+    care = api.convert(settings_for(tiny_model_dir("llama"), text_file, tmp_path, out=str(tmp_path / "a"), **common))
+    svd = api.convert(settings_for(tiny_model_dir("llama"), text_file, tmp_path, out=str(tmp_path / "b"), method="svd", **common))
+    for c, s in zip(care["layers"], svd["layers"]):
+        assert c["k_rel_error"] <= s["k_rel_error"] + 1e-9
+        assert c["v_rel_error"] <= s["v_rel_error"] + 1e-9
+
+
+def test_second_conversion_reuses_calibration(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    api.convert(settings_for(tiny_model_dir("llama"), text_file, tmp_path, out=str(tmp_path / "a"), evaluate=False))
+
+    def boom(*a, **k):
+        raise AssertionError("calibration should come from the cache")
+
+    monkeypatch.setattr(api, "collect_statistics", boom)
+    api.convert(
+        settings_for(tiny_model_dir("llama"), text_file, tmp_path, out=str(tmp_path / "b"), method="svd", kv_fraction=0.25, evaluate=False)
+    )
+    assert len(list((tmp_path / "cache" / "calibration").glob("*.safetensors"))) == 1
+
+
+def test_interrupted_conversion_leaves_no_output(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(care_mla.CareMlaForCausalLM, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        api.convert(settings_for(tiny_model_dir("llama"), text_file, tmp_path, evaluate=False))
+    assert list(tmp_path.iterdir()) == [tmp_path / "cache"] or not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_existing_output_needs_overwrite(tiny_model_dir, text_file, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    s = settings_for(tiny_model_dir("llama"), text_file, tmp_path, evaluate=False)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        api.convert(s)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    api.convert(settings_for(tiny_model_dir("llama"), text_file, tmp_path, evaluate=False, overwrite=True))
+    assert (tmp_path / "out" / "report.json").is_file() and not (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_unsupported_architecture_names_supported_families(text_file, tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=256)).save_pretrained(tmp_path / "gpt2")
+    from conftest import make_tokenizer
+
+    make_tokenizer(text_file.read_text()).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2, qwen3"):
+        api.convert(settings_for(tmp_path / "gpt2", text_file, tmp_path))
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])
+def test_kv_fraction_outside_range_is_refused(fraction):
+    with pytest.raises(SettingsError, match=r"\(0, 1\]"):
+        ConvertSettings(kv_fraction=fraction)
+
+
+def test_unknown_settings_are_refused():
+    with pytest.raises(SettingsError, match="unknown setting"):
+        ConvertSettings.from_dict({"kv_fraction": 0.5, "ratio": 2})
+
+
+def test_cli_errors_are_one_clear_line(tiny_model_dir, text_file, tmp_path, capsys):
+    model = str(tiny_model_dir("llama"))
+    cases = [
+        (["convert", model, "--out", str(tmp_path / "o"), "--kv-fraction", "1.5"], "(0, 1]"),
+        (["convert", model, "--out", str(tmp_path / "o"), "--calib-text", str(tmp_path / "missing.txt")], "text file not found"),
+        (["convert", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "could not load model"),
+    ]
+    (tmp_path / "exists").mkdir()
+    cases.append((["convert", model, "--out", str(tmp_path / "exists")], "--overwrite"))
+    for argv, message in cases:
+        assert main(argv + ["--quiet", "--cache-dir", str(tmp_path / "cache")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_convert_and_eval(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "o"
+    common = ["--eval-text", str(text_file), "--eval-samples", "2", "--eval-seq-len", "32", "--quiet"]
+    argv = ["convert", str(tiny_model_dir("qwen2")), "--out", str(out), "--kv-fraction", "0.5", "--latent", "joint",
+            "--calib-text", str(text_file), "--calib-samples", "4", "--calib-seq-len", "32", "--cache-dir", str(tmp_path / "c")]
+    assert main(argv + common) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["kv_bytes_per_token"]["converted"] == 3 * 32 * 4
+    assert main(["eval", str(out)] + common) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["kv_bytes_per_token"] == evaluated["kv_bytes_per_token_measured"] == 3 * 32 * 4
