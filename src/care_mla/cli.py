@@ -44,10 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-text", default=DEFAULTS.calib_text, help="calibration text: 'austen' or a UTF-8 file")
     c.add_argument("--calib-samples", type=int, default=DEFAULTS.calib_samples)
     c.add_argument("--calib-seq-len", type=int, default=DEFAULTS.calib_seq_len)
+    c.add_argument("--calib-dtype", choices=("same", "float32", "bfloat16", "float16"), default=DEFAULTS.calib_dtype,
+                   help="dtype of the calibration forward passes (statistics are accumulated in fp32/fp64)")
     c.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip perplexity and cache measurements")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--cache-dir", default=None, help="where calibration statistics are kept")
     _add_eval_args(c)
+
+    d = sub.add_parser("demo", help="convert the embedded SmolLM2 at F=0.5 with CARE and weight SVD; print a table")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--kv-fraction", type=float, default=0.5)
+    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--quiet", action="store_true")
 
     e = sub.add_parser("eval", help="held-out perplexity and KV bytes/token of a saved model")
     e.add_argument("model", help="a converted folder, or any model care-mla convert accepts")
@@ -83,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             report = api.convert(settings)
             summary = {k: report[k] for k in ("ppl", "kv_bytes_per_token") if k in report}
             print(json.dumps({"out": settings.out, **summary}, indent=2))
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            print(run_demo(args.out, kv_fraction=args.kv_fraction, overwrite=args.overwrite, progress=not args.quiet))
         else:
             report = api.evaluate_folder(
                 args.model, eval_text=args.eval_text, eval_samples=args.eval_samples, eval_seq_len=args.eval_seq_len,

@@ -48,7 +48,8 @@ class ConvertSettings:
     eval_seq_len: int = 256
     batch_size: int = 8
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # factors, output and evaluation
+    calib_dtype: Literal["same", "float32", "bfloat16", "float16"] = "bfloat16"  # forward passes of calibration
     evaluate: bool = True
     overwrite: bool = False
     progress: bool = True
@@ -66,6 +67,7 @@ class ConvertSettings:
         _one_of("whitening", self.whitening, ("cholesky", "sqrt"))
         _one_of("device", self.device, DEVICES)
         _one_of("dtype", self.dtype, DTYPES)
+        _one_of("calib_dtype", self.calib_dtype, ("same",) + DTYPES[1:])
         if self.latent == "joint" and self.method != "care":
             raise SettingsError("a joint K/V latent is built with --method care; the baselines use separate latents")
         if self.damping < 0:
