@@ -107,8 +107,7 @@ def test_interrupted_conversion_leaves_no_output(tiny_model_dir, text_file, tmp_
     monkeypatch.setattr(care_mla.CareMlaForCausalLM, "save_pretrained", killed)
     with pytest.raises(KeyboardInterrupt):
         api.convert(settings_for(tiny_model_dir("llama"), text_file, tmp_path, evaluate=False))
-    assert list(tmp_path.iterdir()) == [tmp_path / "cache"] or not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no output, no partial folder
 
 
 def test_existing_output_needs_overwrite(tiny_model_dir, text_file, tmp_path):
@@ -131,6 +130,14 @@ def test_unsupported_architecture_names_supported_families(text_file, tmp_path):
         api.convert(settings_for(tmp_path / "gpt2", text_file, tmp_path))
 
 
+def test_offline_hub_id_fails_with_a_clear_message(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 does
+    with pytest.raises(api.ModelLoadError, match="local model folder"):
+        api.load_model("no-such-org/no-such-model", torch.float32, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])
 def test_kv_fraction_outside_range_is_refused(fraction):
     with pytest.raises(SettingsError, match=r"\(0, 1\]"):
@@ -147,7 +154,7 @@ def test_cli_errors_are_one_clear_line(tiny_model_dir, text_file, tmp_path, caps
     cases = [
         (["convert", model, "--out", str(tmp_path / "o"), "--kv-fraction", "1.5"], "(0, 1]"),
         (["convert", model, "--out", str(tmp_path / "o"), "--calib-text", str(tmp_path / "missing.txt")], "text file not found"),
-        (["convert", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "could not load model"),
+        (["convert", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "model folder not found"),
     ]
     (tmp_path / "exists").mkdir()
     cases.append((["convert", model, "--out", str(tmp_path / "exists")], "--overwrite"))

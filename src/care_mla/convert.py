@@ -51,7 +51,10 @@ def resolve_model_path(spec: str) -> str:
     if spec == assets.DEFAULT_MODEL:
         return str(assets.default_model_dir())
     path = Path(spec).expanduser()
-    if path.exists():
+    looks_like_path = spec.startswith(("/", ".", "~")) or spec.count("/") != 1
+    if path.exists() or looks_like_path:
+        if not path.is_dir():
+            raise ModelLoadError(f"model folder not found: {spec} (give a Hugging Face model folder or a hub id)")
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{spec} is not a Hugging Face model folder (no config.json)")
         return str(path)

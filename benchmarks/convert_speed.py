@@ -1,0 +1,75 @@
+"""Conversion wall time and peak RSS next to a plain forward pass over the same calibration tokens.
+
+Each measurement runs in its own process so their peak RSS figures do not mix. Usage:
+
+    python benchmarks/convert_speed.py [--model smollm2-135m-instruct] [--samples 256] [--seq-len 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+
+FORWARD = """
+import json, resource, sys, time, torch
+from care_mla.convert import load_model
+from care_mla.data import load_windows
+args = json.loads(sys.argv[1])
+model, tok, _ = load_model(args["model"], getattr(torch, args["calib_dtype"]), torch.device("cpu"))
+ids, _ = load_windows(tok, "austen", "calibration", args["samples"], args["seq_len"])
+t = time.perf_counter()
+with torch.no_grad():
+    for start in range(0, ids.shape[0], args["batch_size"]):
+        model.model(ids[start:start + args["batch_size"]], use_cache=False)  # decoder stack, as calibration runs it
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+CONVERT = """
+import json, resource, sys, time
+from care_mla.convert import convert
+from care_mla.settings import ConvertSettings
+args = json.loads(sys.argv[1])
+t = time.perf_counter()
+report = convert(ConvertSettings(model=args["model"], out=args["out"], kv_fraction=0.5, calib_samples=args["samples"],
+                                 calib_seq_len=args["seq_len"], calib_dtype=args["calib_dtype"], batch_size=args["batch_size"],
+                                 evaluate=False, progress=False, cache_dir=args["cache"]))
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "timings_s": report["timings_s"]}))
+"""
+
+
+def run(code: str, args: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--calib-dtype", default="bfloat16")
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = {"model": a.model, "samples": a.samples, "seq_len": a.seq_len, "batch_size": a.batch_size,
+                "calib_dtype": a.calib_dtype, "out": f"{tmp}/out", "cache": f"{tmp}/cache"}
+        t = time.perf_counter()
+        fwd = run(FORWARD, args)
+        conv = run(CONVERT, args)
+        total = time.perf_counter() - t
+    tokens = a.samples * a.seq_len
+    print(f"model {a.model}, {a.samples} x {a.seq_len} = {tokens:,} calibration tokens, forward dtype {a.calib_dtype}")
+    print(f"{'':36s}{'wall s':>10s}{'peak RSS MB':>14s}")
+    print(f"{'plain forward (decoder stack)':36s}{fwd['seconds']:10.1f}{fwd['peak_rss_mb']:14.0f}")
+    print(f"{'conversion (load+calib+factor+save)':36s}{conv['seconds']:10.1f}{conv['peak_rss_mb']:14.0f}")
+    print(f"ratio conversion / forward: {conv['seconds'] / fwd['seconds']:.2f}   stages: {conv['timings_s']}")
+    print(f"(benchmark wall time {total:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

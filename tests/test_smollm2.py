@@ -1,0 +1,84 @@
+"""Integration: the real SmolLM2-135M-Instruct and the Austen text (CPU, a few minutes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import care_mla  # noqa: F401
+from care_mla import assets
+from care_mla.convert import convert
+from care_mla.data import load_windows
+from care_mla.evaluation import cache_bytes
+from care_mla.settings import ConvertSettings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A shared cache (calibration statistics, original ppl) for the conversions of this module."""
+    root = tmp_path_factory.mktemp("smollm2")
+    return root
+
+
+def run(work, name: str, **kw) -> dict:
+    fields = dict(
+        model=assets.DEFAULT_MODEL,
+        out=str(work / name),
+        calib_samples=256,
+        calib_seq_len=256,
+        eval_samples=16,
+        eval_seq_len=256,
+        cache_dir=str(work / "cache"),
+        progress=False,
+    )
+    fields.update(kw)
+    return convert(ConvertSettings(**fields))
+
+
+@pytest.mark.parametrize("latent", ["separate", "joint"])
+def test_parity_reproduces_smollm2_logits(work, latent):
+    report = run(work, f"parity-{latent}", kv_fraction=1.0, latent=latent, calib_samples=16, calib_seq_len=64, evaluate=False)
+    assert report["kv_cache_width_per_layer"] == {"original": 384, "converted": 384}
+    original = AutoModelForCausalLM.from_pretrained(assets.default_model_dir(), dtype=torch.float32).eval()
+    converted = AutoModelForCausalLM.from_pretrained(work / f"parity-{latent}", dtype=torch.float32).eval()
+    from transformers import AutoTokenizer
+
+    windows, _ = load_windows(AutoTokenizer.from_pretrained(assets.default_model_dir()), "austen", "evaluation", 2, 128)
+    with torch.no_grad():
+        a, b = original(windows).logits, converted(windows).logits
+    assert (a - b).abs().max().item() <= 2e-3, (a - b).abs().max().item()
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_care_keeps_quality_where_weight_svd_breaks(work):
+    """CARE.md §5b: paper CARE-uniform 1.32× (F=0.5) and 1.76× (F=0.25); weight SVD ~900×."""
+    half = run(work, "care-u-0.5", kv_fraction=0.5, allocation="uniform")
+    quarter = run(work, "care-u-0.25", kv_fraction=0.25, allocation="uniform")
+    svd = run(work, "svd-u-0.5", kv_fraction=0.5, method="svd", allocation="uniform")
+    assert half["calibration"]["tokens"] == 256 * 256
+    assert half["ppl"]["ratio"] <= 1.4, half["ppl"]
+    assert quarter["ppl"]["ratio"] <= 2.0, quarter["ppl"]
+    assert svd["ppl"]["ratio"] >= 10 * half["ppl"]["ratio"], svd["ppl"]
+    # fp32 bytes: GQA 30 layers × 384 × 4; half and quarter of it, read from the cache after generate
+    assert half["kv_bytes_per_token"]["original_measured"] == 30 * 384 * 4
+    assert half["kv_bytes_per_token"]["converted_measured"] == 30 * 192 * 4
+    assert quarter["kv_bytes_per_token"]["converted_measured"] == 30 * 96 * 4
+
+
+def test_latent_cache_generate_on_smollm2(work):
+    run(work, "care-a-0.5", kv_fraction=0.5, evaluate=False)
+    model = AutoModelForCausalLM.from_pretrained(work / "care-a-0.5", dtype=torch.float32).eval()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(work / "care-a-0.5")
+    prompt = tok("It is a truth universally acknowledged, that", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+        ids = prompt
+        for _ in range(12):
+            ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out.sequences, ids)
+    assert cache_bytes(out.past_key_values) == out.past_key_values.get_seq_length() * 30 * 192 * 4
