@@ -128,7 +128,9 @@ def calibrate(model, tokenizer, model_path: str, settings: ConvertSettings) -> C
     cache = cache_root / "calibration" / f"{_fingerprint(model_path, text_path, settings, dtype)}.safetensors"
     if cache.is_file():
         logger.info("calibration statistics from %s", cache)
-        return CalibrationStats.load(cache)
+        stats = CalibrationStats.load(cache)
+        stats.meta["cache_file"] = str(cache)
+        return stats
     meta = {
         "model": model_path,
         "text": str(text_path),
@@ -140,6 +142,7 @@ def calibrate(model, tokenizer, model_path: str, settings: ConvertSettings) -> C
     stats = collect_statistics(runner, windows, batch_size=settings.batch_size, progress=settings.progress, meta=meta)
     del runner
     stats.save(cache)
+    stats.meta["cache_file"] = str(cache)
     return stats
 
 
@@ -254,6 +257,16 @@ def plan_latents(model, stats: CalibrationStats, settings: ConvertSettings) -> t
     return latents, table
 
 
+def format_layer_table(table: list[dict]) -> str:
+    """Plain-text table of the per-layer rows of `plan_latents`."""
+    keys = [k for k in table[0] if k != "layer"]
+    lines = ["layer " + " ".join(f"{k:>12s}" for k in keys)]
+    for row in table:
+        cells = (f"{row[k]:12d}" if isinstance(row[k], int) else f"{row[k]:12.4g}" for k in keys)
+        lines.append(f"{row['layer']:5d} " + " ".join(cells))
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- output
 
 
@@ -353,6 +366,7 @@ def convert(settings: ConvertSettings) -> dict:
 
     t = time.perf_counter()
     latents, table = plan_latents(model, stats, settings)
+    logger.info("per-layer ranks and relative activation errors:\n%s", format_layer_table(table))
     converted = build_latent_model(model, latents)
     timings["factorize_and_build"] = time.perf_counter() - t
 
@@ -373,6 +387,8 @@ def convert(settings: ConvertSettings) -> dict:
             "samples": settings.calib_samples,
             "seq_len": settings.calib_seq_len,
             "tokens": stats.num_tokens,
+            "dtype": stats.meta.get("dtype"),
+            "statistics": stats.meta.get("cache_file"),
         },
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
