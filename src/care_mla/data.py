@@ -31,14 +31,15 @@ def resolve_text(spec: str, split: str) -> Path:
     return path
 
 
-def token_windows(tokenizer, text: str, num_windows: int, seq_len: int) -> torch.Tensor:
+def token_windows(tokenizer, text: str | torch.Tensor, num_windows: int, seq_len: int) -> torch.Tensor:
     """`num_windows` non-overlapping windows of `seq_len` tokens, evenly spread over `text`.
 
-    Returns a LongTensor (num_windows, seq_len). Raises TextError when the text is too short.
+    `text` is a string or its token ids. Returns a LongTensor (num_windows, seq_len).
+    Raises TextError when the text is too short.
     """
     if num_windows < 1 or seq_len < 2:
         raise TextError(f"need at least 1 window of at least 2 tokens, got {num_windows} × {seq_len}")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = text if isinstance(text, torch.Tensor) else _tokenize(tokenizer, text)
     available = ids.numel() // seq_len
     if available < num_windows:
         raise TextError(
@@ -50,6 +51,23 @@ def token_windows(tokenizer, text: str, num_windows: int, seq_len: int) -> torch
     return chunks[picks].clone()
 
 
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+_TOKENIZED: dict[tuple, torch.Tensor] = {}
+
+
+def tokenize_file(tokenizer, path: Path) -> torch.Tensor:
+    """Token ids of a text file, remembered in-process (a novel-sized text takes seconds to tokenise)."""
+    stat = path.stat()
+    who = tokenizer.name_or_path or id(tokenizer)  # an in-memory tokenizer has no name
+    key = (who, len(tokenizer), str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _TOKENIZED:
+        _TOKENIZED[key] = _tokenize(tokenizer, path.read_text(encoding="utf-8"))
+    return _TOKENIZED[key]
+
+
 def load_windows(tokenizer, spec: str, split: str, num_windows: int, seq_len: int) -> tuple[torch.Tensor, Path]:
     path = resolve_text(spec, split)
-    return token_windows(tokenizer, path.read_text(encoding="utf-8"), num_windows, seq_len), path
+    return token_windows(tokenizer, tokenize_file(tokenizer, path), num_windows, seq_len), path

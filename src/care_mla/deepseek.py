@@ -1,0 +1,886 @@
+"""Export to the stock DeepSeek-V3 format (`DeepseekV3ForCausalLM`, no remote code) — CARE.md §3.
+
+`to_deepseek(model, stats, ...)` turns a Llama / Mistral / Qwen2 / Qwen3 `*ForCausalLM` into a
+`DeepseekV3ForCausalLM` whose attention caches, per token and layer, ``kv_lora_rank`` latent
+numbers plus ``qk_rope_head_dim`` RoPE-key numbers (GQA caches ``2·g·d_h``).
+
+Notation: D hidden size, h_q query heads, g KV heads, d = d_h head dim, h = d/2 RoPE frequencies
+("pairs"), G(j) the KV group of query head j. The maths lives in pure functions on tensors;
+`to_deepseek` only walks the model and fills the upstream module names.
+
+RoPE as complex numbers
+-----------------------
+The source models rotate with ``rotate_half``: frequency p rotates dims (p, p + h) of a head.
+Writing that pair as ``z = x_p + i·x_{p+h}``, RoPE at position t is ``z·e^{iω_p t}`` and the
+pair's share of a score is ``Re(conj(q_z)·k_z·e^{iω_p(t_k − t_q)})``. Stack the g key heads'
+pairs of frequency p into ``k ∈ ℂ^g`` and lift query head j to ``q̃ = e_{G(j)}·q_z``. Any
+unitary g×g mixing ``V_p`` keeps ``q̃ᴴk = (V_p q̃)ᴴ(V_p k)`` and commutes with the rotation
+(a scalar ``e^{iωt}``), so the rows of ``V_p k`` are valid RoPE pairs shared by every head,
+and head j's query on row c is ``V_p[c, G(j)]·q_z``.
+
+* **parity** (``qk_rope_head_dim = g·d``, ``kv_lora_rank = g·d``): ``V_p = I``, every key
+  pair goes to ``k_pe``, V is the latent (``kv_b_proj`` repeats each KV head's v for its
+  group) and ``qk_nope_head_dim = 0``. Exact.
+* **below parity**: a global count ``n_p`` of kept components per frequency (the same in all
+  layers, because DeepSeek has one RoPE table) is chosen greedily from the layers' key
+  energies, normalised per layer. Per layer, ``strategy="pca"`` takes ``V_p`` from the
+  eigenvectors of the key pair covariance ``H_p = E[k kᴴ]`` (computed from C and W_k, no
+  activations; complex PCA, which captures at least the energy of TransMLA's real RoRoPE)
+  and keeps the top ``n_p`` components; ``strategy="partial"`` keeps the ``n_p`` heads with
+  most energy at frequency p unmixed (MHA2MLA's per-head partial RoPE). The components that
+  are not kept lose their rotation (the approximation): their part of K, written back in the
+  original head layout (``qk_nope_head_dim = d``, query nope = the original q), joins V in
+  one CARE latent of rank ``kv_lora_rank`` (`factorization.joint_factorize` with layer C).
+
+DeepSeek's RoPE runs one frequency per pair with pairs interleaved (``rope_interleave=True``,
+what every runtime supports). A frequency list that is exactly the source's
+``θ^(-2i/d)`` sequence (one pair per frequency, in order) is written as default RoPE;
+any other list (e.g. each frequency g times, at parity) as ``rope_type="longrope"`` with
+``rope_theta = 1`` and per-pair ``short_factor = long_factor = 1/ω`` chosen so that
+transformers' float32 ``1/factor`` reproduces the source's ``inv_freq`` bit for bit.
+
+`kv_a_layernorm` made linear
+----------------------------
+RMSNorm is ``c·w/√(ms(c) + ε)``. The export scales the latent before the norm by a tiny s
+(in ``kv_a_proj_with_mqa``) so that ``ms(s·c) ≤ δ·ε`` for *every* possible input, and sets
+``w = √ε/s``: the norm's output is ``c/√(1 + ms(s·c)/ε)``, within ``δ/2 = 2⁻²⁴`` (relative) of
+c. The bound is rigorous: the attention input is ``x = w_ln ⊙ u`` with ``‖u‖² < D`` (it is the
+output of ``input_layernorm``), so ``‖c‖ ≤ √D·σ_max(diag(w_ln)·A)``. This depends on ε, and
+transformers builds ``kv_a_layernorm`` with ε = 1e-6 while vLLM/SGLang use
+``config.rms_norm_eps``; the export therefore sets ``rms_norm_eps = 1e-6`` and, when the source
+used another ε, rescales the residual stream by ``k = √(1e-6/ε)`` (embeddings, ``o_proj``,
+``down_proj``; the final norm weight by 1/k when embeddings are tied), which leaves every
+RMSNorm's output unchanged exactly. Works in float32 and bfloat16 (values ~1e-7 are normal
+numbers there); float16 would underflow and is refused.
+
+Biases (Qwen2; Llama/Mistral with ``attention_bias``)
+---------------------------------------------------
+DeepSeek's ``q_proj`` has no bias; ``kv_a_proj_with_mqa``, ``q_a_proj`` and ``o_proj`` have
+one when ``attention_bias``. K bias: its RoPE part goes to the ``kv_a_proj_with_mqa`` bias;
+its un-rotated (nope) part adds ``q_i·b`` to every score of query i, which softmax ignores,
+so it is dropped exactly. V bias: softmax rows sum to one, so it becomes ``W_o·b_v`` in the
+``o_proj`` bias. Q bias: through the q-LoRA path with ``q_lora_rank = D + 1``: ``q_a_proj``
+is ``s·[I; 0]`` with bias ``s·e_{D+1}``, ``q_a_layernorm`` made linear as above, and
+``q_b_proj = [W_q; b_q]``. vLLM/SGLang load no attention biases, so biased exports (and any
+longrope export) run in transformers only; see `RuntimeSupport`.
+
+Qwen3 (per-head q_norm / k_norm)
+--------------------------------
+DeepSeek has no per-head norm. The export folds each head's norm weight and replaces the
+per-token ``1/rms`` by the constant ``1/√(E[ms] + ε)`` computed from C — an approximation
+whose cost the tests bound.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers.initialization import no_init_weights
+
+from .calibration import CalibrationStats
+from .factorization import joint_factorize
+from .families import get_family, head_dim
+
+__all__ = [
+    "DEEPSEEK_NORM_EPS",
+    "DeepseekExportError",
+    "RopePlan",
+    "RuntimeSupport",
+    "to_deepseek",
+    "to_pairs",
+    "from_pairs",
+    "interleave",
+    "key_pair_covariance",
+    "global_pair_counts",
+    "plan_rope",
+    "rope_components",
+    "component_scores",
+    "query_pair_energy",
+    "rotation_weight",
+    "identity_plan",
+    "rope_key",
+    "rope_query",
+    "rest_key",
+    "linear_norm_prescale",
+    "default_rope_dim",
+    "split_budget",
+    "longrope_factors",
+    "default_rope_theta",
+    "portable_pair_counts",
+    "rope_parameters",
+    "qk_norm_scale",
+    "runtime_support",
+]
+
+RopeStrategy = Literal["pca", "partial"]
+
+#: ε of DeepSeek's latent norms in transformers (hard-coded there); the export sets
+#: ``config.rms_norm_eps`` to it so that vLLM/SGLang, which read the config, agree.
+DEEPSEEK_NORM_EPS = 1e-6
+#: ms(pre-norm latent) ≤ δ·ε, so the latent norms deviate from linear by at most δ/2 (relative).
+LINEAR_NORM_DELTA = 2.0**-23
+#: Source RoPE types whose frequencies do not depend on the sequence length.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+_ROPE_CONTEXT = None  # experiment knobs
+_ROPE_QUERY = False
+_REST_CONTEXT = None
+
+
+class DeepseekExportError(ValueError):
+    """A model or budget the DeepSeek-V3 export cannot handle; the message names the fix."""
+
+
+# ============================================================================ pure maths: layouts
+
+
+def to_pairs(W: Tensor, num_heads: int) -> Tensor:
+    """(R, heads·d) real, rotate_half layout per head → (R, heads, d/2) complex: ``x_p + i·x_{p+d/2}``."""
+    R = W.shape[0]
+    Wh = W.reshape(R, num_heads, -1).double()
+    half = Wh.shape[-1] // 2
+    return torch.complex(Wh[..., :half], Wh[..., half:])
+
+
+def from_pairs(Z: Tensor) -> Tensor:
+    """Inverse of `to_pairs`: (R, heads, d/2) complex → (R, heads·d) real, rotate_half layout."""
+    return torch.cat([Z.real, Z.imag], dim=-1).reshape(Z.shape[0], -1)
+
+
+def interleave(Z: Tensor) -> Tensor:
+    """(..., n) complex → (..., 2n) real with pair i at (2i, 2i+1): DeepSeek's interleaved RoPE layout."""
+    return torch.stack([Z.real, Z.imag], dim=-1).flatten(-2)
+
+
+# ============================================================================ pure maths: RoPE plan
+
+
+def key_pair_covariance(Zk: Tensor, C: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``H[p] = E[k_p k_pᴴ]`` (h, g, g), with ``k_p = Zk[:, :, p]ᵀ x`` (+ bias) the g key pairs of frequency p.
+
+    Zk: (D, g, h) complex key weights (`to_pairs` of W_k); C: (D, D) second moment of x;
+    bias: (g, h) complex or None (added as ``b bᴴ``: the cross term needs E[x], which the
+    statistics do not hold).
+    """
+    Zk = Zk.to(torch.complex128)
+    Cc = C.to(torch.complex128)
+    H = torch.einsum("dgp,de,ehp->pgh", Zk, Cc, Zk.conj())
+    if bias is not None:
+        b = bias.to(torch.complex128)
+        H = H + torch.einsum("gp,hp->pgh", b, b.conj())
+    return (H + H.mH) / 2
+
+
+@dataclass(frozen=True)
+class RopePlan:
+    """Which key pairs one layer keeps under RoPE.
+
+    ``mixing[p]`` is a unitary g×g matrix whose rows (components) are ordered by decreasing
+    ``score[p, c]``; the first ``counts[p]`` rows of frequency p are kept. ``energy[p, c]`` is
+    the key energy ``E|component|²``. The k_pe slots are ``(freq[i], comp[i])``, ordered by
+    frequency then component.
+    """
+
+    mixing: Tensor  # (h, g, g) complex128
+    energy: Tensor  # (h, g) float64
+    counts: Tensor  # (h,) int64
+    score: Tensor | None = None  # (h, g) float64, decreasing in c
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def slots(self) -> tuple[Tensor, Tensor]:
+        """(freq, comp) of every k_pe pair, each (n,) int64."""
+        freq = torch.repeat_interleave(torch.arange(len(self.counts)), self.counts)
+        starts = torch.cumsum(self.counts, 0) - self.counts
+        comp = torch.arange(self.num_pairs) - torch.repeat_interleave(starts, self.counts)
+        return freq, comp
+
+    def rest_projector(self) -> Tensor:
+        """``P[p] = Σ_{c ≥ counts[p]} conj(V[p, c])ᵀ V[p, c]`` (h, g, g): projector on the dropped components."""
+        g = self.mixing.shape[-1]
+        dropped = (torch.arange(g)[None, :] >= self.counts[:, None]).to(self.mixing.dtype)  # (h, g)
+        V = self.mixing * dropped[..., None]
+        return torch.einsum("pcg,pch->pgh", V.conj(), V)
+
+    def kept_energy(self) -> float:
+        keep = torch.arange(self.energy.shape[1])[None, :] < self.counts[:, None]
+        return float((self.energy * keep).sum())
+
+
+def rope_components(H: Tensor, strategy: RopeStrategy) -> tuple[Tensor, Tensor]:
+    """(mixing (h, g, g), key energy (h, g)) of one layer: the candidate RoPE components.
+
+    "pca": rows are the eigenvectors of ``H[p]`` (``V = Uᴴ``), energy its eigenvalues;
+    "partial": rows are the unit vectors of the heads (no mixing), energy ``diag H[p]``.
+    """
+    if strategy == "pca":
+        evals, evecs = torch.linalg.eigh(H)  # ascending
+        return evecs.flip(-1).mH.contiguous(), evals.flip(-1).clamp_min(0)
+    if strategy == "partial":
+        g = H.shape[-1]
+        mixing = torch.eye(g, dtype=H.dtype).expand_as(H).clone()
+        return mixing, torch.diagonal(H, dim1=-2, dim2=-1).real.clamp_min(0).contiguous()
+    raise DeepseekExportError(f"unknown rope_strategy {strategy!r}; use 'pca' or 'partial'")
+
+
+def query_pair_energy(Zq: Tensor, C: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``E|q_{j,p}|²`` (h, heads) of every query head's pair p, from C (and ``|b|²`` for a bias)."""
+    Zq = Zq.to(torch.complex128)
+    E = torch.einsum("djp,de,ejp->pj", Zq, C.to(torch.complex128), Zq.conj()).real
+    if bias is not None:
+        E = E + (bias.abs() ** 2).T
+    return E.clamp_min(0)
+
+
+def rotation_weight(inv_freq: Tensor, context: float | None) -> Tensor:
+    """``E_Δ|e^{iωΔ} − 1|²/2 = 1 − sin(ωT)/(ωT)`` for Δ uniform on [0, T]: what dropping RoPE costs.
+
+    Near 0 for frequencies that hardly turn within the context T, near 1 for fast ones; all ones
+    when ``context`` is None (pure energy ranking).
+    """
+    w = inv_freq.double()
+    if context is None:
+        return torch.ones_like(w)
+    x = w * float(context)
+    return torch.where(x > 1e-4, 1 - torch.sin(x) / x, x**2 / 6)
+
+
+def component_scores(mixing: Tensor, energy: Tensor, *, weight: Tensor | None = None,
+                     query_energy: Tensor | None = None, groups: Tensor | None = None) -> Tensor:
+    """Score (h, g) of each component: key energy × frequency weight (× query energy it meets).
+
+    With ``query_energy`` (h, heads) and ``groups``, a component's query energy is
+    ``Σ_j |V[p, c, G(j)]|²·E|q_{j,p}|²`` (what the heads' mixed queries put on it).
+    """
+    score = energy.clone()
+    if weight is not None:
+        score = score * weight[:, None]
+    if query_energy is not None:
+        per_group = torch.zeros(energy.shape, dtype=torch.float64).index_add_(1, groups, query_energy)  # (h, g)
+        score = score * torch.einsum("pcg,pg->pc", mixing.abs() ** 2, per_group)
+    return score
+
+
+def global_pair_counts(scores: list[Tensor], num_pairs: int) -> Tensor:
+    """Components to keep per frequency, shared by all layers: ``counts`` (h,) summing to num_pairs.
+
+    Each layer's component scores (h, g) are sorted per frequency and normalised by the layer's
+    total; the gain of the m-th component of frequency p is the sum over layers of its
+    normalised score. Gains decrease in m, so taking the ``num_pairs`` largest (ties to the
+    lower m) maximises the summed kept score under a shared count.
+    """
+    stack = torch.stack([s.sort(-1, descending=True).values / s.sum().clamp_min(1e-300) for s in scores])
+    gain = stack.sum(0)  # (h, g)
+    h, g = gain.shape
+    if not 0 <= num_pairs <= h * g:
+        raise DeepseekExportError(f"num_pairs must be in [0, {h * g}], got {num_pairs}")
+    order = sorted(((-float(gain[p, m]), m, p) for p in range(h) for m in range(g)))
+    counts = torch.zeros(h, dtype=torch.long)
+    for _, _, p in order[:num_pairs]:
+        counts[p] += 1
+    return counts
+
+
+def plan_rope(mixing: Tensor, energy: Tensor, score: Tensor, counts: Tensor) -> RopePlan:
+    """One layer's plan: components re-ordered by decreasing score, the first ``counts[p]`` kept."""
+    order = score.argsort(dim=-1, descending=True, stable=True)  # (h, g)
+    rows = order[..., None].expand_as(mixing)
+    return RopePlan(mixing=torch.gather(mixing, 1, rows), energy=torch.gather(energy, 1, order),
+                    counts=counts.clone(), score=torch.gather(score, 1, order))
+
+
+def identity_plan(num_freqs: int, num_kv_heads: int, keep_all: bool = True) -> RopePlan:
+    """The parity plan: no mixing, every pair kept (needs no statistics)."""
+    g = num_kv_heads
+    eye = torch.eye(g, dtype=torch.complex128).expand(num_freqs, g, g).clone()
+    counts = torch.full((num_freqs,), g if keep_all else 0, dtype=torch.long)
+    return RopePlan(mixing=eye, energy=torch.zeros(num_freqs, g, dtype=torch.float64), counts=counts)
+
+
+def rope_key(Zk: Tensor, plan: RopePlan) -> Tensor:
+    """Kept key pairs (R, n) complex: ``κ_i = Σ_G V[p_i, c_i, G]·Zk[:, G, p_i]``."""
+    freq, comp = plan.slots
+    coeff = plan.mixing[freq, comp]  # (n, g)
+    return torch.einsum("rgn,ng->rn", Zk[:, :, freq].to(torch.complex128), coeff)
+
+
+def rope_query(Zq: Tensor, plan: RopePlan, groups: Tensor) -> Tensor:
+    """Kept query pairs per head (R, heads, n) complex: ``V[p_i, c_i, G(j)]·Zq[:, j, p_i]``."""
+    freq, comp = plan.slots
+    coeff = plan.mixing[freq, comp][:, groups].T  # (heads, n)
+    return Zq[:, :, freq].to(torch.complex128) * coeff[None]
+
+
+def rest_key(Zk: Tensor, plan: RopePlan) -> Tensor:
+    """The key pairs left out of RoPE, in the original head layout (R, g, h) complex: ``P_p·k_p``."""
+    return torch.einsum("pgh,rhp->rgp", plan.rest_projector(), Zk.to(torch.complex128))
+
+
+# ============================================================================ pure maths: norms, budget, RoPE config
+
+
+def linear_norm_prescale(max_sq_norm: float, width: int, eps: float = DEEPSEEK_NORM_EPS,
+                         delta: float = LINEAR_NORM_DELTA) -> float:
+    """Scale s for an input of squared norm ≤ ``max_sq_norm`` so that RMSNorm(s·c)·(√ε/s) = c·(1 − O(δ)).
+
+    ``ms(s·c) = s²‖c‖²/width ≤ δ·ε`` ⇒ the norm's gain ``√ε/√(ms + ε)`` is within δ/2 of 1.
+    """
+    if max_sq_norm <= 0:
+        return 1.0
+    return math.sqrt(delta * eps * width / max_sq_norm)
+
+
+def default_rope_dim(cache_width: int, num_kv_heads: int, head_dim_: int) -> int:
+    """RoPE dims for a cache of ``cache_width`` when not pinned.
+
+    At parity (``2·g·d``) all ``g·d`` key dims (exact); below, ``d`` (one head's worth, as
+    DeepSeek and TransMLA), capped at a quarter of the cache, rounded down to an even number,
+    at least 2.
+    """
+    parity = 2 * num_kv_heads * head_dim_
+    if cache_width >= parity:
+        return num_kv_heads * head_dim_
+    return max(2, min(head_dim_, cache_width // 4) // 2 * 2)
+
+
+def split_budget(*, num_kv_heads: int, head_dim_: int, hidden_size: int, kv_lora_rank: int | None,
+                 qk_rope_head_dim: int | None, kv_fraction: float | None,
+                 portable: bool = False) -> tuple[int, int]:
+    """(kv_lora_rank, qk_rope_head_dim) from what the caller pinned; errors say what works.
+
+    The cache is ``kv_fraction·2·g·d`` (rounded) or, when neither the fraction nor both widths
+    are given, the GQA parity width ``2·g·d``; a missing width is what is left of the cache
+    (both missing: `default_rope_dim`, at most d for a portable export, whose RoPE holds one
+    pair per frequency).
+    """
+    parity = 2 * num_kv_heads * head_dim_
+    max_rope = head_dim_ if portable else num_kv_heads * head_dim_
+    for name, value in (("kv_lora_rank", kv_lora_rank), ("qk_rope_head_dim", qk_rope_head_dim)):
+        if value is not None:
+            if isinstance(value, bool):
+                raise DeepseekExportError(f"{name} must be an int, got bool")
+            operator.index(value)
+    if kv_fraction is not None:
+        if not 0 < kv_fraction <= 1:
+            raise DeepseekExportError(f"kv_fraction must be in (0, 1] (1 = GQA parity), got {kv_fraction}")
+        if kv_lora_rank is not None and qk_rope_head_dim is not None:
+            raise DeepseekExportError("give kv_fraction or both kv_lora_rank and qk_rope_head_dim, not all three")
+        cache = round(kv_fraction * parity)
+    elif kv_lora_rank is not None and qk_rope_head_dim is not None:
+        cache = kv_lora_rank + qk_rope_head_dim
+    else:
+        cache = parity
+    if qk_rope_head_dim is None and kv_lora_rank is None:
+        qk_rope_head_dim = min(default_rope_dim(cache, num_kv_heads, head_dim_), max_rope)
+    if qk_rope_head_dim is None:
+        qk_rope_head_dim = cache - kv_lora_rank
+    if kv_lora_rank is None:
+        kv_lora_rank = cache - qk_rope_head_dim
+    if qk_rope_head_dim % 2 or not 2 <= qk_rope_head_dim <= max_rope:
+        limit = f"d_h = {max_rope} (a portable export has one pair per frequency)" if portable else (
+            f"g·d_h = {max_rope} (whole RoPE pairs of the {num_kv_heads} KV heads)")
+        raise DeepseekExportError(f"qk_rope_head_dim must be even and in [2, {limit}]; got {qk_rope_head_dim}")
+    if kv_lora_rank < 1:
+        raise DeepseekExportError(
+            f"kv_lora_rank must be ≥ 1; a cache of {cache} leaves {kv_lora_rank} after {qk_rope_head_dim} RoPE dims "
+            f"(the smallest cache that works is {qk_rope_head_dim + 1}; lower qk_rope_head_dim or raise the budget)"
+        )
+    if kv_lora_rank + qk_rope_head_dim > parity:
+        raise DeepseekExportError(
+            f"kv_lora_rank + qk_rope_head_dim = {kv_lora_rank + qk_rope_head_dim} exceeds the GQA cache {parity}; "
+            f"the largest budget that makes sense is parity ({parity})"
+        )
+    if kv_lora_rank > hidden_size:
+        raise DeepseekExportError(
+            f"kv_lora_rank {kv_lora_rank} exceeds the hidden size {hidden_size}: a larger latent cannot hold more"
+        )
+    return kv_lora_rank, qk_rope_head_dim
+
+
+def longrope_factors(inv_freq: Tensor) -> list[float]:
+    """float32 factors f with ``float32(1/f) == inv_freq`` (bitwise where such an f exists).
+
+    transformers' longrope computes ``1 / (f · θ^(2i/d))`` in float32; with θ = 1 that is ``1/f``.
+    """
+    out = []
+    for w in inv_freq.to(torch.float32):
+        first = (1.0 / w.double()).to(torch.float32)
+        best, candidate = first, first
+        for toward in (math.inf, 0.0):  # walk a few ulps each way
+            candidate = first
+            for _ in range(4):
+                if (1.0 / candidate).to(torch.float32) == w:
+                    best = candidate
+                    break
+                candidate = torch.nextafter(candidate, torch.tensor(toward))
+            if (1.0 / best).to(torch.float32) == w:
+                break
+        out.append(float(best))
+    return out
+
+
+def _default_inv_freq(theta: float, n: int) -> Tensor:
+    """transformers' default RoPE frequencies for 2n dims, computed as it does (float32)."""
+    return 1.0 / (theta ** (torch.arange(0, 2 * n, 2, dtype=torch.int64).float() / (2 * n)))
+
+
+def default_rope_theta(freqs: Tensor, rtol: float = 1e-6) -> float | None:
+    """θ' with ``freqs[i] = θ'^(-2i/2n)`` within ``rtol`` (a default-RoPE table), or None."""
+    f = freqs.double()
+    n = f.numel()
+    if n == 0 or abs(float(f[0]) - 1.0) > rtol:
+        return None
+    if n == 1:
+        return 10000.0  # a single pair of frequency 1: any θ
+    if not 0 < float(f[1]) < 1:
+        return None
+    theta = math.exp(-n * math.log(float(f[1])))
+    want = theta ** (-torch.arange(n, dtype=torch.float64) / n)
+    return theta if float(((want - f).abs() / f).max()) <= rtol else None
+
+
+def rope_parameters(freqs: Tensor, source: dict, max_position_embeddings: int, *, exact: bool = True) -> dict:
+    """DeepSeek ``rope_parameters`` whose ``inv_freq`` is ``freqs`` (n,).
+
+    Default RoPE (every runtime) when ``freqs`` is a default table ``θ'^(-2i/2n)``: bit for
+    bit when ``exact``, else within float32 rounding (1e-6 relative). Otherwise longrope with
+    bitwise frequencies (transformers only), or an error when not ``exact`` (portable exports).
+    """
+    n = freqs.numel()
+    target = freqs.to(torch.float32)
+    candidates = []
+    if source.get("rope_type", "default") == "default":
+        candidates.append(float(source["rope_theta"]))
+    fitted = default_rope_theta(freqs)
+    if fitted is not None:
+        candidates.append(fitted)
+    for theta in candidates:
+        table = _default_inv_freq(theta, n)
+        if torch.equal(table, target) or (not exact and float(((table - target).abs() / target).max()) <= 1e-6):
+            return {"rope_type": "default", "rope_theta": theta}
+    if not exact:
+        raise DeepseekExportError("the RoPE frequencies are not a default-RoPE table; a portable export needs one")
+    factors = longrope_factors(freqs)
+    return {
+        "rope_type": "longrope",
+        "rope_theta": 1.0,
+        "short_factor": factors,
+        "long_factor": list(factors),
+        "factor": 1.0,
+        "attention_factor": 1.0,
+        "original_max_position_embeddings": max_position_embeddings,
+    }
+
+
+def portable_pair_counts(scores: list[Tensor], num_pairs: int) -> Tensor:
+    """One component at each of the frequencies ``p = m·i`` (i < num_pairs), the stride m that
+    keeps most normalised score: a table that default RoPE reproduces (``θ' = θ^(2·m·n/d)``)."""
+    stack = torch.stack([s.max(-1).values / s.sum().clamp_min(1e-300) for s in scores]).sum(0)  # (h,)
+    h = stack.numel()
+    best, best_gain = None, -1.0
+    for m in range(1, h + 1):
+        if m * (num_pairs - 1) >= h:
+            break
+        picks = torch.arange(num_pairs) * m
+        gain = float(stack[picks].sum())
+        if gain > best_gain:
+            best, best_gain = picks, gain
+    if best is None or num_pairs < 1:
+        raise DeepseekExportError(f"a portable export keeps 1 to {h} RoPE pairs, got {num_pairs}")
+    counts = torch.zeros(h, dtype=torch.long)
+    counts[best] = 1
+    return counts
+
+
+def qk_norm_scale(W: Tensor, C: Tensor, eps: float, bias: Tensor | None = None) -> float:
+    """``1/√(E[ms(x W + b)] + ε)`` for one head's projection W (D, d), from the second moment C."""
+    Wd = W.double()
+    energy = float(((C.double() @ Wd) * Wd).sum())
+    if bias is not None:
+        energy += float((bias.double() ** 2).sum())
+    return 1.0 / math.sqrt(energy / W.shape[1] + eps)
+
+
+# ============================================================================ runtime support
+
+
+@dataclass(frozen=True)
+class RuntimeSupport:
+    """Which stock runtimes reproduce an exported config (from the config alone)."""
+
+    transformers: bool
+    vllm_sglang: bool
+    reasons: tuple[str, ...] = field(default_factory=tuple)
+
+
+def runtime_support(config: DeepseekV3Config) -> RuntimeSupport:
+    """vLLM and SGLang build DeepSeek attention without biases, with interleaved default/yarn RoPE."""
+    reasons = []
+    if config.attention_bias:
+        reasons.append("attention biases (vLLM/SGLang DeepSeek layers have none)")
+    if config.rope_parameters.get("rope_type") != "default":
+        reasons.append(f"rope_type {config.rope_parameters.get('rope_type')!r} (vLLM maps any non-default type to yarn)")
+    if not config.rope_interleave:
+        reasons.append("rope_interleave=False (vLLM always interleaves)")
+    return RuntimeSupport(transformers=True, vllm_sglang=not reasons, reasons=tuple(reasons))
+
+
+# ============================================================================ orchestration
+
+
+@dataclass
+class _Dims:
+    hidden: int
+    heads: int
+    kv_heads: int
+    d: int
+    groups: Tensor  # (heads,) KV group of each query head
+
+    @property
+    def half(self) -> int:
+        return self.d // 2
+
+
+def _dims(config) -> _Dims:
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    return _Dims(config.hidden_size, heads, kv_heads, head_dim(config),
+                 torch.arange(heads) // (heads // kv_heads))
+
+
+def _source_rope(model) -> tuple[Tensor, float, dict]:
+    """(inv_freq (h,) float32, attention scaling of cos/sin, rope_parameters) of the source model."""
+    rotary = model.model.rotary_emb
+    params = dict(model.config.rope_parameters or {})
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise DeepseekExportError(
+            f"source rope_type {rope_type!r} changes its frequencies with the sequence length; the export "
+            f"supports {', '.join(STATIC_ROPE_TYPES)}"
+        )
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise DeepseekExportError("partial_rotary_factor < 1 is not supported (every head dim must be rotated)")
+    return rotary.inv_freq.detach().float().cpu(), float(rotary.attention_scaling), params
+
+
+def _weights(attn, dims: _Dims, family, C: Tensor | None):
+    """Float64 (W_q, b_q, W_k, b_k, W_v, b_v, W_o, b_o) as y = x W + b, Qwen3's norms folded."""
+
+    def wb(lin):
+        W = lin.weight.detach().double().cpu().T
+        b = lin.bias.detach().double().cpu() if lin.bias is not None else None
+        return W, b
+
+    (Wq, bq), (Wk, bk), (Wv, bv) = wb(attn.q_proj), wb(attn.k_proj), wb(attn.v_proj)
+    Wo, bo = attn.o_proj.weight.detach().double().cpu(), attn.o_proj.bias
+    bo = bo.detach().double().cpu() if bo is not None else None
+    if family.qk_norm_cls is not None:
+        if C is None:
+            raise DeepseekExportError("Qwen3's q_norm/k_norm are folded with calibration statistics: pass stats")
+        Wq, bq = _fold_head_norm(Wq, bq, attn.q_norm, dims.heads, dims.d, C)
+        Wk, bk = _fold_head_norm(Wk, bk, attn.k_norm, dims.kv_heads, dims.d, C)
+    return Wq, bq, Wk, bk, Wv, bv, Wo, bo
+
+
+def _fold_head_norm(W: Tensor, b: Tensor | None, norm: nn.Module, heads: int, d: int, C: Tensor):
+    """Per head: ``w_norm ⊙ (x W + b) / √(E[ms] + ε)`` as one linear map (the Qwen3 approximation)."""
+    w = norm.weight.detach().double().cpu()
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    W, b = W.clone(), (b.clone() if b is not None else None)
+    for i in range(heads):
+        cols = slice(i * d, (i + 1) * d)
+        scale = qk_norm_scale(W[:, cols], C, eps, None if b is None else b[cols]) * w
+        W[:, cols] *= scale
+        if b is not None:
+            b[cols] *= scale
+    return W, b
+
+
+@dataclass
+class _LayerExport:
+    q: Tensor  # (D+1, heads·(nope+rope)): rows D = weight, last row = bias
+    kv_latent: Tensor  # (D, kv_lora_rank), before the pre-norm scale
+    k_pe: Tensor  # (D+1, rope) incl. bias row
+    kv_b: Tensor  # (kv_lora_rank, heads·(nope + d))
+    o_weight: Tensor  # (D, heads·d) as nn.Linear.weight
+    o_bias: Tensor | None
+    kept_energy: float
+    total_energy: float
+
+
+def _layer_export(weights, plan: RopePlan, dims: _Dims, nope: int, kv_lora_rank: int, C: Tensor | None,
+                  q_scale: float, whitening: str, damping: float, balance_kv: bool,
+                  rest_rotation: Tensor | None = None) -> _LayerExport:
+    """The DeepSeek attention tensors of one layer (float64), from its weights and RoPE plan."""
+    Wq, bq, Wk, bk, Wv, bv, Wo, bo = weights
+    D, R = dims.hidden, dims.hidden + 1
+    zero_q = torch.zeros(dims.heads * dims.d, dtype=torch.float64)
+    zero_k = torch.zeros(dims.kv_heads * dims.d, dtype=torch.float64)
+    Zq = to_pairs(torch.cat([Wq, (bq if bq is not None else zero_q)[None]]), dims.heads)  # (R, heads, h)
+    Zk = to_pairs(torch.cat([Wk, (bk if bk is not None else zero_k)[None]]), dims.kv_heads)  # (R, g, h)
+
+    q_rope = interleave(rope_query(Zq, plan, dims.groups))  # (R, heads, rope)
+    k_pe = interleave(rope_key(Zk, plan))  # (R, rope)
+    if nope:
+        Zn = Zq if rest_rotation is None else Zq * rest_rotation.conj()[None, None, :]
+        q_nope = from_pairs(Zn).reshape(R, dims.heads, dims.d)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+    else:
+        q = q_rope
+    q = (q * q_scale).reshape(R, -1)
+
+    # V bias → o_proj bias (softmax rows sum to 1); K's nope bias is dropped (softmax shift).
+    o_bias = None
+    if bv is not None or bo is not None:
+        o_bias = bo.clone() if bo is not None else torch.zeros(D, dtype=torch.float64)
+        if bv is not None:
+            o_bias = o_bias + Wo @ bv.reshape(dims.kv_heads, dims.d)[dims.groups].reshape(-1)
+
+    k_rest = from_pairs(rest_key(Zk[:D], plan))  # (D, g·d)
+    if nope == 0:  # exact parity: the latent is V itself
+        down = Wv
+        up_k = torch.zeros(kv_lora_rank, 0, dtype=torch.float64)
+        up_v = torch.eye(kv_lora_rank, dtype=torch.float64)
+    else:
+        factors, m_k = joint_factorize(k_rest, Wv, C, kv_lora_rank, balance=balance_kv, method=whitening,
+                                       damping=damping, compute_dtype=torch.float64)
+        down = factors.down.double()
+        up_k, up_v = factors.up.double()[:, :m_k], factors.up.double()[:, m_k:]
+    r = kv_lora_rank
+    up_k = up_k.reshape(r, dims.kv_heads, nope)[:, dims.groups]  # (r, heads, nope)
+    up_v = up_v.reshape(r, dims.kv_heads, dims.d)[:, dims.groups]  # (r, heads, d)
+    kv_b = torch.cat([up_k, up_v], dim=-1).reshape(r, -1)
+    return _LayerExport(q=q, kv_latent=down, k_pe=k_pe, kv_b=kv_b, o_weight=Wo, o_bias=o_bias,
+                        kept_energy=plan.kept_energy(), total_energy=float(plan.energy.sum()))
+
+
+def _deepseek_config(source, dims: _Dims, *, kv_lora_rank: int, rope: int, nope: int, q_lora_rank: int | None,
+                     attention_bias: bool, rope_params: dict) -> DeepseekV3Config:
+    src = source.config
+    config = DeepseekV3Config(
+        vocab_size=src.vocab_size,
+        hidden_size=dims.hidden,
+        intermediate_size=src.intermediate_size,
+        num_hidden_layers=src.num_hidden_layers,
+        num_attention_heads=dims.heads,
+        num_key_value_heads=dims.heads,
+        kv_lora_rank=kv_lora_rank,
+        q_lora_rank=q_lora_rank,
+        qk_rope_head_dim=rope,
+        qk_nope_head_dim=nope,
+        v_head_dim=dims.d,
+        first_k_dense_replace=src.num_hidden_layers,
+        num_mtp_layers=0,
+        hidden_act=src.hidden_act,
+        max_position_embeddings=src.max_position_embeddings,
+        initializer_range=getattr(src, "initializer_range", 0.02),
+        rms_norm_eps=DEEPSEEK_NORM_EPS,
+        use_cache=True,
+        pad_token_id=src.pad_token_id,
+        bos_token_id=src.bos_token_id,
+        eos_token_id=src.eos_token_id,
+        tie_word_embeddings=bool(src.tie_word_embeddings),
+        rope_parameters=rope_params,
+        rope_interleave=True,
+        attention_bias=attention_bias,
+        attention_dropout=0.0,
+    )
+    config._attn_implementation = source.config._attn_implementation
+    return config
+
+
+def _check_source(model) -> None:
+    config = model.config
+    get_family(config)  # names the supported families
+    if getattr(config, "mlp_bias", False):
+        raise DeepseekExportError("mlp_bias=True: DeepSeek-V3's MLP has no biases")
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise DeepseekExportError("num_attention_heads must be a multiple of num_key_value_heads")
+    dtype = next(model.parameters()).dtype
+    if dtype == torch.float16:
+        raise DeepseekExportError(
+            "float16 cannot hold the ~1e-7 pre-norm latents that make kv_a_layernorm linear; "
+            "load the model in float32 or bfloat16"
+        )
+
+
+@torch.no_grad()
+def to_deepseek(
+    model: nn.Module,
+    stats: CalibrationStats | None,
+    *,
+    kv_lora_rank: int | None = None,
+    qk_rope_head_dim: int | None = None,
+    kv_fraction: float | None = None,
+    rope_strategy: RopeStrategy = "pca",
+    whitening: Literal["cholesky", "sqrt"] = "cholesky",
+    damping: float = 1e-2,
+    balance_kv: bool = True,
+    portable: bool = False,
+) -> DeepseekV3ForCausalLM:
+    """A `DeepseekV3ForCausalLM` (upstream transformers class, no remote code) equivalent to `model`.
+
+    Args:
+        model: a loaded Llama / Mistral / Qwen2 / Qwen3 ``*ForCausalLM`` (float32 or bfloat16);
+            it is not modified.
+        stats: per-layer attention-input second moments (`calibration.collect_statistics`);
+            may be None only for the exact parity export of a family without q/k norms.
+        kv_lora_rank, qk_rope_head_dim, kv_fraction: the cache per token and layer is
+            ``kv_lora_rank + qk_rope_head_dim``; give both widths, or a fraction of the GQA cache
+            ``2·g·d`` (default 1: parity, exact), optionally pinning one width
+            (see `split_budget`, `default_rope_dim`).
+        rope_strategy: below parity, "pca" (per-frequency complex PCA across KV heads) or
+            "partial" (per-head partial RoPE, unmixed); both share the per-frequency counts.
+        whitening, damping: CARE whitening of the joint [K_nope, V] latent (`care_factorize`).
+        balance_kv: scale K against V before the joint factorization (`balance_scale`).
+        portable: restrict the export to what vLLM and SGLang run: default RoPE (one component
+            per frequency, on a strided set of frequencies, ``qk_rope_head_dim ≤ d_h``) and no
+            biases. Exact parity is then impossible for g > 1 (each frequency is needed g times).
+
+    Returns:
+        The model in eval mode, same dtype and device as `model`; `save_pretrained` it and load
+        it with `AutoModelForCausalLM.from_pretrained`. ``result.care_export`` holds a summary
+        (kept RoPE energy per layer, runtime support).
+    """
+    _check_source(model)
+    family = get_family(model.config)
+    dims = _dims(model.config)
+    kv_lora_rank, rope = split_budget(num_kv_heads=dims.kv_heads, head_dim_=dims.d, hidden_size=dims.hidden,
+                                      kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim,
+                                      kv_fraction=kv_fraction, portable=portable)
+    max_rope = dims.kv_heads * dims.d
+    exact = rope == max_rope and kv_lora_rank == max_rope
+    layers = model.model.layers
+    if stats is not None and stats.num_layers != len(layers):
+        raise DeepseekExportError(f"stats hold {stats.num_layers} layers, the model has {len(layers)}")
+    needs_stats = not exact or family.qk_norm_cls is not None
+    if needs_stats and stats is None:
+        raise DeepseekExportError(
+            "this export needs calibration statistics (care_mla.calibration.collect_statistics): "
+            "only the exact parity export of a model without q/k norms works without them"
+        )
+    if portable and (family.qkv_bias_always or getattr(model.config, "attention_bias", False)):
+        raise DeepseekExportError(
+            f"{model.config.model_type} has attention biases, which vLLM/SGLang's DeepSeek layers do not load; "
+            "export with portable=False (transformers)"
+        )
+    src_eps = float(model.config.rms_norm_eps)
+    inv_freq, rope_scaling, src_rope = _source_rope(model)
+    Cs = [stats.second_moments[i].double() for i in range(len(layers))] if stats is not None else [None] * len(layers)
+
+    # ---- weights (Qwen3 norms folded) and the shared RoPE plan
+    weights = [_weights(layer.self_attn, dims, family, Cs[i]) for i, layer in enumerate(layers)]
+    if exact:
+        plans = [identity_plan(dims.half, dims.kv_heads) for _ in layers]
+    else:
+        weight = rotation_weight(inv_freq, _ROPE_CONTEXT if _ROPE_CONTEXT != "max" else model.config.max_position_embeddings)
+        candidates = []
+        for (Wq, bq, Wk, bk, *_), C in zip(weights, Cs):
+            bz = to_pairs(bk[None], dims.kv_heads)[0] if bk is not None else None
+            mixing, energy = rope_components(key_pair_covariance(to_pairs(Wk, dims.kv_heads), C, bz), rope_strategy)
+            q_energy = None
+            if _ROPE_QUERY:
+                qz = to_pairs(bq[None], dims.heads)[0] if bq is not None else None
+                q_energy = query_pair_energy(to_pairs(Wq, dims.heads), C, qz)
+            score = component_scores(mixing, energy, weight=weight, query_energy=q_energy, groups=dims.groups)
+            candidates.append((mixing, energy, score))
+        scores = [c[2] for c in candidates]
+        counts = portable_pair_counts(scores, rope // 2) if portable else global_pair_counts(scores, rope // 2)
+        plans = [plan_rope(m, e, sc, counts) for m, e, sc in candidates]
+    nope = 0 if exact else dims.d
+    freq, _ = plans[0].slots
+    rope_params = rope_parameters(inv_freq[freq], src_rope, model.config.max_position_embeddings, exact=not portable)
+
+    rest_rot = None
+    if _REST_CONTEXT is not None and not exact:
+        x = inv_freq.double() * _REST_CONTEXT
+        rest_rot = torch.where(x > 1e-6, (torch.exp(1j * x) - 1) / (1j * x), torch.ones_like(x, dtype=torch.complex128))
+    # ---- softmax scale: the source's d^-½ (× RoPE cos/sin scaling²) over DeepSeek's (nope+rope)^-½
+    src_scaling = float(getattr(layers[0].self_attn, "scaling", dims.d**-0.5))
+    q_scale = src_scaling * rope_scaling**2 * math.sqrt(nope + rope)
+
+    exports = [
+        _layer_export(w, plan, dims, nope, kv_lora_rank, C, q_scale, whitening, damping, balance_kv, rest_rot)
+        for w, plan, C in zip(weights, plans, Cs)
+    ]
+    has_q_bias = any(w[1] is not None for w in weights)
+    has_k_bias = any(w[3] is not None for w in weights)
+    attention_bias = has_q_bias or has_k_bias or any(e.o_bias is not None for e in exports)
+    q_lora_rank = dims.hidden + 1 if has_q_bias else None
+
+    config = _deepseek_config(model, dims, kv_lora_rank=kv_lora_rank, rope=rope, nope=nope,
+                              q_lora_rank=q_lora_rank, attention_bias=attention_bias, rope_params=rope_params)
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    with torch.device(device), no_init_weights():  # every weight is loaded below
+        out = DeepseekV3ForCausalLM(config).to(dtype)
+    out.tie_weights()
+    state = _state_dict(model, exports, dims, config, src_eps)
+    out.load_state_dict({k: v.to(dtype=dtype, device=device) for k, v in state.items()}, strict=True)
+    out.generation_config = model.generation_config
+    kept = [e.kept_energy / e.total_energy if e.total_energy > 0 else 1.0 for e in exports]
+    out.care_export = {
+        "kv_lora_rank": kv_lora_rank,
+        "qk_rope_head_dim": rope,
+        "qk_nope_head_dim": nope,
+        "cache_width": kv_lora_rank + rope,
+        "gqa_cache_width": 2 * max_rope,
+        "exact": exact,
+        "rope_strategy": None if exact else rope_strategy,
+        "rope_pairs_per_frequency": plans[0].counts.tolist(),
+        "kept_rope_energy": None if exact else kept,
+        "residual_scale": math.sqrt(DEEPSEEK_NORM_EPS / src_eps),
+        "runtime_support": runtime_support(config),
+    }
+    return out.eval()
+
+
+def _state_dict(model, exports: list[_LayerExport], dims: _Dims, config: DeepseekV3Config,
+                src_eps: float) -> dict[str, Tensor]:
+    """Upstream DeepSeek-V3 tensor names, float64 (cast by the caller)."""
+    k_res = math.sqrt(DEEPSEEK_NORM_EPS / src_eps)
+    src = {k: v.detach().double().cpu() for k, v in model.state_dict().items()}
+    tied = bool(config.tie_word_embeddings)
+    D = dims.hidden
+    state = {"model.embed_tokens.weight": src["model.embed_tokens.weight"] * k_res}
+    norm = src["model.norm.weight"]
+    state["model.norm.weight"] = norm / k_res if tied else norm
+    state["lm_head.weight"] = state["model.embed_tokens.weight"] if tied else src["lm_head.weight"]
+    for i, (layer, e) in enumerate(zip(model.model.layers, exports)):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        for name in ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
+                     "mlp.up_proj.weight"):
+            state[p + name] = src[p + name]
+        state[p + "mlp.down_proj.weight"] = src[p + "mlp.down_proj.weight"] * k_res
+
+        # attention input x = w_ln ⊙ u with ‖u‖² < D: bound ‖x·A‖ for the latent pre-scales
+        w_ln = state[p + "input_layernorm.weight"].abs()
+        lat_sigma = float(torch.linalg.matrix_norm(w_ln[:, None] * e.kv_latent, ord=2)) if e.kv_latent.numel() else 0.0
+        s = linear_norm_prescale(D * lat_sigma**2, config.kv_lora_rank)
+        state[a + "kv_a_proj_with_mqa.weight"] = torch.cat([s * e.kv_latent, e.k_pe[:D]], dim=1).T
+        state[a + "kv_a_layernorm.weight"] = torch.full((config.kv_lora_rank,), math.sqrt(DEEPSEEK_NORM_EPS) / s)
+        state[a + "kv_b_proj.weight"] = e.kv_b.T
+        if config.attention_bias:
+            state[a + "kv_a_proj_with_mqa.bias"] = torch.cat([torch.zeros(config.kv_lora_rank), e.k_pe[D]])
+            o_bias = e.o_bias if e.o_bias is not None else torch.zeros(D)
+            state[a + "o_proj.bias"] = o_bias * k_res
+        state[a + "o_proj.weight"] = e.o_weight * k_res
+
+        if config.q_lora_rank is None:
+            state[a + "q_proj.weight"] = e.q[:D].T
+        else:  # q bias through the q-LoRA path: q_a = s·[x, 1], q_b = [W_q; b_q]
+            qs = linear_norm_prescale(D * float(w_ln.max()) ** 2 + 1.0, config.q_lora_rank)
+            q_a = torch.zeros(D + 1, D, dtype=torch.float64)
+            q_a[:D] = torch.eye(D, dtype=torch.float64) * qs
+            state[a + "q_a_proj.weight"] = q_a
+            state[a + "q_a_proj.bias"] = torch.cat([torch.zeros(D, dtype=torch.float64), torch.tensor([qs])])
+            state[a + "q_a_layernorm.weight"] = torch.full((D + 1,), math.sqrt(DEEPSEEK_NORM_EPS) / qs)
+            state[a + "q_b_proj.weight"] = e.q.T
+    return state
