@@ -176,3 +176,12 @@ def test_cli_convert_and_eval(tiny_model_dir, text_file, tmp_path, capsys):
     assert main(["eval", str(out)] + common) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["kv_bytes_per_token"] == evaluated["kv_bytes_per_token_measured"] == 3 * 32 * 4
+
+
+def test_two_runs_with_the_same_settings_write_identical_models(tiny_model_dir, text_file, tmp_path):
+    digests = []
+    for name in ("a", "b"):
+        s = settings_for(tiny_model_dir("qwen3"), text_file, tmp_path / name, kv_fraction=0.4, evaluate=False)
+        api.convert(s)
+        digests.append(hashlib.sha256((tmp_path / name / "out" / "model.safetensors").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
