@@ -24,8 +24,8 @@ ROWS = {
     "CARE uniform": dict(method="care", allocation="uniform"),
     "CARE adjusted (paper score)": dict(method="care", allocation="adjusted", allocation_score="paper"),
     "CARE adjusted (energy score)": dict(method="care", allocation="adjusted", allocation_score="energy"),
-    "CARE joint K/V, uniform": dict(method="care", allocation="uniform", latent="joint"),
-    "CARE joint K/V, adjusted": dict(method="care", allocation="adjusted", latent="joint"),
+    "CARE joint K/V uniform": dict(method="care", allocation="uniform", latent="joint"),
+    "CARE joint K/V adjusted": dict(method="care", allocation="adjusted", latent="joint"),
 }
 
 

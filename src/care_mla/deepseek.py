@@ -101,7 +101,6 @@ __all__ = [
     "plan_rope",
     "rope_components",
     "component_scores",
-    "query_pair_energy",
     "rotation_weight",
     "identity_plan",
     "rope_key",
@@ -128,7 +127,6 @@ LINEAR_NORM_DELTA = 2.0**-23
 #: Source RoPE types whose frequencies do not depend on the sequence length.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _ROPE_CONTEXT = None  # experiment knobs
-_ROPE_QUERY = False
 _REST_CONTEXT = None
 
 
@@ -231,15 +229,6 @@ def rope_components(H: Tensor, strategy: RopeStrategy) -> tuple[Tensor, Tensor]:
     raise DeepseekExportError(f"unknown rope_strategy {strategy!r}; use 'pca' or 'partial'")
 
 
-def query_pair_energy(Zq: Tensor, C: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``E|q_{j,p}|²`` (h, heads) of every query head's pair p, from C (and ``|b|²`` for a bias)."""
-    Zq = Zq.to(torch.complex128)
-    E = torch.einsum("djp,de,ejp->pj", Zq, C.to(torch.complex128), Zq.conj()).real
-    if bias is not None:
-        E = E + (bias.abs() ** 2).T
-    return E.clamp_min(0)
-
-
 def rotation_weight(inv_freq: Tensor, context: float | None) -> Tensor:
     """``E_Δ|e^{iωΔ} − 1|²/2 = 1 − sin(ωT)/(ωT)`` for Δ uniform on [0, T]: what dropping RoPE costs.
 
@@ -253,20 +242,9 @@ def rotation_weight(inv_freq: Tensor, context: float | None) -> Tensor:
     return torch.where(x > 1e-4, 1 - torch.sin(x) / x, x**2 / 6)
 
 
-def component_scores(mixing: Tensor, energy: Tensor, *, weight: Tensor | None = None,
-                     query_energy: Tensor | None = None, groups: Tensor | None = None) -> Tensor:
-    """Score (h, g) of each component: key energy × frequency weight (× query energy it meets).
-
-    With ``query_energy`` (h, heads) and ``groups``, a component's query energy is
-    ``Σ_j |V[p, c, G(j)]|²·E|q_{j,p}|²`` (what the heads' mixed queries put on it).
-    """
-    score = energy.clone()
-    if weight is not None:
-        score = score * weight[:, None]
-    if query_energy is not None:
-        per_group = torch.zeros(energy.shape, dtype=torch.float64).index_add_(1, groups, query_energy)  # (h, g)
-        score = score * torch.einsum("pcg,pg->pc", mixing.abs() ** 2, per_group)
-    return score
+def component_scores(energy: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Score (h, g) of each component: its key energy × the weight of its frequency (`rotation_weight`)."""
+    return energy if weight is None else energy * weight[:, None]
 
 
 def global_pair_counts(scores: list[Tensor], num_pairs: int) -> Tensor:
@@ -782,14 +760,10 @@ def to_deepseek(
     else:
         weight = rotation_weight(inv_freq, _ROPE_CONTEXT if _ROPE_CONTEXT != "max" else model.config.max_position_embeddings)
         candidates = []
-        for (Wq, bq, Wk, bk, *_), C in zip(weights, Cs):
+        for (_, _, Wk, bk, *_), C in zip(weights, Cs):
             bz = to_pairs(bk[None], dims.kv_heads)[0] if bk is not None else None
             mixing, energy = rope_components(key_pair_covariance(to_pairs(Wk, dims.kv_heads), C, bz), rope_strategy)
-            q_energy = None
-            if _ROPE_QUERY:
-                qz = to_pairs(bq[None], dims.heads)[0] if bq is not None else None
-                q_energy = query_pair_energy(to_pairs(Wq, dims.heads), C, qz)
-            score = component_scores(mixing, energy, weight=weight, query_energy=q_energy, groups=dims.groups)
+            score = component_scores(energy, weight)
             candidates.append((mixing, energy, score))
         scores = [c[2] for c in candidates]
         counts = portable_pair_counts(scores, rope // 2) if portable else global_pair_counts(scores, rope // 2)
