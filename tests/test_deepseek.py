@@ -1,0 +1,397 @@
+"""Export to stock DeepSeek-V3 (`care_mla.deepseek`): pure maths, then round trips on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm, apply_rotary_pos_emb_interleave
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from care_mla import deepseek as ds
+from care_mla.calibration import collect_statistics
+from care_mla.families import UnsupportedModelError
+
+from conftest import tiny_model
+
+# tiny_config: D = 64, 4 query heads, g = 2 KV heads, d_h = 16 → GQA cache 2·2·16 = 64 per layer
+PARITY = 64
+
+
+def _ids(seed: int = 0, shape=(2, 40)) -> torch.Tensor:
+    return torch.randint(3, 256, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """Factory: (model, stats) per (family, overrides), calibrated on random tokens, cached."""
+    made = {}
+
+    def make(family: str, **overrides):
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in made:
+            model = tiny_model(family, **overrides)
+            stats = collect_statistics(model, _ids(1, (8, 64)), progress=False)
+            made[key] = (model, stats)
+        return made[key]
+
+    return make
+
+
+def _round_trip(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    return AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+
+
+def _mean_kl(reference: torch.Tensor, other: torch.Tensor) -> float:
+    p = reference.log_softmax(-1)
+    return float((p.exp() * (p - other.log_softmax(-1))).sum(-1).mean())
+
+
+def _random_unitary(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    A = torch.complex(torch.randn(n, n, generator=g, dtype=torch.float64), torch.randn(n, n, generator=g, dtype=torch.float64))
+    Q, _ = torch.linalg.qr(A)
+    return Q
+
+
+# ============================================================================ pure functions
+
+
+def test_pair_layouts_round_trip():
+    W = torch.randn(5, 3 * 8, dtype=torch.float64)
+    Z = ds.to_pairs(W, 3)
+    assert Z.shape == (5, 3, 4)
+    assert torch.equal(Z[:, 1, 2], torch.complex(W[:, 8 + 2], W[:, 8 + 6]))  # dims (p, p + d/2) of head 1
+    assert torch.equal(ds.from_pairs(Z), W)
+    X = ds.interleave(Z[:, 0])
+    assert torch.equal(X[:, 0::2], Z[:, 0].real) and torch.equal(X[:, 1::2], Z[:, 0].imag)
+
+
+def test_mixed_rope_pairs_reproduce_every_heads_rotated_scores():
+    """Unitary per-frequency mixing commutes with RoPE: DeepSeek's interleaved k_pe with mixed
+    query pairs gives each head exactly its GQA score, at any pair of positions."""
+    g, heads, d = 3, 6, 8
+    h = d // 2
+    groups = torch.arange(heads) // (heads // g)
+    torch.manual_seed(0)
+    q = torch.randn(1, heads * d, dtype=torch.float64)  # one token's projections (R = 1 row)
+    k = torch.randn(1, g * d, dtype=torch.float64)
+    inv_freq = 1.0 / (100.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    plan = ds.RopePlan(mixing=torch.stack([_random_unitary(g, p) for p in range(h)]),
+                       energy=torch.ones(h, g, dtype=torch.float64), counts=torch.full((h,), g))
+    q_pe = ds.interleave(ds.rope_query(ds.to_pairs(q, heads), plan, groups))[0]  # (heads, g·d)
+    k_pe = ds.interleave(ds.rope_key(ds.to_pairs(k, g), plan))[0]  # (g·d,)
+    freq, _ = plan.slots
+    for t_q, t_k in [(0, 0), (7, 3), (40, 11)]:
+        # GQA side: rotate_half RoPE on d dims per head
+        emb = torch.cat([inv_freq, inv_freq])
+        cq, sq = (emb * t_q).cos()[None, None], (emb * t_q).sin()[None, None]
+        ck, sk = (emb * t_k).cos()[None, None], (emb * t_k).sin()[None, None]
+        rq, _ = apply_rotary_pos_emb(q.view(1, heads, 1, d), q.view(1, heads, 1, d), cq, sq)
+        _, rk = apply_rotary_pos_emb(k.view(1, g, 1, d), k.view(1, g, 1, d), ck, sk)
+        want = (rq[0, :, 0] * rk[0, groups, 0]).sum(-1)
+        # DeepSeek side: interleaved RoPE on the shared k_pe, one frequency per pair
+        f = torch.cat([inv_freq[freq], inv_freq[freq]])
+        cq, sq = (f * t_q).cos()[None, None], (f * t_q).sin()[None, None]
+        ck, sk = (f * t_k).cos()[None, None], (f * t_k).sin()[None, None]
+        dq, _ = apply_rotary_pos_emb_interleave(q_pe.view(1, heads, 1, -1), q_pe.view(1, heads, 1, -1), cq, sq)
+        _, dk = apply_rotary_pos_emb_interleave(k_pe.view(1, 1, 1, -1), k_pe.view(1, 1, 1, -1), ck, sk)
+        got = (dq[0, :, 0] * dk[0, 0, 0]).sum(-1)
+        assert torch.allclose(got, want, atol=1e-12, rtol=0)
+
+
+def test_kept_plus_rest_is_the_unrotated_score():
+    """Without rotation, the kept pairs plus the rest key (nope) give q·k exactly."""
+    g, heads, d = 2, 4, 8
+    h = d // 2
+    groups = torch.arange(heads) // 2
+    torch.manual_seed(1)
+    q, k = torch.randn(1, heads * d, dtype=torch.float64), torch.randn(1, g * d, dtype=torch.float64)
+    plan = ds.RopePlan(mixing=torch.stack([_random_unitary(g, 10 + p) for p in range(h)]),
+                       energy=torch.ones(h, g, dtype=torch.float64), counts=torch.tensor([2, 1, 0, 1]))
+    kept = (ds.interleave(ds.rope_query(ds.to_pairs(q, heads), plan, groups))[0]
+            * ds.interleave(ds.rope_key(ds.to_pairs(k, g), plan))[0]).sum(-1)
+    rest = ds.from_pairs(ds.rest_key(ds.to_pairs(k, g), plan)).view(g, d)[groups]
+    got = kept + (q.view(heads, d) * rest).sum(-1)
+    want = (q.view(heads, d) * k.view(g, d)[groups]).sum(-1)
+    assert torch.allclose(got, want, atol=1e-12, rtol=0)
+    assert plan.num_pairs == 4
+    assert torch.equal(plan.slots[0], torch.tensor([0, 0, 1, 3])) and torch.equal(plan.slots[1], torch.tensor([0, 1, 0, 0]))
+
+
+def test_pca_keeps_the_top_eigen_energy_and_beats_partial():
+    torch.manual_seed(2)
+    D, g, h = 12, 3, 4
+    W = torch.randn(D, g * 2 * h, dtype=torch.float64)
+    X = torch.randn(500, D, dtype=torch.float64) * torch.linspace(0.2, 3, D)
+    C = X.T @ X / 500
+    H = ds.key_pair_covariance(ds.to_pairs(W, g), C)
+    # H is the covariance of the complex key pairs
+    kz = X.to(torch.complex128) @ ds.to_pairs(W, g).reshape(D, -1)
+    emp = torch.einsum("ni,nj->ij", kz, kz.conj()).reshape(g, h, g, h) / 500
+    assert torch.allclose(H, torch.einsum("gphp->pgh", emp), atol=1e-10)
+    counts = torch.tensor([2, 1, 0, 1])
+    plans = {}
+    for strategy in ("pca", "partial"):
+        mixing, energy = ds.rope_components(H, strategy)
+        plans[strategy] = ds.plan_rope(mixing, energy, energy, counts)
+    pca, partial = plans["pca"], plans["partial"]
+    eig = torch.linalg.eigvalsh(H).flip(-1)
+    want = sum(float(eig[p, :c].sum()) for p, c in enumerate(counts.tolist()))
+    assert pca.kept_energy() == pytest.approx(want, rel=1e-10)
+    assert pca.kept_energy() >= partial.kept_energy()  # Ky Fan: top eigenvalues ≥ top diagonal entries
+    total = float(torch.diagonal(H, dim1=-2, dim2=-1).real.sum())
+    assert float(pca.energy.sum()) == pytest.approx(total, rel=1e-10) == float(partial.energy.sum())
+
+
+def test_global_pair_counts_share_frequencies_by_normalised_energy():
+    e1 = torch.tensor([[10.0, 1.0], [5.0, 0.0], [0.0, 0.0]])
+    e2 = torch.tensor([[1.0, 0.0], [100.0, 90.0], [1.0, 0.0]])  # 10× the total energy: normalised away
+    counts = ds.global_pair_counts([e1, e2], 3)
+    assert counts.tolist() == [1, 2, 0]
+    assert ds.global_pair_counts([e1, e2], 6).tolist() == [2, 2, 2]
+    with pytest.raises(ds.DeepseekExportError):
+        ds.global_pair_counts([e1], 7)
+
+
+def test_linear_norm_prescale_makes_rmsnorm_the_identity_for_every_input():
+    torch.manual_seed(3)
+    D, r = 64, 20
+    w_ln = torch.rand(D, dtype=torch.float64) * 2
+    A = torch.randn(D, r, dtype=torch.float64)
+    sigma = float(torch.linalg.matrix_norm(w_ln[:, None] * A, ord=2))
+    s = ds.linear_norm_prescale(D * sigma**2, r)
+    w = math.sqrt(ds.DEEPSEEK_NORM_EPS) / s
+    # worst case: u (‖u‖² = D) along the top right-singular direction of diag(w_ln)·A
+    _, _, Vh = torch.linalg.svd((w_ln[:, None] * A).T)
+    u = Vh[0] * math.sqrt(D)
+    x = torch.cat([(w_ln * u)[None], torch.randn(50, D, dtype=torch.float64)])
+    c = x @ A
+    exact = s * c * w / ((s * c).pow(2).mean(-1, keepdim=True) + ds.DEEPSEEK_NORM_EPS).sqrt()
+    rel = ((exact - c).norm(dim=-1) / c.norm(dim=-1)).max()
+    assert 0.99 * ds.LINEAR_NORM_DELTA / 2 <= rel <= ds.LINEAR_NORM_DELTA / 2  # the bound, nearly attained
+    # upstream's norm (computed in float32) adds only float32 rounding
+    norm = DeepseekV3RMSNorm(r, eps=ds.DEEPSEEK_NORM_EPS)
+    norm.weight.data.fill_(w)
+    got = norm((s * c).float()).double()
+    assert ((got - c).norm(dim=-1) / c.norm(dim=-1)).max() <= ds.LINEAR_NORM_DELTA / 2 + 4 * 2.0**-24
+
+
+def test_longrope_factors_give_bitwise_frequencies():
+    inv_freq = 1.0 / (100000.0 ** (torch.arange(0, 64, 2, dtype=torch.int64).float() / 64))
+    freqs = inv_freq[torch.tensor([0, 0, 0, 5, 5, 31])]
+    f = torch.tensor(ds.longrope_factors(freqs), dtype=torch.float32)
+    assert torch.equal(1.0 / (f * (1.0 ** torch.arange(0, 12, 2).float())), freqs)
+
+
+def test_rope_parameters_default_when_possible():
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.int64).float() / 16))
+    src = {"rope_type": "default", "rope_theta": 10000.0}
+    assert ds.rope_parameters(inv_freq, src, 256) == {"rope_type": "default", "rope_theta": 10000.0}
+    params = ds.rope_parameters(inv_freq.repeat_interleave(2), src, 256)
+    assert params["rope_type"] == "longrope" and len(params["short_factor"]) == 16
+    assert params["attention_factor"] == 1.0 and params["short_factor"] == params["long_factor"]
+
+
+def test_default_rope_theta_recognises_prefix_and_strided_tables():
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.int64).float() / 16))  # 8 frequencies
+    assert ds.default_rope_theta(inv_freq) == pytest.approx(10000.0, rel=1e-5)
+    assert ds.default_rope_theta(inv_freq[:4]) == pytest.approx(100.0, rel=1e-5)  # θ^(2·4/16)
+    assert ds.default_rope_theta(inv_freq[::2]) == pytest.approx(10000.0, rel=1e-5)
+    assert ds.default_rope_theta(inv_freq[1:5]) is None  # does not start at frequency 1
+    assert ds.default_rope_theta(inv_freq[torch.tensor([0, 1, 3])]) is None
+    src = {"rope_type": "default", "rope_theta": 10000.0}
+    params = ds.rope_parameters(inv_freq[:4], src, 256, exact=False)
+    assert params["rope_type"] == "default"
+    table = 1.0 / (params["rope_theta"] ** (torch.arange(0, 8, 2, dtype=torch.int64).float() / 8))
+    assert torch.allclose(table, inv_freq[:4], rtol=1e-6, atol=0)
+    with pytest.raises(ds.DeepseekExportError, match="portable"):
+        ds.rope_parameters(inv_freq[torch.tensor([0, 1, 3])], src, 256, exact=False)
+
+
+def test_rotation_weight_discounts_frequencies_that_hardly_turn():
+    inv_freq = torch.tensor([1.0, 0.1, 1e-2, 1e-4, 1e-7])
+    w = ds.rotation_weight(inv_freq, 256)
+    assert torch.all(w[:-1] > w[1:])  # faster frequencies cost more to leave unrotated
+    assert w[0] == pytest.approx(1 - math.sin(256) / 256) and w[-1] < 1e-9
+    assert torch.equal(ds.rotation_weight(inv_freq, None), torch.ones(5, dtype=torch.float64))
+
+
+def test_portable_pair_counts_pick_one_pair_per_strided_frequency():
+    score = torch.tensor([[1.0, 0.5], [0.1, 0.0], [2.0, 0.0], [0.1, 0.0], [3.0, 1.0], [0.0, 0.0]])
+    counts = ds.portable_pair_counts([score], 3)
+    assert counts.tolist() == [1, 0, 1, 0, 1, 0]  # stride 2 beats the prefix 0, 1, 2
+    assert ds.portable_pair_counts([score], 6).tolist() == [1] * 6
+
+
+def test_split_budget_rules_and_errors():
+    kw = dict(num_kv_heads=3, head_dim_=64, hidden_size=576)
+    assert ds.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=None, kv_fraction=None) == (192, 192)
+    assert ds.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=None, kv_fraction=0.5) == (128, 64)
+    assert ds.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=None, kv_fraction=0.25) == (64, 32)
+    assert ds.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=32, kv_fraction=0.5) == (160, 32)
+    assert ds.split_budget(**kw, kv_lora_rank=320, qk_rope_head_dim=None, kv_fraction=None) == (320, 64)
+    assert ds.split_budget(**kw, kv_lora_rank=100, qk_rope_head_dim=32, kv_fraction=None) == (100, 32)
+    with pytest.raises(ds.DeepseekExportError, match="even"):
+        ds.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=33, kv_fraction=0.5)
+    with pytest.raises(ds.DeepseekExportError, match="exceeds the GQA cache 384"):
+        ds.split_budget(**kw, kv_lora_rank=300, qk_rope_head_dim=100, kv_fraction=None)
+    with pytest.raises(ds.DeepseekExportError, match="smallest cache"):
+        ds.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=96, kv_fraction=0.25)
+    with pytest.raises(ds.DeepseekExportError, match="kv_fraction"):
+        ds.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=None, kv_fraction=1.5)
+
+
+# ============================================================================ round trips on tiny models
+
+
+PARITY_CASES = {
+    "llama": ("llama", {}),
+    "mistral": ("mistral", {}),
+    "qwen2-bias": ("qwen2", {}),
+    "llama-bias-eps1e-5": ("llama", {"attention_bias": True, "rms_norm_eps": 1e-5}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARITY_CASES))
+def test_parity_export_is_exact_after_save_and_reload(case, tmp_path):
+    family, overrides = PARITY_CASES[case]
+    model = tiny_model(family, **overrides)
+    reloaded = _round_trip(ds.to_deepseek(model, None), tmp_path)
+    assert type(reloaded) is DeepseekV3ForCausalLM
+    ids = _ids()
+    with torch.no_grad():
+        diff = (model(ids).logits - reloaded(ids).logits).abs().max().item()
+    assert diff <= 1e-5  # measured 2–3e-7 (fp32)
+
+    prompt = ids[:1, :8]
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    a = model.generate(prompt, **kw)
+    out = reloaded.generate(prompt, return_dict_in_generate=True, **kw)
+    assert torch.equal(a, out.sequences)
+
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == "deepseek_v3" and cfg["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"] == PARITY
+    assert (cfg["kv_lora_rank"], cfg["qk_rope_head_dim"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]) == (32, 32, 0, 16)
+    assert cfg["num_key_value_heads"] == cfg["num_attention_heads"] == 4
+    assert cfg["first_k_dense_replace"] == cfg["num_hidden_layers"] == 3
+    assert cfg["rms_norm_eps"] == ds.DEEPSEEK_NORM_EPS and cfg["rope_interleave"] is True
+    assert cfg["q_lora_rank"] == (None if case in ("llama", "mistral") else 65)  # D + 1 carries the q bias
+    assert cfg["attention_bias"] == (case != "llama" and case != "mistral")
+    # transformers' DeepSeek cache holds the latent: kv_lora_rank + qk_rope_head_dim numbers per token
+    layer = out.past_key_values.layers[0]
+    assert layer.keys.shape[1] == layer.values.shape[1] == 1
+    assert layer.keys.shape[-1] + layer.values.shape[-1] == PARITY
+
+
+def test_parity_export_in_bfloat16_is_as_close_as_bfloat16_itself():
+    model = tiny_model("llama", rms_norm_eps=1e-5)
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+        base = (model.to(torch.bfloat16)(ids).logits.float() - ref).abs().max().item()
+        exported = ds.to_deepseek(model, None)
+        assert next(exported.parameters()).dtype == torch.bfloat16
+        err = (exported(ids).logits.float() - ref).abs().max().item()
+    assert err <= 2 * base  # measured: about equal (the tiny pre-norm latents are normal bf16 numbers)
+
+
+@pytest.mark.parametrize("strategy", ["pca", "partial"])
+def test_below_parity_budget_and_quality(strategy, calibrated, tmp_path):
+    model, stats = calibrated("llama")
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+    kls = {}
+    for f in (1.0, 0.5, 0.25):
+        rope = 16 if f == 1.0 else None  # parity cache with half of the key pairs left out of RoPE
+        export = ds.to_deepseek(model, stats, kv_fraction=f, qk_rope_head_dim=rope, rope_strategy=strategy)
+        cfg = export.config
+        assert cfg.kv_lora_rank + cfg.qk_rope_head_dim == round(f * PARITY)
+        assert cfg.qk_nope_head_dim == 16 and cfg.v_head_dim == 16
+        assert sum(export.care_export["rope_pairs_per_frequency"]) * 2 == cfg.qk_rope_head_dim
+        with torch.no_grad():
+            kls[f] = _mean_kl(ref, export(ids).logits)
+    assert kls[1.0] < kls[0.5] < kls[0.25]
+    assert kls[1.0] < 1e-3  # measured ~1e-4 (the unrotated half of K is the only loss)
+    assert kls[0.25] < 0.1  # measured ~0.03 on the random tiny model
+    reloaded = _round_trip(export, tmp_path)
+    with torch.no_grad():
+        assert (reloaded(ids).logits - export(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_pca_keeps_more_rope_energy_than_partial(calibrated):
+    model, stats = calibrated("qwen2")
+    pca = ds.to_deepseek(model, stats, kv_fraction=0.5, rope_strategy="pca").care_export
+    partial = ds.to_deepseek(model, stats, kv_fraction=0.5, rope_strategy="partial").care_export
+    assert pca["rope_pairs_per_frequency"] is not None
+    # the same shared counts are not guaranteed, but each layer's pca energy at its counts is ≥ partial's
+    assert sum(pca["kept_rope_energy"]) >= sum(partial["kept_rope_energy"]) - 1e-9
+
+
+def test_qwen3_norm_folding_is_a_bounded_approximation(calibrated, tmp_path):
+    model, stats = calibrated("qwen3")
+    ids = _ids()
+    reloaded = _round_trip(ds.to_deepseek(model, stats), tmp_path)
+    with torch.no_grad():
+        ref, got = model(ids).logits, reloaded(ids).logits
+    # measured on this tiny random model: max |Δlogit| 0.10 (|logits| ≤ 0.62), mean KL 2.2e-4
+    # (seeds 1, 2: 0.12 / 0.16 and 3.0e-4 / 2.8e-4)
+    assert (ref - got).abs().max().item() <= 0.2
+    assert _mean_kl(ref, got) <= 1e-3
+    with pytest.raises(ds.DeepseekExportError, match="statistics"):
+        ds.to_deepseek(model, None)
+
+
+def test_runtime_support_and_export_summary(calibrated):
+    model, stats = calibrated("llama")
+    parity = ds.to_deepseek(model, None)
+    support = parity.care_export["runtime_support"]
+    assert support.transformers and not support.vllm_sglang  # g = 2 copies of each frequency need longrope
+    assert parity.care_export["exact"] and parity.care_export["cache_width"] == PARITY
+    assert parity.care_export["residual_scale"] == 1.0  # tiny llama already uses ε = 1e-6
+
+
+def test_errors_name_the_fix(calibrated):
+    model, stats = calibrated("llama")
+    with pytest.raises(ds.DeepseekExportError, match="needs calibration statistics"):
+        ds.to_deepseek(model, None, kv_fraction=0.5)
+    with pytest.raises(ds.DeepseekExportError, match="float16"):
+        ds.to_deepseek(tiny_model("llama").half(), None)
+    with pytest.raises(ds.DeepseekExportError, match="rope_strategy"):
+        ds.to_deepseek(model, stats, kv_fraction=0.5, rope_strategy="freqfold")
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="llama"):
+        ds.to_deepseek(gpt2, None)
+
+
+def test_portable_export_uses_default_rope_and_no_biases(calibrated, tmp_path):
+    model, stats = calibrated("llama")
+    ids = _ids()
+    export = ds.to_deepseek(model, stats, kv_fraction=0.5, portable=True)
+    cfg = export.config
+    assert cfg.rope_parameters["rope_type"] == "default" and not cfg.attention_bias and cfg.rope_interleave
+    assert cfg.qk_rope_head_dim <= 16 and cfg.kv_lora_rank + cfg.qk_rope_head_dim == 32
+    assert export.care_export["runtime_support"].vllm_sglang
+    assert max(export.care_export["rope_pairs_per_frequency"]) == 1
+    reloaded = _round_trip(export, tmp_path)
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert (reloaded(ids).logits - export(ids).logits).abs().max().item() <= 1e-5
+        assert _mean_kl(ref, reloaded(ids).logits) < 0.1
+    # at the parity cache a portable export keeps d_h RoPE dims: close, not exact (g = 2)
+    near = ds.to_deepseek(model, stats, portable=True)
+    assert (near.config.qk_rope_head_dim, near.config.kv_lora_rank) == (16, 48)
+    assert near.config.rope_parameters == {"rope_type": "default", "rope_theta": model.config.rope_parameters["rope_theta"]}
+    with torch.no_grad():
+        assert _mean_kl(ref, near(ids).logits) < 1e-3
+    qwen2, qwen2_stats = calibrated("qwen2")
+    with pytest.raises(ds.DeepseekExportError, match="biases"):
+        ds.to_deepseek(qwen2, qwen2_stats, kv_fraction=0.5, portable=True)
+    with pytest.raises(ds.DeepseekExportError, match="portable"):
+        ds.to_deepseek(model, stats, kv_fraction=0.5, qk_rope_head_dim=20, portable=True)
