@@ -185,3 +185,15 @@ def test_two_runs_with_the_same_settings_write_identical_models(tiny_model_dir, 
         api.convert(s)
         digests.append(hashlib.sha256((tmp_path / name / "out" / "model.safetensors").read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+
+
+def test_demo_table_compares_care_with_weight_svd(tiny_model_dir, text_file, tmp_path):
+    from care_mla.demo import run_demo
+
+    s = settings_for(tiny_model_dir("llama"), text_file, tmp_path)
+    fields = {k: v for k, v in s.to_dict().items() if k not in ("out", "kv_fraction", "overwrite", "method", "allocation")}
+    table = run_demo(tmp_path / "demo", kv_fraction=0.5, **fields)
+    lines = table.splitlines()
+    assert len(lines) == 5 and "original (GQA)" in lines[2] and "CARE" in lines[3] and "weight SVD" in lines[4]
+    assert "| 64 | 768 |" in lines[2], lines and "| 32 | 384 |" in lines[3]  # width per layer, fp32 bytes per token
+    assert (tmp_path / "demo" / "demo.md").read_text().strip() == table

@@ -22,7 +22,7 @@ def format_table(rows: list[dict]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['width']:g} | {r['bytes']:,} | {r['ppl']:.3f} | {r['ratio']:.3f}× |"
+            f"| {r['name']} | {r['width']:g} | {r['bytes']:,.0f} | {r['ppl']:.3f} | {r['ratio']:.3f}× |"
         )
     return "\n".join(lines)
 
