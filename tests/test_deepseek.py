@@ -7,18 +7,34 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, GPT2Config, GPT2LMHeadModel
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm, apply_rotary_pos_emb_interleave
+from conftest import tiny_model
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV3ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+    DeepseekV3RMSNorm,
+    apply_rotary_pos_emb_interleave,
+)
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from care_mla import deepseek as ds
 from care_mla.calibration import collect_statistics
 from care_mla.families import UnsupportedModelError
 
-from conftest import tiny_model
-
 # tiny_config: D = 64, 4 query heads, g = 2 KV heads, d_h = 16 → GQA cache 2·2·16 = 64 per layer
 PARITY = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and a shared machine stays usable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _ids(seed: int = 0, shape=(2, 40)) -> torch.Tensor:
@@ -205,12 +221,12 @@ def test_default_rope_theta_recognises_prefix_and_strided_tables():
     assert ds.default_rope_theta(inv_freq[1:5]) is None  # does not start at frequency 1
     assert ds.default_rope_theta(inv_freq[torch.tensor([0, 1, 3])]) is None
     src = {"rope_type": "default", "rope_theta": 10000.0}
-    params = ds.rope_parameters(inv_freq[:4], src, 256, exact=False)
+    params = ds.rope_parameters(inv_freq[:4], src, 256, bitwise=False)
     assert params["rope_type"] == "default"
     table = 1.0 / (params["rope_theta"] ** (torch.arange(0, 8, 2, dtype=torch.int64).float() / 8))
     assert torch.allclose(table, inv_freq[:4], rtol=1e-6, atol=0)
     with pytest.raises(ds.DeepseekExportError, match="portable"):
-        ds.rope_parameters(inv_freq[torch.tensor([0, 1, 3])], src, 256, exact=False)
+        ds.rope_parameters(inv_freq[torch.tensor([0, 1, 3])], src, 256, bitwise=False, portable=True)
 
 
 def test_rotation_weight_discounts_frequencies_that_hardly_turn():
@@ -229,7 +245,7 @@ def test_portable_pair_counts_pick_one_pair_per_strided_frequency():
 
 
 def test_split_budget_rules_and_errors():
-    kw = dict(num_kv_heads=3, head_dim_=64, hidden_size=576)
+    kw = {"num_kv_heads": 3, "head_dim_": 64, "hidden_size": 576}
     assert ds.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=None, kv_fraction=None) == (192, 192)
     assert ds.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=None, kv_fraction=0.5) == (128, 64)
     assert ds.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=None, kv_fraction=0.25) == (64, 32)
@@ -269,7 +285,7 @@ def test_parity_export_is_exact_after_save_and_reload(case, tmp_path):
     assert diff <= 1e-5  # measured 2–3e-7 (fp32)
 
     prompt = ids[:1, :8]
-    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, "attention_mask": torch.ones_like(prompt)}
     a = model.generate(prompt, **kw)
     out = reloaded.generate(prompt, return_dict_in_generate=True, **kw)
     assert torch.equal(a, out.sequences)
@@ -348,8 +364,8 @@ def test_qwen3_norm_folding_is_a_bounded_approximation(calibrated, tmp_path):
         ds.to_deepseek(model, None)
 
 
-def test_runtime_support_and_export_summary(calibrated):
-    model, stats = calibrated("llama")
+def test_runtime_support_and_export_summary():
+    model = tiny_model("llama")
     parity = ds.to_deepseek(model, None)
     support = parity.care_export["runtime_support"]
     assert support.transformers and not support.vllm_sglang  # g = 2 copies of each frequency need longrope
