@@ -608,20 +608,66 @@ def _fold_head_norm(W: Tensor, b: Tensor | None, norm: nn.Module, heads: int, d:
 
 
 @dataclass
-class _LayerExport:
-    q: Tensor  # (D+1, heads·(nope+rope)): rows D = weight, last row = bias
-    kv_latent: Tensor  # (D, kv_lora_rank), before the pre-norm scale
-    k_pe: Tensor  # (D+1, rope) incl. bias row
-    kv_b: Tensor  # (kv_lora_rank, heads·(nope + d))
+class LayerLayout:
+    """One layer's decoupled-RoPE MLA tensors (float64, y = x·W layout, bias as the last row).
+
+    The latent is ``c = x·kv_latent`` (r numbers), the shared RoPE key ``k_pe = [x, 1]·k_pe``
+    (interleaved pairs); per KV head G the up-projections give ``k_nope = c·up_k[:, G]`` and
+    ``v = c·up_v[:, G]``. Query head j is ``[x, 1]·q[:, j]`` = ``[q_nope | q_pe]`` with the
+    softmax scale folded for a softmax of ``(nope + rope)^-½``.
+    """
+
+    q: Tensor  # (D+1, heads, nope+rope)
+    kv_latent: Tensor  # (D, r)
+    k_pe: Tensor  # (D+1, rope)
+    up_k: Tensor  # (r, g, nope)
+    up_v: Tensor  # (r, g, d)
     o_weight: Tensor  # (D, heads·d) as nn.Linear.weight
     o_bias: Tensor | None
     kept_energy: float
     total_energy: float
 
+    @property
+    def rank(self) -> int:
+        return self.kv_latent.shape[1]
 
-def _layer_export(weights, plan: RopePlan, dims: _Dims, nope: int, kv_lora_rank: int, C: Tensor | None,
-                  q_scale: float, whitening: str, damping: float, balance_kv: bool) -> _LayerExport:
-    """The DeepSeek attention tensors of one layer (float64), from its weights and RoPE plan."""
+
+@dataclass
+class MlaLayout:
+    """Every layer's `LayerLayout` and what the layers share (RoPE slots, head widths)."""
+
+    layers: list[LayerLayout]
+    qk_rope_head_dim: int
+    qk_nope_head_dim: int
+    rope_freq_index: Tensor  # (rope/2,) int64: source frequency of each k_pe pair
+    rope_pairs_per_frequency: Tensor  # (d/2,) int64
+    exact: bool
+    rope_strategy: str | None
+    rope_context: int | None
+    has_q_bias: bool
+    has_k_bias: bool
+    rope_attention_scaling: float = 1.0  # the source's cos/sin scaling (folded into q as its square)
+
+    @property
+    def kv_lora_ranks(self) -> list[int]:
+        return [layer.rank for layer in self.layers]
+
+    def summary(self) -> dict:
+        kept = [e.kept_energy / e.total_energy if e.total_energy > 0 else 1.0 for e in self.layers]
+        return {
+            "qk_rope_head_dim": self.qk_rope_head_dim,
+            "qk_nope_head_dim": self.qk_nope_head_dim,
+            "exact": self.exact,
+            "rope_strategy": self.rope_strategy,
+            "rope_context": self.rope_context,
+            "rope_pairs_per_frequency": self.rope_pairs_per_frequency.tolist(),
+            "kept_rope_energy": None if self.exact else kept,
+        }
+
+
+def _layer_layout(weights, plan: RopePlan, dims: _Dims, nope: int, kv_lora_rank: int, C: Tensor | None,
+                  q_scale: float, whitening: str, damping: float, balance_kv: bool) -> LayerLayout:
+    """The decoupled-RoPE tensors of one layer (float64), from its weights and RoPE plan."""
     Wq, bq, Wk, bk, Wv, bv, Wo, bo = weights
     D, R = dims.hidden, dims.hidden + 1
     zero_q = torch.zeros(dims.heads * dims.d, dtype=torch.float64)
@@ -636,7 +682,7 @@ def _layer_export(weights, plan: RopePlan, dims: _Dims, nope: int, kv_lora_rank:
         q = torch.cat([q_nope, q_rope], dim=-1)
     else:
         q = q_rope
-    q = (q * q_scale).reshape(R, -1)
+    q = q * q_scale
 
     # V bias → o_proj bias (softmax rows sum to 1); K's nope bias is dropped (softmax shift).
     o_bias = None
@@ -645,22 +691,138 @@ def _layer_export(weights, plan: RopePlan, dims: _Dims, nope: int, kv_lora_rank:
         if bv is not None:
             o_bias = o_bias + Wo @ bv.reshape(dims.kv_heads, dims.d)[dims.groups].reshape(-1)
 
-    k_rest = from_pairs(rest_key(Zk[:D], plan))  # (D, g·d)
     if nope == 0:  # exact parity: the latent is V itself
         down = Wv
         up_k = torch.zeros(kv_lora_rank, 0, dtype=torch.float64)
         up_v = torch.eye(kv_lora_rank, dtype=torch.float64)
     else:
+        k_rest = from_pairs(rest_key(Zk[:D], plan))  # (D, g·d)
         factors, m_k = joint_factorize(k_rest, Wv, C, kv_lora_rank, balance=balance_kv, method=whitening,
                                        damping=damping, compute_dtype=torch.float64)
         down = factors.down.double()
         up_k, up_v = factors.up.double()[:, :m_k], factors.up.double()[:, m_k:]
     r = kv_lora_rank
-    up_k = up_k.reshape(r, dims.kv_heads, nope)[:, dims.groups]  # (r, heads, nope)
-    up_v = up_v.reshape(r, dims.kv_heads, dims.d)[:, dims.groups]  # (r, heads, d)
-    kv_b = torch.cat([up_k, up_v], dim=-1).reshape(r, -1)
-    return _LayerExport(q=q, kv_latent=down, k_pe=k_pe, kv_b=kv_b, o_weight=Wo, o_bias=o_bias,
-                        kept_energy=plan.kept_energy(), total_energy=float(plan.energy.sum()))
+    return LayerLayout(q=q, kv_latent=down, k_pe=k_pe, up_k=up_k.reshape(r, dims.kv_heads, nope),
+                       up_v=up_v.reshape(r, dims.kv_heads, dims.d), o_weight=Wo, o_bias=o_bias,
+                       kept_energy=plan.kept_energy(), total_energy=float(plan.energy.sum()))
+
+
+@dataclass
+class RopeSplit:
+    """A model's attention weights with the shared RoPE plan chosen: the stage before the latent ranks.
+
+    Made by `plan_rope_split`; `latent_spectra` gives what an allocation needs, `mla_layout`
+    the tensors at chosen per-layer ranks.
+    """
+
+    weights: list[tuple]
+    plans: list[RopePlan]
+    Cs: list[Tensor | None]
+    dims: _Dims
+    qk_rope_head_dim: int
+    exact: bool
+    inv_freq: Tensor
+    rope_scaling: float
+    source_rope: dict
+    src_scaling: float
+    rope_strategy: str
+    rope_context: int | None
+
+    @property
+    def nope(self) -> int:
+        return 0 if self.exact else self.dims.d
+
+    def rest_key(self, i: int) -> Tensor:
+        """Layer i's key left out of RoPE, (D, g·d) in the original head layout."""
+        Wk = self.weights[i][2]
+        return from_pairs(rest_key(to_pairs(Wk, self.dims.kv_heads), self.plans[i]))
+
+
+def _check_stats(model, stats: CalibrationStats | None, needs: bool) -> None:
+    layers = model.model.layers
+    if stats is not None and stats.num_layers != len(layers):
+        raise DeepseekExportError(f"stats hold {stats.num_layers} layers, the model has {len(layers)}")
+    if needs and stats is None:
+        raise DeepseekExportError(
+            "this export needs calibration statistics (care_mla.calibration.collect_statistics): "
+            "only the exact parity export of a model without q/k norms works without them"
+        )
+
+
+@torch.no_grad()
+def plan_rope_split(model: nn.Module, stats: CalibrationStats | None, *, qk_rope_head_dim: int, exact: bool,
+                    rope_strategy: RopeStrategy = "pca", rope_context: int | None = None,
+                    portable: bool = False) -> RopeSplit:
+    """Choose which key components stay under RoPE (shared counts per frequency, per-layer mixing).
+
+    ``exact`` (the parity layout: every key pair in RoPE, V as the latent) needs no statistics
+    unless the model has q/k norms.
+    """
+    _check_source(model)
+    family = get_family(model.config)
+    dims = _dims(model.config)
+    layers = model.model.layers
+    _check_stats(model, stats, not exact or family.qk_norm_cls is not None)
+    inv_freq, rope_scaling, src_rope = _source_rope(model)
+    Cs = [stats.second_moments[i].double() for i in range(len(layers))] if stats is not None else [None] * len(layers)
+    weights = [_weights(layer.self_attn, dims, family, Cs[i]) for i, layer in enumerate(layers)]
+    context = None
+    if exact:
+        plans = [identity_plan(dims.half, dims.kv_heads) for _ in layers]
+    else:
+        context = _rope_context(rope_context, stats)
+        weight = rotation_weight(inv_freq, context)
+        candidates = []
+        for (_, _, Wk, bk, *_), C in zip(weights, Cs):
+            bz = to_pairs(bk[None], dims.kv_heads)[0] if bk is not None else None
+            mixing, energy = rope_components(key_pair_covariance(to_pairs(Wk, dims.kv_heads), C, bz), rope_strategy)
+            candidates.append((mixing, energy, component_scores(energy, weight)))
+        scores = [c[2] for c in candidates]
+        pairs = qk_rope_head_dim // 2
+        counts = portable_pair_counts(scores, pairs) if portable else global_pair_counts(scores, pairs)
+        plans = [plan_rope(m, e, sc, counts) for m, e, sc in candidates]
+    src_scaling = float(getattr(layers[0].self_attn, "scaling", dims.d**-0.5))
+    return RopeSplit(weights=weights, plans=plans, Cs=Cs, dims=dims, qk_rope_head_dim=qk_rope_head_dim, exact=exact,
+                     inv_freq=inv_freq, rope_scaling=rope_scaling, source_rope=src_rope, src_scaling=src_scaling,
+                     rope_strategy=rope_strategy, rope_context=context)
+
+
+def latent_spectra(split: RopeSplit, *, whitening: str = "cholesky", damping: float = 1e-2,
+                   balance_kv: bool = True) -> list[Tensor]:
+    """Per layer, the whitened singular values of the joint [K left out of RoPE, V] latent (for allocation)."""
+    spectra = []
+    for i, w in enumerate(split.weights):
+        f, _ = joint_factorize(split.rest_key(i), w[4], split.Cs[i], 0, balance=balance_kv, method=whitening,
+                               damping=damping, compute_dtype=torch.float64)
+        spectra.append(f.spectrum)
+    return spectra
+
+
+@torch.no_grad()
+def mla_layout(split: RopeSplit, kv_lora_ranks: list[int], *, whitening: str = "cholesky", damping: float = 1e-2,
+               balance_kv: bool = True) -> MlaLayout:
+    """The decoupled-RoPE tensors of every layer at the given latent ranks (one per layer)."""
+    dims = split.dims
+    if len(kv_lora_ranks) != len(split.weights):
+        raise DeepseekExportError(f"need one kv_lora_rank per layer ({len(split.weights)}), got {len(kv_lora_ranks)}")
+    if split.exact and any(r != dims.kv_heads * dims.d for r in kv_lora_ranks):
+        raise DeepseekExportError("the exact parity layout has kv_lora_rank = g·d_h in every layer")
+    rope = split.qk_rope_head_dim
+    # softmax scale: the source's d^-½ (× RoPE cos/sin scaling²) over the (nope+rope)^-½ of the MLA softmax
+    q_scale = split.src_scaling * split.rope_scaling**2 * math.sqrt(split.nope + rope)
+    layers = [
+        _layer_layout(w, plan, dims, split.nope, r, C, q_scale, whitening, damping, balance_kv)
+        for w, plan, C, r in zip(split.weights, split.plans, split.Cs, kv_lora_ranks)
+    ]
+    freq, _ = split.plans[0].slots
+    return MlaLayout(
+        layers=layers, qk_rope_head_dim=rope, qk_nope_head_dim=split.nope, rope_freq_index=freq,
+        rope_pairs_per_frequency=split.plans[0].counts.clone(), exact=split.exact,
+        rope_strategy=None if split.exact else split.rope_strategy, rope_context=split.rope_context,
+        has_q_bias=any(w[1] is not None for w in split.weights),
+        has_k_bias=any(w[3] is not None for w in split.weights),
+        rope_attention_scaling=split.rope_scaling,
+    )
 
 
 def _deepseek_config(source, dims: _Dims, *, kv_lora_rank: int, rope: int, nope: int, q_lora_rank: int | None,
@@ -774,58 +936,36 @@ def to_deepseek(
                                       kv_fraction=kv_fraction, portable=portable)
     max_rope = dims.kv_heads * dims.d
     exact = rope == max_rope and kv_lora_rank == max_rope
-    layers = model.model.layers
-    if stats is not None and stats.num_layers != len(layers):
-        raise DeepseekExportError(f"stats hold {stats.num_layers} layers, the model has {len(layers)}")
-    needs_stats = not exact or family.qk_norm_cls is not None
-    if needs_stats and stats is None:
-        raise DeepseekExportError(
-            "this export needs calibration statistics (care_mla.calibration.collect_statistics): "
-            "only the exact parity export of a model without q/k norms works without them"
-        )
     if portable and (family.qkv_bias_always or getattr(model.config, "attention_bias", False)):
         raise DeepseekExportError(
             f"{model.config.model_type} has attention biases, which vLLM/SGLang's DeepSeek layers do not load; "
             "export with portable=False (transformers)"
         )
+    split = plan_rope_split(model, stats, qk_rope_head_dim=rope, exact=exact, rope_strategy=rope_strategy,
+                            rope_context=rope_context, portable=portable)
+    layout = mla_layout(split, [kv_lora_rank] * len(split.weights), whitening=whitening, damping=damping,
+                        balance_kv=balance_kv)
+    return layout_to_deepseek(model, layout, split.inv_freq, split.source_rope, portable=portable)
+
+
+@torch.no_grad()
+def layout_to_deepseek(model: nn.Module, layout: MlaLayout, inv_freq: Tensor, source_rope: dict, *,
+                       portable: bool = False) -> DeepseekV3ForCausalLM:
+    """The `DeepseekV3ForCausalLM` holding `layout` (one kv_lora_rank for every layer)."""
+    ranks = set(layout.kv_lora_ranks)
+    if len(ranks) != 1:
+        raise DeepseekExportError(
+            "DeepSeek-V3 has one kv_lora_rank for all layers; per-layer ranks (--allocation adjusted) live in the "
+            "latent-cache format (--format care_mla --latent decoupled)"
+        )
+    (kv_lora_rank,) = ranks
+    dims = _dims(model.config)
+    rope, nope = layout.qk_rope_head_dim, layout.qk_nope_head_dim
     src_eps = float(model.config.rms_norm_eps)
-    inv_freq, rope_scaling, src_rope = _source_rope(model)
-    Cs = [stats.second_moments[i].double() for i in range(len(layers))] if stats is not None else [None] * len(layers)
-
-    # ---- weights (Qwen3 norms folded) and the shared RoPE plan
-    weights = [_weights(layer.self_attn, dims, family, Cs[i]) for i, layer in enumerate(layers)]
-    if exact:
-        plans = [identity_plan(dims.half, dims.kv_heads) for _ in layers]
-    else:
-        context = _rope_context(rope_context, stats)
-        weight = rotation_weight(inv_freq, context)
-        candidates = []
-        for (_, _, Wk, bk, *_), C in zip(weights, Cs):
-            bz = to_pairs(bk[None], dims.kv_heads)[0] if bk is not None else None
-            mixing, energy = rope_components(key_pair_covariance(to_pairs(Wk, dims.kv_heads), C, bz), rope_strategy)
-            score = component_scores(energy, weight)
-            candidates.append((mixing, energy, score))
-        scores = [c[2] for c in candidates]
-        counts = portable_pair_counts(scores, rope // 2) if portable else global_pair_counts(scores, rope // 2)
-        plans = [plan_rope(m, e, sc, counts) for m, e, sc in candidates]
-    nope = 0 if exact else dims.d
-    freq, _ = plans[0].slots
-    rope_params = rope_parameters(inv_freq[freq], src_rope, model.config.max_position_embeddings,
-                                  bitwise=exact, portable=portable)
-
-    # ---- softmax scale: the source's d^-½ (× RoPE cos/sin scaling²) over DeepSeek's (nope+rope)^-½
-    src_scaling = float(getattr(layers[0].self_attn, "scaling", dims.d**-0.5))
-    q_scale = src_scaling * rope_scaling**2 * math.sqrt(nope + rope)
-
-    exports = [
-        _layer_export(w, plan, dims, nope, kv_lora_rank, C, q_scale, whitening, damping, balance_kv)
-        for w, plan, C in zip(weights, plans, Cs)
-    ]
-    has_q_bias = any(w[1] is not None for w in weights)
-    has_k_bias = any(w[3] is not None for w in weights)
-    attention_bias = has_q_bias or has_k_bias or any(e.o_bias is not None for e in exports)
-    q_lora_rank = dims.hidden + 1 if has_q_bias else None
-
+    rope_params = rope_parameters(inv_freq[layout.rope_freq_index], source_rope, model.config.max_position_embeddings,
+                                  bitwise=layout.exact, portable=portable)
+    attention_bias = layout.has_q_bias or layout.has_k_bias or any(e.o_bias is not None for e in layout.layers)
+    q_lora_rank = dims.hidden + 1 if layout.has_q_bias else None
     config = _deepseek_config(model, dims, kv_lora_rank=kv_lora_rank, rope=rope, nope=nope,
                               q_lora_rank=q_lora_rank, attention_bias=attention_bias, rope_params=rope_params)
     dtype = next(model.parameters()).dtype
@@ -833,28 +973,21 @@ def to_deepseek(
     with torch.device(device), no_init_weights():  # every weight is loaded below
         out = DeepseekV3ForCausalLM(config).to(dtype)
     out.tie_weights()
-    state = _state_dict(model, exports, dims, config, src_eps)
+    state = _state_dict(model, layout, dims, config, src_eps)
     out.load_state_dict({k: v.to(dtype=dtype, device=device) for k, v in state.items()}, strict=True)
     out.generation_config = model.generation_config
-    kept = [e.kept_energy / e.total_energy if e.total_energy > 0 else 1.0 for e in exports]
     out.care_export = {
         "kv_lora_rank": kv_lora_rank,
-        "qk_rope_head_dim": rope,
-        "qk_nope_head_dim": nope,
         "cache_width": kv_lora_rank + rope,
-        "gqa_cache_width": 2 * max_rope,
-        "exact": exact,
-        "rope_strategy": None if exact else rope_strategy,
-        "rope_context": None if exact else context,
-        "rope_pairs_per_frequency": plans[0].counts.tolist(),
-        "kept_rope_energy": None if exact else kept,
+        "gqa_cache_width": 2 * dims.kv_heads * dims.d,
+        **layout.summary(),
         "residual_scale": math.sqrt(DEEPSEEK_NORM_EPS / src_eps),
         "runtime_support": runtime_support(config),
     }
     return out.eval()
 
 
-def _state_dict(model, exports: list[_LayerExport], dims: _Dims, config: DeepseekV3Config,
+def _state_dict(model, layout: MlaLayout, dims: _Dims, config: DeepseekV3Config,
                 src_eps: float) -> dict[str, Tensor]:
     """Upstream DeepSeek-V3 tensor names, float64 (cast by the caller)."""
     k_res = math.sqrt(DEEPSEEK_NORM_EPS / src_eps)
@@ -865,7 +998,7 @@ def _state_dict(model, exports: list[_LayerExport], dims: _Dims, config: Deepsee
     norm = src["model.norm.weight"]
     state["model.norm.weight"] = norm / k_res if tied else norm
     state["lm_head.weight"] = state["model.embed_tokens.weight"] if tied else src["lm_head.weight"]
-    for i, (layer, e) in enumerate(zip(model.model.layers, exports)):
+    for i, (layer, e) in enumerate(zip(model.model.layers, layout.layers)):
         p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
         for name in ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
                      "mlp.up_proj.weight"):
@@ -878,7 +1011,9 @@ def _state_dict(model, exports: list[_LayerExport], dims: _Dims, config: Deepsee
         s = linear_norm_prescale(D * lat_sigma**2, config.kv_lora_rank)
         state[a + "kv_a_proj_with_mqa.weight"] = torch.cat([s * e.kv_latent, e.k_pe[:D]], dim=1).T
         state[a + "kv_a_layernorm.weight"] = torch.full((config.kv_lora_rank,), math.sqrt(DEEPSEEK_NORM_EPS) / s)
-        state[a + "kv_b_proj.weight"] = e.kv_b.T
+        # DeepSeek's kv_b_proj serves every query head: repeat each KV head's columns for its group
+        kv_b = torch.cat([e.up_k[:, dims.groups], e.up_v[:, dims.groups]], dim=-1).reshape(e.rank, -1)
+        state[a + "kv_b_proj.weight"] = kv_b.T
         if config.attention_bias:
             state[a + "kv_a_proj_with_mqa.bias"] = torch.cat([torch.zeros(config.kv_lora_rank), e.k_pe[D]])
             o_bias = e.o_bias if e.o_bias is not None else torch.zeros(D)
@@ -886,7 +1021,7 @@ def _state_dict(model, exports: list[_LayerExport], dims: _Dims, config: Deepsee
         state[a + "o_proj.weight"] = e.o_weight * k_res
 
         if config.q_lora_rank is None:
-            state[a + "q_proj.weight"] = e.q[:D].T
+            state[a + "q_proj.weight"] = e.q[:D].reshape(D, -1).T
         else:  # q bias through the q-LoRA path: q_a = s·[x, 1], q_b = [W_q; b_q]
             qs = linear_norm_prescale(D * float(w_ln.max()) ** 2 + 1.0, config.q_lora_rank)
             q_a = torch.zeros(D + 1, D, dtype=torch.float64)
@@ -894,5 +1029,5 @@ def _state_dict(model, exports: list[_LayerExport], dims: _Dims, config: Deepsee
             state[a + "q_a_proj.weight"] = q_a
             state[a + "q_a_proj.bias"] = torch.cat([torch.zeros(D, dtype=torch.float64), torch.tensor([qs])])
             state[a + "q_a_layernorm.weight"] = torch.full((D + 1,), math.sqrt(DEEPSEEK_NORM_EPS) / qs)
-            state[a + "q_b_proj.weight"] = e.q.T
+            state[a + "q_b_proj.weight"] = e.q.reshape(D + 1, -1).T
     return state

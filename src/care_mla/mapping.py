@@ -1,14 +1,19 @@
-"""KV mapping: put per-layer factors into the latent-cache model (CARE.md §3, exact-RoPE).
+"""KV mapping: put per-layer factors into the latent-cache model (CARE.md §3).
 
-The factors come from `factorization` (x @ down = latent, latent @ up ≈ x @ W). This module
-only moves tensors: the original q/o projections, norms, MLPs and embeddings are copied
-unchanged; k_proj/v_proj are replaced by the latent down/up projections, with the original
-K/V biases on the up-projections.
+Exact-RoPE latents (`build_latent_model`): the factors come from `factorization`
+(x @ down = latent, latent @ up ≈ x @ W). The original q/o projections, norms, MLPs and
+embeddings are copied unchanged; k_proj/v_proj are replaced by the latent down/up
+projections, with the original K/V biases on the up-projections.
+
+Decoupled-RoPE latents (`build_decoupled_model`): the per-layer tensors of a
+`deepseek.MlaLayout` (RoPE key, joint latent, up-projections per KV head, query with the
+softmax scale folded) replace q/k/v/o; everything else is copied unchanged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,6 +21,9 @@ from torch import nn
 from .configuration_care_mla import CareMlaConfig
 from .factorization import Factors
 from .modeling_care_mla import CareMlaForCausalLM
+
+if TYPE_CHECKING:
+    from .deepseek import MlaLayout
 
 
 @dataclass(frozen=True)
@@ -70,5 +78,50 @@ def build_latent_model(model: nn.Module, layers: list[LayerLatent]) -> CareMlaFo
     with torch.device(device):
         latent_model = CareMlaForCausalLM(config).to(dtype)
     latent_model.load_state_dict(latent_state_dict(model, layers), strict=True)
+    latent_model.generation_config = model.generation_config
+    return latent_model.eval()
+
+
+def decoupled_state_dict(model: nn.Module, layout: "MlaLayout") -> dict[str, torch.Tensor]:
+    """State dict of the decoupled latent-cache model built from `model` and `layout` (float64 tensors)."""
+    attn_keys = (".self_attn.q_proj.", ".self_attn.k_proj.", ".self_attn.v_proj.", ".self_attn.o_proj.",
+                 ".self_attn.q_norm.", ".self_attn.k_norm.")
+    state = {k: v for k, v in model.state_dict().items() if not any(a in k for a in attn_keys)}
+    D = model.config.hidden_size
+    rope = layout.qk_rope_head_dim
+    qkv_bias = model.model.layers[0].self_attn.q_proj.bias is not None
+    o_bias = qkv_bias or model.model.layers[0].self_attn.o_proj.bias is not None
+    for idx, e in enumerate(layout.layers):
+        prefix = f"model.layers.{idx}.self_attn."
+        q = e.q.clone()
+        q[..., q.shape[-1] - rope :] /= layout.rope_attention_scaling**2  # our cos/sin carry the scaling
+        state[prefix + "q_proj.weight"] = q[:D].reshape(D, -1).T
+        state[prefix + "kv_a_proj_with_mqa.weight"] = torch.cat([e.kv_latent, e.k_pe[:D]], dim=1).T
+        state[prefix + "kv_b_proj.weight"] = torch.cat([e.up_k, e.up_v], dim=-1).reshape(e.rank, -1).T
+        state[prefix + "o_proj.weight"] = e.o_weight
+        if qkv_bias:
+            state[prefix + "q_proj.bias"] = q[D].reshape(-1)
+            state[prefix + "kv_a_proj_with_mqa.bias"] = torch.cat([torch.zeros(e.rank, dtype=e.k_pe.dtype), e.k_pe[D]])
+        if o_bias:
+            state[prefix + "o_proj.bias"] = e.o_bias if e.o_bias is not None else torch.zeros(D, dtype=torch.float64)
+    return state
+
+
+def build_decoupled_model(model: nn.Module, layout: "MlaLayout") -> CareMlaForCausalLM:
+    """A new decoupled-RoPE `CareMlaForCausalLM` (per-layer latent widths, absorbed decode); `model` is untouched."""
+    if len(layout.layers) != model.config.num_hidden_layers:
+        raise ValueError("need one layer layout per decoder layer")
+    config = CareMlaConfig.from_base(
+        model.config, kv_latent="decoupled", kv_lora_ranks=[[r] for r in layout.kv_lora_ranks],
+        qk_rope_head_dim=layout.qk_rope_head_dim, qk_nope_head_dim=layout.qk_nope_head_dim,
+        rope_freq_index=layout.rope_freq_index.tolist(),
+    )
+    config._attn_implementation = model.config._attn_implementation
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    with torch.device(device):
+        latent_model = CareMlaForCausalLM(config).to(dtype)
+    state = decoupled_state_dict(model, layout)
+    latent_model.load_state_dict({k: v.to(dtype=dtype, device=device) for k, v in state.items()}, strict=True)
     latent_model.generation_config = model.generation_config
     return latent_model.eval()

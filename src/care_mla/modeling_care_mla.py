@@ -1,6 +1,10 @@
 """Latent-cache model: each attention layer caches only its K/V latent(s).
 
-Exact-RoPE realisation of CARE.md §3. Per token and layer the cache holds the latent(s)
+Two realisations of CARE.md §3. `CareMlaAttention` (kv_latent "separate" / "joint") is the
+exact-RoPE one; `CareMlaDecoupledAttention` (kv_latent "decoupled") is DeepSeek's layout with
+per-layer latent widths and an absorbed decode path (see its docstring).
+
+Exact-RoPE realisation. Per token and layer the cache holds the latent(s)
 `c = x @ W_a` (width r_k + r_v, or r_kv for a joint latent) instead of the GQA keys and
 values (2·g·d_h). At attention time the latents are up-projected to per-KV-head K and V,
 K gets Qwen3's k_norm (if any) and RoPE at its true positions, and attention runs as in the
@@ -133,6 +137,127 @@ class CareMlaAttention(nn.Module):
         return self.o_proj(out.reshape(B, T, -1).contiguous()), weights
 
 
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) of x (..., S, 2n) by cos/sin (..., S, n): ``z·e^{iωt}``."""
+    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+
+
+class CareMlaDecoupledAttention(nn.Module):
+    """MLA with a decoupled RoPE key (DeepSeek's layout) and this layer's own latent width r.
+
+    Per token the cache holds the latent ``c = x·W_DKV`` (r numbers) and the shared rotated
+    key ``k_pe`` (``qk_rope_head_dim`` numbers). Query head j (of KV group G) scores a cached
+    token with ``q_nopeⱼ·(W_UK[G]ᵀ c) + q_peⱼ·k_pe`` and reads ``W_UV[G]ᵀ c``. Two equivalent
+    evaluations (`absorb`):
+
+    * expanded: up-project every cached c to per-KV-head k_nope and v, run standard attention;
+    * absorbed: fold W_UK into the query (``q̂ⱼ = W_UK[G] q_nopeⱼ``, r numbers), attend over
+      ``[c, k_pe]`` as one shared key head and over c as the value (multi-query attention of
+      width r + rope), then apply W_UV[G] to each head's r-wide output before ``o_proj``. No
+      per-token up-projection: a decode step reads only the cache.
+
+    ``kv_b_proj`` rows are per KV head ``[k_nope (nope) | v (d)]``; the query carries the
+    softmax scale for ``(nope + rope)^-½``. Pairs take the model's RoPE cos/sin at the
+    frequencies ``rope_freq_index`` (so positions, left padding and any RoPE scaling follow
+    the source model's).
+    """
+
+    def __init__(self, config, layer_idx: int, rank: int, mla_config):
+        super().__init__()
+        family = FAMILIES[config.model_type]
+        self.config = config
+        self.layer_idx = layer_idx
+        self.rank = rank
+        self.head_dim = head_dim(config)
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.nope = mla_config.qk_nope_head_dim
+        self.rope = mla_config.qk_rope_head_dim
+        self.absorb = mla_config.absorb
+        self.scaling = (self.nope + self.rope) ** -0.5
+        self.attention_dropout = getattr(config, "attention_dropout", 0.0)
+        self.is_causal = True
+        qkv_bias, o_bias = family.biases(config)
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * (self.nope + self.rope), bias=qkv_bias)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, rank + self.rope, bias=qkv_bias)
+        self.kv_b_proj = nn.Linear(rank, self.num_key_value_heads * (self.nope + self.head_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=qkv_bias or o_bias)  # + folded V bias
+        self.register_buffer(
+            "rope_freq_index", torch.tensor(mla_config.rope_freq_index, dtype=torch.long), persistent=False
+        )
+
+    def _up(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK (g, nope, r) and W_UV (g, d, r) from kv_b_proj."""
+        W = self.kv_b_proj.weight.view(self.num_key_value_heads, self.nope + self.head_dim, self.rank)
+        return W[:, : self.nope], W[:, self.nope :]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.nope + self.rope).transpose(1, 2)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # (B, h, T, ·)
+        c, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([self.rank, self.rope], dim=-1)
+        c, k_pe = c.unsqueeze(1), k_pe.unsqueeze(1)  # (B, 1, T, ·): one shared "head"
+
+        cos, sin = position_embeddings  # (B, T, d) rotate_half layout: column p < d/2 is frequency p
+        cos, sin = cos[..., self.rope_freq_index].unsqueeze(1), sin[..., self.rope_freq_index].unsqueeze(1)
+        q_pe, k_pe = apply_rope_interleaved(q_pe, cos, sin), apply_rope_interleaved(k_pe, cos, sin)
+        if past_key_values is not None:
+            c, k_pe = past_key_values.update(c, k_pe, self.layer_idx)
+
+        absorbed = self.absorb == "always" or (self.absorb == "decode" and T == 1 and not self.training)
+        if absorbed:
+            out, weights = self._absorbed(q_nope, q_pe, c, k_pe, attention_mask)
+        else:
+            out, weights = self._expanded(q_nope, q_pe, c, k_pe, attention_mask, **kwargs)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), weights
+
+    def _expanded(self, q_nope, q_pe, c, k_pe, attention_mask, **kwargs):
+        B, _, S, _ = c.shape
+        kv = self.kv_b_proj(c[:, 0]).view(B, S, self.num_key_value_heads, self.nope + self.head_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(B, self.num_key_value_heads, S, self.rope)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, weights = attention_interface(
+            self, q, k, v, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
+        )
+        return out.transpose(1, 2), weights  # (B, h, T, d)
+
+    def _absorbed(self, q_nope, q_pe, c, k_pe, attention_mask):
+        B, h, T, _ = q_nope.shape
+        W_uk, W_uv = self._up()
+        g, G = self.num_key_value_heads, self.num_key_value_groups
+        q_lat = torch.einsum("bgjtn,gnr->bgjtr", q_nope.view(B, g, G, T, self.nope), W_uk).reshape(B, h, T, -1)
+        query = torch.cat([q_lat, q_pe], dim=-1)  # (B, h, T, r + rope)
+        key = torch.cat([c, k_pe], dim=-1)  # (B, 1, S, r + rope)
+        mask = attention_mask
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(query.dtype)
+        causal = mask is None and T > 1
+        if causal and c.shape[-2] != T:  # cached prefix + several new tokens without a mask
+            S = c.shape[-2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=c.device).tril(S - T)
+            causal = False
+        o_lat = nn.functional.scaled_dot_product_attention(
+            query, key, c, attn_mask=mask, is_causal=causal, scale=self.scaling, enable_gqa=True
+        )  # (B, h, T, r)
+        out = torch.einsum("bgjtr,gdr->bgjtd", o_lat.view(B, g, G, T, self.rank), W_uv).reshape(B, h, T, -1)
+        return out, None
+
+
 class CareMlaPreTrainedModel(PreTrainedModel):
     config_class = CareMlaConfig
     config: CareMlaConfig
@@ -154,7 +279,11 @@ class CareMlaForCausalLM(CareMlaPreTrainedModel, GenerationMixin):
         base = config.base_config()
         self.model = FAMILIES[config.base_model_type].model_cls(base)
         for idx, layer in enumerate(self.model.layers):
-            layer.self_attn = CareMlaAttention(base, idx, config.kv_latent, config.kv_lora_ranks[idx])
+            if config.kv_latent == "decoupled":
+                (rank,) = config.kv_lora_ranks[idx]
+                layer.self_attn = CareMlaDecoupledAttention(base, idx, rank, config)
+            else:
+                layer.self_attn = CareMlaAttention(base, idx, config.kv_latent, config.kv_lora_ranks[idx])
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
