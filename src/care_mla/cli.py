@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from .settings import ALLOCATIONS, DEVICES, DTYPES, LATENTS, METHODS, ConvertSettings
+from .settings import ALLOCATIONS, DEVICES, DTYPES, FORMATS, LATENTS, METHODS, ROPE_STRATEGIES, ConvertSettings
 
 DEFAULTS = ConvertSettings()
 
@@ -31,11 +31,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     c.add_argument("--kv-fraction", type=float, default=DEFAULTS.kv_fraction,
                    help="kept fraction of the GQA KV width: 1.0 = parity, 0.25 = 75%% saving")
+    c.add_argument("--format", choices=FORMATS, default=DEFAULTS.format,
+                   help="care_mla: latent-cache model (import care_mla to load it); deepseek: stock "
+                        "DeepseekV3ForCausalLM that plain transformers loads (one kv_lora_rank, decoupled RoPE)")
     c.add_argument("--method", choices=METHODS, default=DEFAULTS.method)
-    c.add_argument("--allocation", choices=ALLOCATIONS, default=DEFAULTS.allocation)
+    c.add_argument("--allocation", choices=ALLOCATIONS, default=None,
+                   help="per-layer latent widths: adjusted (default for care_mla) or uniform (default and only "
+                        "choice for deepseek)")
     c.add_argument("--allocation-score", choices=("energy", "paper"), default=DEFAULTS.allocation_score,
                    help="adjusted allocation priority: 'energy' (next gain / layer energy) or the paper's (next gain / tail)")
-    c.add_argument("--latent", choices=LATENTS, default=DEFAULTS.latent)
+    c.add_argument("--latent", choices=LATENTS, default=None,
+                   help="separate K and V latents (default for care_mla), one joint latent, or decoupled: "
+                        "DeepSeek's layout, a shared RoPE key + joint latent, absorbed decode (always for deepseek)")
+    c.add_argument("--rope-dim", type=int, default=None,
+                   help="decoupled: RoPE numbers cached per token and layer (qk_rope_head_dim; default a third "
+                        "of the cache, at most d_h; g·d_h at parity = exact)")
+    c.add_argument("--rope-strategy", choices=ROPE_STRATEGIES, default=DEFAULTS.rope_strategy,
+                   help="decoupled: per-frequency PCA across KV heads, or per-head partial RoPE")
+    c.add_argument("--rope-context", type=int, default=None,
+                   help="decoupled: relative distance (tokens) over which dropping a RoPE frequency is judged; "
+                        "match your serving context (default: the calibration window)")
+    c.add_argument("--portable", action="store_true",
+                   help="deepseek: only what vLLM/SGLang run (default RoPE, ≤ d_h RoPE dims, no biases)")
     c.add_argument("--no-balance-kv", dest="balance_kv", action="store_false", help="joint latent: do not balance K against V")
     c.add_argument("--whitening", choices=("cholesky", "sqrt"), default=DEFAULTS.whitening)
     c.add_argument("--damping", type=float, default=DEFAULTS.damping)
@@ -67,10 +84,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .assets import AssetError
     from .convert import ModelLoadError, OutputExistsError
     from .data import TextError
+    from .deepseek import DeepseekExportError
     from .families import UnsupportedModelError
     from .settings import SettingsError
 
-    return (AssetError, ModelLoadError, OutputExistsError, TextError, UnsupportedModelError, SettingsError)
+    return (AssetError, ModelLoadError, OutputExistsError, TextError, UnsupportedModelError, SettingsError,
+            DeepseekExportError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import allocation, assets, factorization
+from . import allocation, assets, deepseek, factorization
 from .calibration import CalibrationStats, collect_statistics
 from .data import load_windows
-from .evaluation import kv_bytes_per_token, measured_kv_bytes_per_token, perplexity
+from .evaluation import kv_bytes_per_token, kv_cache_width, measured_kv_bytes_per_token, perplexity
 from .families import get_family, gqa_kv_width, head_dim
-from .mapping import LayerLatent, build_latent_model
+from .mapping import LayerLatent, build_decoupled_model, build_latent_model
 from .settings import ConvertSettings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -257,6 +257,73 @@ def plan_latents(model, stats: CalibrationStats, settings: ConvertSettings) -> t
     return latents, table
 
 
+def plan_decoupled(model, stats: CalibrationStats, settings: ConvertSettings):
+    """(RopeSplit, MlaLayout, per-layer table) of the decoupled-RoPE layout at the asked budget.
+
+    The cache per token and layer is ``round(kv_fraction·2·g·d)``: ``qk_rope_head_dim`` RoPE
+    numbers (``--rope-dim``, else `deepseek.default_rope_dim`) shared by all layers, the rest
+    the latent, whose width is uniform or spread by the adjusted rule over the whitened spectra
+    of each layer's [un-rotated K, V]. The parity budget with every key pair in RoPE is the
+    exact layout (latent = V, no allocation to make).
+    """
+    config = model.config
+    g, d = config.num_key_value_heads, head_dim(config)
+    kv_lora_rank, rope = deepseek.split_budget(
+        num_kv_heads=g, head_dim_=d, hidden_size=config.hidden_size, kv_lora_rank=None,
+        qk_rope_head_dim=settings.rope_dim, kv_fraction=settings.kv_fraction, portable=settings.portable,
+    )
+    exact = rope == g * d and kv_lora_rank == g * d
+    if settings.portable:
+        deepseek.check_portable(model)
+    split = deepseek.plan_rope_split(
+        model, stats, qk_rope_head_dim=rope, exact=exact, rope_strategy=settings.rope_strategy,
+        rope_context=settings.rope_context, portable=settings.portable,
+    )
+    kw = {"whitening": settings.whitening, "damping": settings.damping, "balance_kv": settings.balance_kv}
+    layers = config.num_hidden_layers
+    if exact or settings.allocation == "uniform":
+        ranks = [kv_lora_rank] * layers
+    else:
+        cap = min(2 * g * d, config.hidden_size)
+        r_min = max(1, math.floor(settings.rank_min_ratio * kv_lora_rank))
+        r_max = min(cap, math.ceil(settings.rank_max_ratio * kv_lora_rank))
+        ranks = allocation.adjusted_ranks(deepseek.latent_spectra(split, **kw), kv_lora_rank * layers,
+                                          r_min=r_min, r_max=r_max, score=settings.allocation_score)
+    layout = deepseek.mla_layout(split, ranks, **kw)
+    kept = layout.summary()["kept_rope_energy"] or [1.0] * layers
+    table = []
+    for i, e in enumerate(layout.layers):
+        W_v, C = split.weights[i][4], stats.second_moments[i] if stats is not None else None
+        row = {"layer": i, "kv_rank": e.rank, "rope_kept_energy": kept[i]}
+        if C is not None:
+            k_rest = split.rest_key(i)
+            row["k_nope_rel_error"] = _relative_error(k_rest, e.kv_latent @ e.up_k.reshape(e.rank, -1), C) if layout.qk_nope_head_dim else 0.0
+            row["v_rel_error"] = _relative_error(W_v, e.kv_latent @ e.up_v.reshape(e.rank, -1), C)
+        table.append(row)
+    return split, layout, table
+
+
+def build_converted(model, stats: CalibrationStats, settings: ConvertSettings) -> tuple[torch.nn.Module, dict]:
+    """The converted model in the asked format, and the report fields that describe it."""
+    if settings.latent == "decoupled":
+        split, layout, table = plan_decoupled(model, stats, settings)
+        logger.info("per-layer ranks and relative activation errors:\n%s", format_layer_table(table))
+        fields = {"ranks": [[r] for r in layout.kv_lora_ranks], "layers": table, "mla": layout.summary()}
+        if settings.format == "deepseek":
+            converted = deepseek.layout_to_deepseek(model, layout, split.inv_freq, split.source_rope,
+                                                    portable=settings.portable)
+            support = converted.care_export["runtime_support"]
+            fields["runtime_support"] = {"transformers": support.transformers, "vllm_sglang": support.vllm_sglang,
+                                         "reasons": list(support.reasons)}
+            fields["mla"]["residual_scale"] = converted.care_export["residual_scale"]
+        else:
+            converted = build_decoupled_model(model, layout)
+        return converted, fields
+    latents, table = plan_latents(model, stats, settings)
+    logger.info("per-layer ranks and relative activation errors:\n%s", format_layer_table(table))
+    return build_latent_model(model, latents), {"ranks": [l.ranks for l in latents], "layers": table}
+
+
 def format_layer_table(table: list[dict]) -> str:
     """Plain-text table of the per-layer rows of `plan_latents`."""
     keys = [k for k in table[0] if k != "layer"]
@@ -365,23 +432,22 @@ def convert(settings: ConvertSettings) -> dict:
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    latents, table = plan_latents(model, stats, settings)
-    logger.info("per-layer ranks and relative activation errors:\n%s", format_layer_table(table))
-    converted = build_latent_model(model, latents)
+    converted, fields = build_converted(model, stats, settings)
     timings["factorize_and_build"] = time.perf_counter() - t
 
     report: dict = {
         "model": model_path,
+        "format": settings.format,
+        "architecture": type(converted).__name__,
         "method": settings.method,
         "allocation": settings.allocation,
         "latent": settings.latent,
         "kv_fraction": settings.kv_fraction,
         "kv_cache_width_per_layer": {
             "original": gqa_kv_width(model.config),
-            "converted": converted.config.kv_cache_width() / converted.config.num_hidden_layers,
+            "converted": kv_cache_width(converted.config) / converted.config.num_hidden_layers,
         },
-        "ranks": [l.ranks for l in latents],
-        "layers": table,
+        **fields,
         "calibration": {
             "text": stats.meta.get("text", settings.calib_text),
             "samples": settings.calib_samples,

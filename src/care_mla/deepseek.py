@@ -749,6 +749,16 @@ def _check_stats(model, stats: CalibrationStats | None, needs: bool) -> None:
         )
 
 
+def check_portable(model) -> None:
+    """vLLM/SGLang's DeepSeek layers load no attention biases: refuse a portable export of a biased model."""
+    family = get_family(model.config)
+    if family.qkv_bias_always or getattr(model.config, "attention_bias", False):
+        raise DeepseekExportError(
+            f"{model.config.model_type} has attention biases, which vLLM/SGLang's DeepSeek layers do not load; "
+            "export without portable (transformers runs it)"
+        )
+
+
 @torch.no_grad()
 def plan_rope_split(model: nn.Module, stats: CalibrationStats | None, *, qk_rope_head_dim: int, exact: bool,
                     rope_strategy: RopeStrategy = "pca", rope_context: int | None = None,
@@ -936,11 +946,8 @@ def to_deepseek(
                                       kv_fraction=kv_fraction, portable=portable)
     max_rope = dims.kv_heads * dims.d
     exact = rope == max_rope and kv_lora_rank == max_rope
-    if portable and (family.qkv_bias_always or getattr(model.config, "attention_bias", False)):
-        raise DeepseekExportError(
-            f"{model.config.model_type} has attention biases, which vLLM/SGLang's DeepSeek layers do not load; "
-            "export with portable=False (transformers)"
-        )
+    if portable:
+        check_portable(model)
     split = plan_rope_split(model, stats, qk_rope_head_dim=rope, exact=exact, rope_strategy=rope_strategy,
                             rope_context=rope_context, portable=portable)
     layout = mla_layout(split, [kv_lora_rank] * len(split.weights), whitening=whitening, damping=damping,

@@ -26,12 +26,22 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, 
     return math.exp(total_nll / total_tokens)
 
 
+def kv_cache_width(config) -> int:
+    """Numbers one token occupies in the KV cache of all layers, from the config.
+
+    Latent-cache models: their latents (+ RoPE key); DeepSeek-V3 (MLA): ``kv_lora_rank +
+    qk_rope_head_dim`` per layer, what transformers, vLLM and SGLang cache; GQA: ``2·g·d_h``.
+    """
+    if isinstance(config, CareMlaConfig):
+        return config.kv_cache_width()
+    if getattr(config, "model_type", None) == "deepseek_v3":
+        return config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
+    return config.num_hidden_layers * gqa_kv_width(config)
+
+
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """Bytes one token occupies in the KV cache of all layers, from the config."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if isinstance(config, CareMlaConfig):
-        return config.kv_cache_width() * itemsize
-    return config.num_hidden_layers * gqa_kv_width(config) * itemsize
+    return kv_cache_width(config) * torch.empty((), dtype=dtype).element_size()
 
 
 def cache_bytes(cache) -> int:

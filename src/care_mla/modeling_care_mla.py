@@ -185,9 +185,9 @@ class CareMlaDecoupledAttention(nn.Module):
         self.kv_a_proj_with_mqa = nn.Linear(hidden, rank + self.rope, bias=qkv_bias)
         self.kv_b_proj = nn.Linear(rank, self.num_key_value_heads * (self.nope + self.head_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=qkv_bias or o_bias)  # + folded V bias
-        self.register_buffer(
-            "rope_freq_index", torch.tensor(mla_config.rope_freq_index, dtype=torch.long), persistent=False
-        )
+        # a plain list, not a buffer: from_pretrained leaves non-persistent buffers uninitialised
+        self.rope_freq_index = list(mla_config.rope_freq_index)
+        self._freq_index: dict[torch.device, torch.Tensor] = {}
 
     def _up(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK (g, nope, r) and W_UV (g, d, r) from kv_b_proj."""
@@ -209,7 +209,10 @@ class CareMlaDecoupledAttention(nn.Module):
         c, k_pe = c.unsqueeze(1), k_pe.unsqueeze(1)  # (B, 1, T, ·): one shared "head"
 
         cos, sin = position_embeddings  # (B, T, d) rotate_half layout: column p < d/2 is frequency p
-        cos, sin = cos[..., self.rope_freq_index].unsqueeze(1), sin[..., self.rope_freq_index].unsqueeze(1)
+        index = self._freq_index.get(cos.device)
+        if index is None:
+            index = self._freq_index[cos.device] = torch.tensor(self.rope_freq_index, device=cos.device)
+        cos, sin = cos[..., index].unsqueeze(1), sin[..., index].unsqueeze(1)
         q_pe, k_pe = apply_rope_interleaved(q_pe, cos, sin), apply_rope_interleaved(k_pe, cos, sin)
         if past_key_values is not None:
             c, k_pe = past_key_values.update(c, k_pe, self.layer_idx)
