@@ -26,6 +26,10 @@ ROWS = {
     "CARE adjusted (energy score)": dict(method="care", allocation="adjusted", allocation_score="energy"),
     "CARE joint K/V uniform": dict(method="care", allocation="uniform", latent="joint"),
     "CARE joint K/V adjusted": dict(method="care", allocation="adjusted", latent="joint"),
+    "CARE decoupled RoPE adjusted (latent cache)": dict(method="care", allocation="adjusted", latent="decoupled"),
+    "DeepSeek format PCA RoPE": dict(format="deepseek"),
+    "DeepSeek format partial RoPE": dict(format="deepseek", rope_strategy="partial"),
+    "DeepSeek format PCA RoPE portable": dict(format="deepseek", portable=True),
 }
 
 
@@ -55,13 +59,19 @@ def main() -> None:
                 shutil.rmtree(s.out)
                 original = r["ppl"]["original"]
                 results[name][f] = r
-                print(f"{name:32s} F={f:<6g} ppl {r['ppl']['converted']:10.3f} ({r['ppl']['ratio']:.3f}×)", flush=True)
+                kv = r["kv_bytes_per_token"]["converted_measured"]
+                print(f"{name:44s} F={f:<6g} ppl {r['ppl']['converted']:10.3f} ({r['ppl']['ratio']:.3f}×) "
+                      f"{kv:.0f} B/token", flush=True)
     header = "| method | " + " | ".join(f"F={f:g} ({(1 - f) * 100:g} % saved)" for f in fractions) + " |"
-    print(f"\noriginal held-out ppl {original:.3f}; cells: ppl (× original)\n")
+    print(f"\noriginal held-out ppl {original:.3f}; cells: ppl (× original), KV-cache bytes per token "
+          f"(measured after generate, all layers)\n")
     print(header)
     print("|---" * (len(fractions) + 1) + "|")
     for name in rows:
-        cells = [f"{results[name][f]['ppl']['converted']:.2f} ({results[name][f]['ppl']['ratio']:.2f}×)" for f in fractions]
+        cells = [
+            f"{r['ppl']['converted']:.2f} ({r['ppl']['ratio']:.3f}×) · {r['kv_bytes_per_token']['converted_measured']:.0f} B"
+            for r in (results[name][f] for f in fractions)
+        ]
         print(f"| {name} | " + " | ".join(cells) + " |")
     if a.json:
         Path(a.json).write_text(json.dumps({n: {str(f): r for f, r in v.items()} for n, v in results.items()}, indent=1))

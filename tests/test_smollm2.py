@@ -82,3 +82,31 @@ def test_latent_cache_generate_on_smollm2(work):
             ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out.sequences, ids)
     assert cache_bytes(out.past_key_values) == out.past_key_values.get_seq_length() * 30 * 192 * 4
+
+
+def test_deepseek_export_at_parity_keeps_smollm2_perplexity(work):
+    """The stock DeepseekV3 export at the GQA cache (384 numbers per layer) is exact: ppl within 0.5 %."""
+    report = run(work, "deepseek-1.0", kv_fraction=1.0, format="deepseek", calib_samples=16, calib_seq_len=64)
+    assert report["architecture"] == "DeepseekV3ForCausalLM" and report["mla"]["exact"]
+    assert report["kv_cache_width_per_layer"] == {"original": 384, "converted": 384}
+    assert report["ppl"]["ratio"] == pytest.approx(1.0, abs=5e-3), report["ppl"]  # measured 1.0000001
+    assert report["kv_bytes_per_token"]["converted_measured"] == 30 * 384 * 4
+
+
+def test_decoupled_absorbed_decode_on_smollm2(work):
+    """Half the GQA cache in DeepSeek's layout with per-layer ranks; absorbed decode = expanded decode."""
+    report = run(work, "decoupled-0.5", kv_fraction=0.5, latent="decoupled")
+    assert report["mla"]["qk_rope_head_dim"] == 64 and sum(r for (r,) in report["ranks"]) == 30 * 128
+    assert report["ppl"]["ratio"] <= 1.45, report["ppl"]  # measured 1.327 (16 windows, adjusted ranks)
+    assert report["kv_bytes_per_token"]["converted_measured"] == 30 * 192 * 4
+    model = AutoModelForCausalLM.from_pretrained(work / "decoupled-0.5", dtype=torch.float32).eval()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(work / "decoupled-0.5")
+    prompt = tok("It is a truth universally acknowledged, that", return_tensors="pt").input_ids
+    outs = {}
+    for mode in ("decode", "never"):
+        for layer in model.model.layers:
+            layer.self_attn.absorb = mode
+        outs[mode] = model.generate(prompt, max_new_tokens=16, do_sample=False)
+    assert torch.equal(outs["decode"], outs["never"])

@@ -4,6 +4,11 @@
 `DeepseekV3ForCausalLM` whose attention caches, per token and layer, ``kv_lora_rank`` latent
 numbers plus ``qk_rope_head_dim`` RoPE-key numbers (GQA caches ``2·g·d_h``).
 
+Three stages, so that the latent-cache format can hold the same layout with per-layer ranks:
+`plan_rope_split` (which key components stay under RoPE) → `latent_spectra` (for a rank
+allocation) → `mla_layout` (the tensors at chosen ranks) → `layout_to_deepseek` (upstream
+config and names, one rank) or `mapping.build_decoupled_model` (care-mla runtime).
+
 Notation: D hidden size, h_q query heads, g KV heads, d = d_h head dim, h = d/2 RoPE frequencies
 ("pairs"), G(j) the KV group of query head j. The maths lives in pure functions on tensors;
 `to_deepseek` only walks the model and fills the upstream module names.
@@ -110,8 +115,12 @@ from .families import get_family, head_dim
 __all__ = [
     "DEEPSEEK_NORM_EPS",
     "DeepseekExportError",
+    "LayerLayout",
+    "MlaLayout",
     "RopePlan",
+    "RopeSplit",
     "RuntimeSupport",
+    "check_portable",
     "component_scores",
     "default_rope_dim",
     "default_rope_theta",
@@ -120,9 +129,13 @@ __all__ = [
     "identity_plan",
     "interleave",
     "key_pair_covariance",
+    "latent_spectra",
+    "layout_to_deepseek",
     "linear_norm_prescale",
     "longrope_factors",
+    "mla_layout",
     "plan_rope",
+    "plan_rope_split",
     "portable_pair_counts",
     "qk_norm_scale",
     "rest_key",

@@ -147,7 +147,7 @@ class CareMlaDecoupledAttention(nn.Module):
     """MLA with a decoupled RoPE key (DeepSeek's layout) and this layer's own latent width r.
 
     Per token the cache holds the latent ``c = x·W_DKV`` (r numbers) and the shared rotated
-    key ``k_pe`` (``qk_rope_head_dim`` numbers). Query head j (of KV group G) scores a cached
+    key ``k_pe`` (``qk_rope_head_dim`` numbers), side by side in one tensor. Query head j (of KV group G) scores a cached
     token with ``q_nopeⱼ·(W_UK[G]ᵀ c) + q_peⱼ·k_pe`` and reads ``W_UV[G]ᵀ c``. Two equivalent
     evaluations (`absorb`):
 
@@ -205,8 +205,8 @@ class CareMlaDecoupledAttention(nn.Module):
         B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.nope + self.rope).transpose(1, 2)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # (B, h, T, ·)
-        c, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([self.rank, self.rope], dim=-1)
-        c, k_pe = c.unsqueeze(1), k_pe.unsqueeze(1)  # (B, 1, T, ·): one shared "head"
+        c, k_pe = self.kv_a_proj_with_mqa(hidden_states).unsqueeze(1).split([self.rank, self.rope], dim=-1)
+        # (B, 1, T, ·): one shared "head"
 
         cos, sin = position_embeddings  # (B, T, d) rotate_half layout: column p < d/2 is frequency p
         index = self._freq_index.get(cos.device)
@@ -214,13 +214,17 @@ class CareMlaDecoupledAttention(nn.Module):
             index = self._freq_index[cos.device] = torch.tensor(self.rope_freq_index, device=cos.device)
         cos, sin = cos[..., index].unsqueeze(1), sin[..., index].unsqueeze(1)
         q_pe, k_pe = apply_rope_interleaved(q_pe, cos, sin), apply_rope_interleaved(k_pe, cos, sin)
+        # The cache holds [c | k_pe] as one (B, 1, S, r + rope) tensor (its "values" are empty):
+        # the absorbed path reads it as the shared key and its first r columns as the value.
+        ckv = torch.cat([c, k_pe], dim=-1)
         if past_key_values is not None:
-            c, k_pe = past_key_values.update(c, k_pe, self.layer_idx)
+            ckv, _ = past_key_values.update(ckv, ckv[..., :0], self.layer_idx)
 
         absorbed = self.absorb == "always" or (self.absorb == "decode" and T == 1 and not self.training)
         if absorbed:
-            out, weights = self._absorbed(q_nope, q_pe, c, k_pe, attention_mask)
+            out, weights = self._absorbed(q_nope, q_pe, ckv, attention_mask)
         else:
+            c, k_pe = ckv.split([self.rank, self.rope], dim=-1)
             out, weights = self._expanded(q_nope, q_pe, c, k_pe, attention_mask, **kwargs)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), weights
 
@@ -239,13 +243,13 @@ class CareMlaDecoupledAttention(nn.Module):
         )
         return out.transpose(1, 2), weights  # (B, h, T, d)
 
-    def _absorbed(self, q_nope, q_pe, c, k_pe, attention_mask):
+    def _absorbed(self, q_nope, q_pe, ckv, attention_mask):
         B, h, T, _ = q_nope.shape
         W_uk, W_uv = self._up()
         g, G = self.num_key_value_heads, self.num_key_value_groups
-        q_lat = torch.einsum("bgjtn,gnr->bgjtr", q_nope.view(B, g, G, T, self.nope), W_uk).reshape(B, h, T, -1)
+        q_lat = torch.einsum("bgjtn,gnr->bgjtr", q_nope.reshape(B, g, G, T, self.nope), W_uk).reshape(B, h, T, -1)
         query = torch.cat([q_lat, q_pe], dim=-1)  # (B, h, T, r + rope)
-        key = torch.cat([c, k_pe], dim=-1)  # (B, 1, S, r + rope)
+        key, c = ckv, ckv[..., : self.rank]  # (B, 1, S, r + rope), (B, 1, S, r)
         mask = attention_mask
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(query.dtype)
