@@ -158,7 +158,8 @@ def test_convert_deepseek_format_loads_without_care_mla(tiny_model_dir, text_fil
 
 def test_convert_decoupled_adjusted_allocation_spends_the_budget(tiny_model_dir, text_file, tmp_path):
     src = tiny_model_dir("llama")
-    report = api.convert(settings_for(src, text_file, tmp_path, latent="decoupled", kv_fraction=0.5, rope_dim=8))
+    report = api.convert(settings_for(src, text_file, tmp_path, latent="decoupled", kv_fraction=0.5, rope_dim=8,
+                                      allocation="adjusted"))
     ranks = [r for (r,) in report["ranks"]]
     assert sum(ranks) == 3 * (32 - 8) and len(set(ranks)) > 1  # adjusted: same total, different widths
     assert report["mla"]["qk_rope_head_dim"] == 8 and report["mla"]["qk_nope_head_dim"] == 16

@@ -95,7 +95,7 @@ def test_deepseek_export_at_parity_keeps_smollm2_perplexity(work):
 
 def test_decoupled_absorbed_decode_on_smollm2(work):
     """Half the GQA cache in DeepSeek's layout with per-layer ranks; absorbed decode = expanded decode."""
-    report = run(work, "decoupled-0.5", kv_fraction=0.5, latent="decoupled")
+    report = run(work, "decoupled-0.5", kv_fraction=0.5, latent="decoupled", allocation="adjusted")
     assert report["mla"]["qk_rope_head_dim"] == 64 and sum(r for (r,) in report["ranks"]) == 30 * 128
     assert report["ppl"]["ratio"] <= 1.45, report["ppl"]  # measured 1.327 (16 windows, adjusted ranks)
     assert report["kv_bytes_per_token"]["converted_measured"] == 30 * 192 * 4

@@ -83,17 +83,19 @@ per-token ``1/rms`` by the constant ``1/√(E[ms] + ε)`` computed from C — an
 whose cost the tests bound (tiny random Qwen3 at parity: max |Δlogit| 0.10–0.16, mean KL
 2–3e-4).
 
-Measured (SmolLM2-135M-Instruct, calibration 256×256 bf16, held-out Austen 32×256 fp32,
-original ppl 41.789; `benchmarks/deepseek_rope.py`), ppl ratio to the original:
+Measured (SmolLM2-135M-Instruct, calibration 256×256 bf16, held-out Austen 64×256 fp32,
+original ppl 40.276; `benchmarks/method_table.py`), ppl ratio to the original:
 
-=================  =====  ================  =======  ===========================
-cache (rope dims)  exact  pca               partial  pca, portable (vLLM/SGLang)
-=================  =====  ================  =======  ===========================
-384 (192)          1.000  —                 —        —
-384 (64)           —      1.035             1.062    1.124
-192 (64)           —      1.320             1.346    1.473
-96 (32)            —      1.847 (portable)  2.632    1.847 (same selection)
-=================  =====  ================  =======  ===========================
+=================  =====  =====  =======  ===========================
+cache (rope dims)  exact  pca    partial  pca, portable (vLLM/SGLang)
+=================  =====  =====  =======  ===========================
+384 (192)          1.000  —      —        —
+384 (64)           —      1.035  1.062    1.135
+192 (64)           —      1.348  1.374    1.525
+96 (32)            —      1.953  2.871    1.953 (same selection)
+=================  =====  =====  =======  ===========================
+
+(the 384 (64) pca / partial cells are from 32 windows, `benchmarks/deepseek_rope.py`.)
 """
 
 from __future__ import annotations
