@@ -80,13 +80,15 @@ def main() -> None:
     report = heal(settings)
 
     ppl = report["ppl"]
-    loss = "CE only" if settings.kd_weight == 0 else f"CE + {settings.kd_weight:g}·τ²·KL, τ = {settings.kd_temperature:g}"
+    kd = f"CE + {settings.kd_weight:g}·τ²·KL, τ = {settings.kd_temperature:g}"
+    loss = "CE only" if settings.kd_weight == 0 else kd
     print(f"\nSmolLM2-135M-Instruct, {report['format']} conversion in {converted}, healed ({report['mode']}, {loss}, "
           f"lr {settings.lr:g}) on {report['tokens_seen']:,} tokens")
     print(format_curve(report))
     gap = "n/a" if ppl["gap_closed"] is None else f"{100 * ppl['gap_closed']:.1f} %"
+    ratio = {k: ppl[k] / ppl["original"] for k in ("before", "after")}
     print(f"held-out ppl: original {ppl['original']:.3f}, before {ppl['before']:.3f}, after {ppl['after']:.3f} "
-          f"(× original {ppl['before'] / ppl['original']:.3f} → {ppl['after'] / ppl['original']:.3f}); gap closed {gap}")
+          f"(× original {ratio['before']:.3f} → {ratio['after']:.3f}); gap closed {gap}")
     print(f"wall time {report['wall_time_s']:.0f} s (training {report['timings_s']['train']:.0f} s), "
           f"{report['tokens_per_s']:,.0f} training tokens/s on {report['device']}")
     print(f"report {Path(settings.out) / HEAL_REPORT_FILE}, plot {Path(settings.out) / HEAL_PLOT_FILE}")

@@ -77,7 +77,48 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="held-out perplexity and KV bytes/token of a saved model")
     e.add_argument("model", help="a converted folder, or any model care-mla convert accepts")
     _add_eval_args(e)
+
+    _add_heal_parser(sub)
     return parser
+
+
+def _add_heal_parser(sub) -> None:
+    from .heal_settings import HEAL_DTYPES, HealSettings
+
+    H = HealSettings(converted="-", teacher="-", out="-", tokens=1)
+    h = sub.add_parser("heal", help="fine-tune a converted model back towards the original (CE + distillation)")
+    h.add_argument("converted", help="folder written by care-mla convert (either --format)")
+    h.add_argument("--teacher", required=True, help="the original model: folder, hub id or 'smollm2-135m-instruct'")
+    h.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite); "
+                                                "checkpoints go to OUT.work until it is written")
+    h.add_argument("--tokens", type=int, required=True, help="training tokens (ceil(N / seq-len) windows)")
+    h.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-5, with --lora 2e-4)")
+    h.add_argument("--batch-size", type=int, default=H.batch_size, help="windows per device and micro-batch")
+    h.add_argument("--seq-len", type=int, default=H.seq_len)
+    h.add_argument("--grad-accum", type=int, default=H.grad_accum, help="micro-batches per optimizer step")
+    h.add_argument("--kd-weight", type=float, default=H.kd_weight, help="β in CE + β·τ²·KL(teacher ‖ student)")
+    h.add_argument("--kd-temperature", type=float, default=H.kd_temperature, help="τ")
+    h.add_argument("--kd-top-k", type=int, default=None,
+                   help="distil from the teacher's top-k tokens only (renormalised); less memory")
+    h.add_argument("--no-kd", dest="kd_weight", action="store_const", const=0.0,
+                   help="cross-entropy only (the teacher is still evaluated)")
+    h.add_argument("--lora", action="store_true", help="train LoRA adapters, merged into the weights before saving")
+    h.add_argument("--lora-rank", type=int, default=None, help="LoRA adapters' rank (default 16)")
+    h.add_argument("--train-text", default=H.train_text, help="'austen' (its calibration novels) or a UTF-8 file")
+    h.add_argument("--eval-text", default=H.eval_text, help="held-out text: 'austen' or a UTF-8 file")
+    h.add_argument("--eval-every", type=int, default=H.eval_every,
+                   help="steps between held-out evaluations (0: before and after only)")
+    h.add_argument("--eval-samples", type=int, default=H.eval_samples)
+    h.add_argument("--eval-seq-len", type=int, default=H.eval_seq_len)
+    h.add_argument("--save-every", type=int, default=H.save_every, help="steps between checkpoints for --resume")
+    h.add_argument("--log-every", type=int, default=H.log_every, help="steps between points of the loss curve")
+    h.add_argument("--seed", type=int, default=H.seed)
+    h.add_argument("--dtype", choices=HEAL_DTYPES, default=H.dtype,
+                   help="weights' dtype (CUDA adds bf16 autocast to float32 weights)")
+    h.add_argument("--device", choices=DEVICES, default=H.device)
+    h.add_argument("--overwrite", action="store_true", help="replace OUT, and start over instead of resuming")
+    h.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT.work")
+    h.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -110,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
             report = api.convert(settings)
             summary = {k: report[k] for k in ("ppl", "kv_bytes_per_token") if k in report}
             print(json.dumps({"out": settings.out, **summary}, indent=2))
+        elif args.command == "heal":
+            from .heal import heal
+            from .heal_settings import HealSettings
+
+            fields = {k: v for k, v in vars(args).items() if k not in ("command", "quiet")}
+            report = heal(HealSettings.from_dict({**fields, "progress": not args.quiet}))
+            summary = {k: report[k] for k in ("ppl", "tokens_seen", "wall_time_s", "tokens_per_s")}
+            print(json.dumps({"out": args.out, **summary}, indent=2))
         elif args.command == "demo":
             from .demo import run_demo
 
