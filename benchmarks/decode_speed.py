@@ -11,7 +11,8 @@ with the KV cache, for
 * the same MLA model decoding without absorption (up-projects the whole cache every step),
   to show what absorption buys.
 
-All in one process, one after another, same threads; cache bytes are read from the cache
+All in one process and threads; the decode steps of the models are interleaved in rounds so
+background load hits them alike (median step time); cache bytes are read from the cache
 tensors after decoding. Usage:
 
     python benchmarks/decode_speed.py [--contexts 2048,8192] [--new-tokens 32] [--kv-fraction 0.5]
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -38,30 +40,41 @@ from care_mla.settings import ConvertSettings
 
 
 @torch.no_grad()
-def decode(model, prompt: torch.Tensor, new_tokens: int) -> dict:
-    """Prefill `prompt` (1, L), then `new_tokens` greedy steps; timings and final cache bytes."""
-    t = time.perf_counter()
-    out = model(prompt, use_cache=True)
-    prefill = time.perf_counter() - t
-    cache = out.past_key_values
-    token = out.logits[:, -1:].argmax(-1)
-    steps = []
-    for _ in range(new_tokens):
+def decode_side_by_side(models: dict, prompt: torch.Tensor, new_tokens: int, rounds: int = 4) -> list[dict]:
+    """Prefill `prompt` (1, L) in every model, then greedy decode steps in interleaved rounds.
+
+    Interleaving (round 1: a few steps of each model, round 2: ...) exposes every model to the
+    same background load; each model's step time is the median of its steps.
+    """
+    state = {}
+    for name, model in models.items():
         t = time.perf_counter()
-        out = model(token, past_key_values=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        steps.append(time.perf_counter() - t)
-    steps = sorted(steps)[: max(1, len(steps) - len(steps) // 8)]  # drop the slowest eighth (scheduler noise)
-    per_step = sum(steps) / len(steps)
-    tokens = cache.get_seq_length()
-    return {
-        "prefill_s": prefill,
-        "decode_tokens_per_s": 1.0 / per_step,
-        "ms_per_token": 1000 * per_step,
-        "cache_bytes": cache_bytes(cache),
-        "cache_tokens": tokens,
-        "cache_bytes_per_token": cache_bytes(cache) / tokens,
-    }
+        out = model(prompt, use_cache=True)
+        state[name] = {"cache": out.past_key_values, "token": out.logits[:, -1:].argmax(-1), "steps": [],
+                       "prefill_s": time.perf_counter() - t}
+    per_round = max(1, new_tokens // rounds)
+    for _ in range(rounds):
+        for name, model in models.items():
+            st = state[name]
+            for _ in range(per_round):
+                t = time.perf_counter()
+                out = model(st["token"], past_key_values=st["cache"], use_cache=True)
+                st["token"] = out.logits[:, -1:].argmax(-1)
+                st["steps"].append(time.perf_counter() - t)
+    results = []
+    for name, st in state.items():
+        per_step = statistics.median(st["steps"])
+        cache, tokens = st["cache"], st["cache"].get_seq_length()
+        results.append({
+            "model": name,
+            "prefill_s": st["prefill_s"],
+            "decode_tokens_per_s": 1.0 / per_step,
+            "ms_per_token": 1000 * per_step,
+            "cache_bytes": cache_bytes(cache),
+            "cache_tokens": tokens,
+            "cache_bytes_per_token": cache_bytes(cache) / tokens,
+        })
+    return results
 
 
 def set_absorb(model, mode: str) -> None:
@@ -108,11 +121,10 @@ def main() -> None:
 
     results = []
     for ctx in contexts:
-        prompt = windows[:, :ctx]
-        for name, model in models.items():
-            r = {"context": ctx, "model": name, **decode(model, prompt, a.new_tokens)}
+        for r in decode_side_by_side(models, windows[:, :ctx], a.new_tokens):
+            r = {"context": ctx, **r}
             results.append(r)
-            print(f"ctx {ctx:6d}  {name:16s} decode {r['decode_tokens_per_s']:7.2f} tok/s "
+            print(f"ctx {ctx:6d}  {r['model']:16s} decode {r['decode_tokens_per_s']:7.2f} tok/s "
                   f"({r['ms_per_token']:7.2f} ms/token)  cache {r['cache_bytes'] / 2**20:7.2f} MiB "
                   f"({r['cache_bytes_per_token']:.0f} B/token)  prefill {r['prefill_s']:.2f} s", flush=True)
 

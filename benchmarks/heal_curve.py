@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--kd-top-k", type=int, default=None)
     p.add_argument("--no-kd", dest="kd_weight", action="store_const", const=0.0)
     p.add_argument("--lora", action="store_true")
-    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-rank", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--device", default="auto")
