@@ -24,6 +24,8 @@ ROWS = {
     "CARE uniform": dict(method="care", allocation="uniform"),
     "CARE adjusted (paper score)": dict(method="care", allocation="adjusted", allocation_score="paper"),
     "CARE adjusted (energy score)": dict(method="care", allocation="adjusted", allocation_score="energy"),
+    "MHA2MLA joint weight SVD (uniform)": dict(method="mha2mla", allocation="uniform", latent="joint"),
+    "TransMLA output PCA, joint (uniform)": dict(method="transmla", allocation="uniform", latent="joint"),
     "CARE joint K/V uniform": dict(method="care", allocation="uniform", latent="joint"),
     "CARE joint K/V adjusted": dict(method="care", allocation="adjusted", latent="joint"),
     "CARE decoupled RoPE adjusted (latent cache)": dict(method="care", allocation="adjusted", latent="decoupled"),

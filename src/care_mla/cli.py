@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-dtype", choices=("same", "float32", "bfloat16", "float16"), default=DEFAULTS.calib_dtype,
                    help="dtype of the calibration forward passes (statistics are accumulated in fp32/fp64)")
     c.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip perplexity and cache measurements")
+    c.add_argument("--zero-shot-tasks", type=lambda text: [t for t in text.split(",") if t], default=[],
+                   help="zero-shot accuracy (lm-eval) of the original and the converted model: lastword, nextsent "
+                        "(built offline from --eval-text) and/or lm-eval task names such as arc_easy")
+    c.add_argument("--zero-shot-limit", type=int, default=DEFAULTS.zero_shot_limit, help="items per zero-shot task")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--cache-dir", default=None, help="where calibration statistics are kept")
     _add_eval_args(c)
@@ -79,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(e)
 
     _add_heal_parser(sub)
+    from .report import add_report_parser
+    from .sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
@@ -128,9 +137,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .deepseek import DeepseekExportError
     from .families import UnsupportedModelError
     from .settings import SettingsError
+    from .zeroshot import ZeroShotError
 
     return (AssetError, ModelLoadError, OutputExistsError, TextError, UnsupportedModelError, SettingsError,
-            DeepseekExportError)
+            DeepseekExportError, ZeroShotError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             settings = ConvertSettings.from_dict({**fields, "progress": not args.quiet})
             report = api.convert(settings)
             summary = {k: report[k] for k in ("ppl", "kv_bytes_per_token") if k in report}
+            if "zero_shot" in report:
+                summary["zero_shot_average"] = {m: z["average_acc"] for m, z in report["zero_shot"].items()}
             print(json.dumps({"out": settings.out, **summary}, indent=2))
         elif args.command == "heal":
             from .heal import heal
@@ -159,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
             report = heal(HealSettings.from_dict({**fields, "progress": not args.quiet}))
             summary = {k: report[k] for k in ("ppl", "tokens_seen", "wall_time_s", "tokens_per_s")}
             print(json.dumps({"out": args.out, **summary}, indent=2))
+        elif args.command == "sweep":
+            from .sweep import run_sweep_command
+
+            return run_sweep_command(args)
+        elif args.command == "report":
+            from .report import run_report_command
+
+            return run_report_command(args)
         elif args.command == "demo":
             from .demo import run_demo
 

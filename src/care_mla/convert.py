@@ -158,7 +158,22 @@ def _factorize(method: str, W, C, abs_mean, rank: int, s: ConvertSettings) -> fa
         return factorization.asvd_factorize(W, abs_mean, rank)
     if method == "svd-llm":
         return factorization.svd_llm_factorize(W, C, rank)
-    raise SettingsError(f"unknown method {method!r}")
+    if method == "transmla":
+        return factorization.transmla_factorize(W, C, rank)
+    raise SettingsError(f"--method {method} builds no separate K and V latents")
+
+
+def _joint_factorize(W_k, W_v, C, rank: int, s: ConvertSettings) -> factorization.Factors:
+    """One K/V latent of rank `rank` (K columns of `up` first) by the joint-capable `s.method`."""
+    if s.method == "care":
+        return factorization.joint_factorize(
+            W_k, W_v, C, rank, balance=s.balance_kv, method=s.whitening, damping=s.damping
+        )[0]
+    if s.method == "mha2mla":
+        return factorization.mha2mla_factorize(W_k, W_v, rank)[0]
+    if s.method == "transmla":
+        return factorization.transmla_joint_factorize(W_k, W_v, C, rank, balance=s.balance_kv)[0]
+    raise SettingsError(f"--method {s.method} builds no joint latent")
 
 
 def _kv_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,9 +227,7 @@ def plan_latents(model, stats: CalibrationStats, settings: ConvertSettings) -> t
     if settings.latent == "joint":
 
         def joint(i, rank):
-            return factorization.joint_factorize(
-                *weights[i], Cs[i], rank, balance=settings.balance_kv, method=settings.whitening, damping=settings.damping
-            )[0]
+            return _joint_factorize(*weights[i], Cs[i], rank, settings)
 
         ranks = choose_ranks([joint(i, 0).spectrum for i in range(len(layers))], budget, settings)
         latents, table = [], []
@@ -408,6 +421,16 @@ def evaluate_pair(original, converted, tokenizer, model_path: str, settings: Con
     }
 
 
+def zero_shot_pair(original, converted, tokenizer, settings: ConvertSettings) -> dict:
+    """Zero-shot accuracy (lm-eval) of the original and the converted model on `settings.zero_shot_tasks`."""
+    from .zeroshot import evaluate_zero_shot
+
+    kw = dict(text=settings.eval_text, limit=settings.zero_shot_limit, batch_size=settings.batch_size,
+              cache_dir=settings.cache_dir)
+    return {name: evaluate_zero_shot(m, tokenizer, settings.zero_shot_tasks, **kw)
+            for name, m in (("original", original), ("converted", converted))}
+
+
 # ----------------------------------------------------------------------------- API
 
 
@@ -418,6 +441,10 @@ def convert(settings: ConvertSettings) -> dict:
     """
     out = Path(settings.out)
     check_output(out, settings.overwrite)  # fail before any work
+    if settings.evaluate and settings.zero_shot_tasks:
+        from .zeroshot import _import_lm_eval
+
+        _import_lm_eval()  # a missing lm-eval is said now, not after the conversion
     timings: dict[str, float] = {}
     device = resolve_device(settings.device)
     dtype = torch_dtype(settings.dtype, device)
@@ -464,6 +491,10 @@ def convert(settings: ConvertSettings) -> dict:
         report.update(evaluate_pair(model, converted, tokenizer, model_path, settings, dtype))
         report["ppl"]["ratio"] = report["ppl"]["converted"] / report["ppl"]["original"]
         timings["evaluate"] = time.perf_counter() - t
+    if settings.evaluate and settings.zero_shot_tasks:
+        t = time.perf_counter()
+        report["zero_shot"] = zero_shot_pair(model, converted, tokenizer, settings)
+        timings["zero_shot"] = time.perf_counter() - t
 
     t = time.perf_counter()
     with atomic_output(out, settings.overwrite) as tmp:

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-METHODS = ("care", "svd", "asvd", "svd-llm")
+METHODS = ("care", "svd", "asvd", "svd-llm", "mha2mla", "transmla")
+#: Methods that can build one joint K/V latent (mha2mla builds nothing else).
+JOINT_METHODS = ("care", "mha2mla", "transmla")
 ALLOCATIONS = ("uniform", "adjusted")
 LATENTS = ("separate", "joint", "decoupled")
 FORMATS = ("care_mla", "deepseek")
@@ -21,6 +23,19 @@ class SettingsError(ValueError):
     """Settings that cannot work; the message names the fix."""
 
 
+def method_latent_error(method: str, latent: str) -> str | None:
+    """Why `method` cannot build a `latent` K/V latent (None when it can), naming the fix."""
+    if latent == "decoupled" and method != "care":
+        return "a decoupled K/V latent is built with --method care; drop --method or use another --latent"
+    if latent == "joint" and method not in JOINT_METHODS:
+        return (f"a joint K/V latent is built with --method {', '.join(JOINT_METHODS)}; --method {method} "
+                "builds separate latents (use --latent separate)")
+    if method == "mha2mla" and latent != "joint":
+        return ("--method mha2mla is the weight SVD of the stacked [W_k W_v], one joint latent: use --latent joint "
+                "(with separate latents it is --method svd)")
+    return None
+
+
 def _one_of(name: str, value, allowed) -> None:
     if value not in allowed:
         raise SettingsError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
@@ -30,16 +45,16 @@ def _one_of(name: str, value, allowed) -> None:
 class ConvertSettings:
     """Everything that decides a conversion. Unknown keys are refused by `from_dict`.
 
-    `latent` and `allocation` left as None take the format's default (care_mla: separate,
-    adjusted — uniform for a decoupled latent; deepseek: decoupled, uniform) and are stored
-    resolved.
+    `latent` and `allocation` left as None take the format's default (care_mla: separate —
+    joint for --method mha2mla, which builds nothing else —, adjusted — uniform for a
+    decoupled latent; deepseek: decoupled, uniform) and are stored resolved.
     """
 
     model: str = "smollm2-135m-instruct"
     out: str = "runs/convert"
     format: Literal["care_mla", "deepseek"] = "care_mla"  # output: latent-cache model or stock DeepseekV3
     kv_fraction: float = 0.5  # kept fraction of the GQA KV width (1.0 = parity)
-    method: Literal["care", "svd", "asvd", "svd-llm"] = "care"
+    method: Literal["care", "svd", "asvd", "svd-llm", "mha2mla", "transmla"] = "care"
     allocation: Literal["uniform", "adjusted"] | None = None
     allocation_score: Literal["energy", "paper"] = "energy"
     latent: Literal["separate", "joint", "decoupled"] | None = None
@@ -47,7 +62,7 @@ class ConvertSettings:
     rope_strategy: Literal["pca", "partial"] = "pca"  # decoupled: how RoPE components are chosen
     rope_context: int | None = None  # decoupled: relative distance the RoPE choice is judged over
     portable: bool = False  # deepseek: only what vLLM/SGLang run (default RoPE, no biases)
-    balance_kv: bool = True  # joint latent: scale K against V before the SVD
+    balance_kv: bool = True  # joint latent of care/transmla: scale K against V first (mha2mla never does)
     whitening: Literal["cholesky", "sqrt"] = "cholesky"
     damping: float = 1e-2
     rank_min_ratio: float = 0.5  # adjusted: r_min = ratio · mean rank
@@ -63,6 +78,8 @@ class ConvertSettings:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # factors, output and evaluation
     calib_dtype: Literal["same", "float32", "bfloat16", "float16"] = "bfloat16"  # forward passes of calibration
     evaluate: bool = True
+    zero_shot_tasks: tuple[str, ...] = ()  # lm-eval tasks for original and converted (lastword, nextsent, arc_easy…)
+    zero_shot_limit: int | None = 500  # items per zero-shot task (None: all)
     overwrite: bool = False
     progress: bool = True
     cache_dir: str | None = None  # where calibration statistics are kept; None = care-mla's cache
@@ -71,7 +88,8 @@ class ConvertSettings:
         _one_of("format", self.format, FORMATS)
         deepseek = self.format == "deepseek"
         if self.latent is None:
-            object.__setattr__(self, "latent", "decoupled" if deepseek else "separate")
+            default = "joint" if self.method == "mha2mla" else "separate"
+            object.__setattr__(self, "latent", "decoupled" if deepseek else default)
         if self.allocation is None:
             # decoupled: adjusted widths measured worse than uniform on SmolLM2 (ppl ratio at F=0.5 /
             # 0.25: 1.352 / 1.990 vs 1.348 / 1.953), so uniform is its default too
@@ -111,10 +129,16 @@ class ConvertSettings:
         _one_of("device", self.device, DEVICES)
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("calib_dtype", self.calib_dtype, ("same",) + DTYPES[1:])
-        if self.latent in ("joint", "decoupled") and self.method != "care":
-            raise SettingsError(
-                f"a {self.latent} K/V latent is built with --method care; the baselines use separate latents"
-            )
+        latent_error = method_latent_error(self.method, self.latent)
+        if latent_error:
+            raise SettingsError(latent_error)
+        tasks = self.zero_shot_tasks
+        object.__setattr__(self, "zero_shot_tasks", (tasks,) if isinstance(tasks, str) else tuple(tasks))
+        if self.zero_shot_tasks and not self.evaluate:
+            raise SettingsError("zero-shot tasks are part of the evaluation; drop --no-eval or the zero-shot tasks")
+        limit = self.zero_shot_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise SettingsError(f"zero_shot_limit must be a positive integer (or None for all); got {limit!r}")
         if self.damping < 0:
             raise SettingsError(f"damping must be ≥ 0; got {self.damping}")
         if not (0 < self.rank_min_ratio <= 1 <= self.rank_max_ratio):
@@ -124,7 +148,7 @@ class ConvertSettings:
                 raise SettingsError(f"{name} must be a positive integer; got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ConvertSettings":

@@ -1,0 +1,169 @@
+"""Offline zero-shot tasks: builders (pure), task files, lm-eval runs on tiny and real models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from care_mla import zeroshot as zs
+from care_mla.settings import ConvertSettings, SettingsError
+
+from conftest import make_text, make_tokenizer, tiny_model
+
+STORY = """CHAPTER 1
+
+
+Mr. Elliot walked to the house. "Is it late?" asked Anne; "I fear it is."
+She looked at the clock! It was past nine, and Mrs. Smith had
+not come.
+
+The end of the
+chapter came quickly. Nobody minded it at all.
+"""
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_sentences_split_at_sentence_ends_only():
+    paragraphs = zs.sentences_by_paragraph(STORY)
+    assert paragraphs == [
+        ['Mr. Elliot walked to the house.', '"Is it late?" asked Anne; "I fear it is."', "She looked at the clock!",
+         "It was past nine, and Mrs. Smith had not come."],
+        ["The end of the chapter came quickly.", "Nobody minded it at all."],
+    ]  # "CHAPTER 1" (no lower-case letter) is dropped, "Mr."/"Mrs." do not end sentences, lines are unwrapped
+
+
+@pytest.fixture(scope="module")
+def text():
+    return make_text(6000, seed=3)
+
+
+def test_lastword_docs_are_lambada_style_and_deterministic(text):
+    docs = zs.lastword_docs(text)
+    assert len(docs) > 30 and docs == zs.lastword_docs(text)
+    assert zs.lastword_docs(text, seed=7) != docs  # the seed orders them
+    flat = _flat(text)
+    for d in docs:
+        assert d["context"] in flat
+        target = d["target"]
+        assert target.isalpha() and len(target) >= 3 and target.lower() not in zs._FUNCTION_WORDS
+        assert target.lower() in {w.strip('.,;:!?"').lower() for w in d["context"].split()}  # recalled from the passage
+        assert 40 <= len(d["context"].split()) + 1 <= 100
+    assert len(zs.lastword_docs(text, max_docs=5)) == 5
+
+
+def test_nextsent_docs_hold_the_true_next_sentence(text):
+    docs = zs.nextsent_docs(text)
+    assert len(docs) > 30 and docs == zs.nextsent_docs(text)
+    flat = _flat(text)
+    labels = set()
+    for d in docs:
+        choices, label = d["choices"], d["label"]
+        assert len(choices) == 4 == len(set(choices))
+        assert f"{d['context']} {choices[label]}" in flat
+        assert all(f"{d['context']} {c}" not in flat for i, c in enumerate(choices) if i != label)
+        n = len(choices[label])
+        assert all(0.75 * n <= len(c) <= 1.25 * n for c in choices)  # length does not give it away
+        labels.add(label)
+    assert labels == {0, 1, 2, 3}
+
+
+def test_convert_zero_shot_settings():
+    s = ConvertSettings.from_dict({"zero_shot_tasks": ["lastword", "arc_easy"], "zero_shot_limit": 10})
+    assert s.zero_shot_tasks == ("lastword", "arc_easy") and s.to_dict()["zero_shot_tasks"] == ["lastword", "arc_easy"]
+    with pytest.raises(SettingsError, match="drop --no-eval"):
+        ConvertSettings(zero_shot_tasks=("lastword",), evaluate=False)
+    with pytest.raises(SettingsError, match="zero_shot_limit"):
+        ConvertSettings(zero_shot_limit=0)
+
+
+def test_task_names_follow_the_text():
+    assert zs.offline_task_names() == ["austen_lastword", "austen_nextsent"]
+    assert zs.offline_task_names("/some/file.txt") == ["text_lastword", "text_nextsent"]
+    assert zs.resolve_task_names(["lastword", "arc_easy"], "austen") == ["austen_lastword", "arc_easy"]
+
+
+def test_prepare_tasks_writes_yaml_and_jsonl_once(text_file, tmp_path):
+    tasks = zs.prepare_tasks(str(text_file), cache_dir=tmp_path)
+    assert tasks.names == ("text_lastword", "text_nextsent")
+    assert tasks.directory.parent == tmp_path / "tasks"
+    for name in tasks.names:
+        lines = (tasks.directory / f"{name}.jsonl").read_text().splitlines()
+        assert len(lines) == tasks.docs[name] > 0 and json.loads(lines[0])
+        yaml = (tasks.directory / f"{name}.yaml").read_text()
+        assert "dataset_path: \"json\"" in yaml and str(tasks.directory / f"{name}.jsonl") in yaml
+    stamp = (tasks.directory / "tasks.json").stat().st_mtime_ns
+    assert zs.prepare_tasks(str(text_file), cache_dir=tmp_path) == tasks
+    assert (tasks.directory / "tasks.json").stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in (tmp_path / "tasks").iterdir()) == [tasks.directory.name]  # no temporaries left
+
+
+def test_offline_tasks_load_in_lm_eval(text_file, tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    tasks = zs.prepare_tasks(str(text_file), cache_dir=tmp_path)
+    loaded = TaskManager(include_path=str(tasks.directory), include_defaults=False).load(list(tasks.names))["tasks"]
+    lastword, nextsent = loaded["text_lastword"], loaded["text_nextsent"]
+    first = json.loads((tasks.directory / "text_lastword.jsonl").read_text().splitlines()[0])
+    doc = lastword.test_docs()[0]
+    assert len(lastword.test_docs()) == tasks.docs["text_lastword"]
+    assert lastword.doc_to_text(doc) == first["context"] and lastword.doc_to_target(doc) == " " + first["target"]
+    doc = nextsent.test_docs()[0]
+    assert nextsent.OUTPUT_TYPE == "multiple_choice" and len(nextsent.doc_to_choice(doc)) == 4
+    assert nextsent.doc_to_target(doc) == doc["label"]
+
+
+def test_zero_shot_runs_a_tiny_model_through_lm_eval(text_file, tmp_path):
+    model = tiny_model("llama")
+    tokenizer = make_tokenizer(text_file.read_text())
+    result = zs.evaluate_zero_shot(model, tokenizer, ["lastword", "nextsent"], text=str(text_file), limit=6,
+                                   batch_size=4, cache_dir=tmp_path)
+    tasks = result["tasks"]
+    assert list(tasks) == ["text_lastword", "text_nextsent"] and result["limit"] == 6
+    assert tasks["text_lastword"]["score_metric"] == "acc"
+    assert tasks["text_nextsent"]["score_metric"] == "acc_mutual_info"
+    for row in tasks.values():
+        assert row["samples"] == 6 and 0.0 <= row["score"] <= 1.0
+    assert result["average_acc"] == pytest.approx((tasks["text_lastword"]["score"] + tasks["text_nextsent"]["score"]) / 2)
+    assert not model.training
+
+
+def test_unreachable_standard_task_is_reported_and_unknown_task_refused(text_file, tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub.constants
+
+    # what HF_HUB_OFFLINE=1 does, so that the missing network fails at once instead of after retries
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    model, tokenizer = tiny_model("llama"), make_tokenizer(text_file.read_text())
+    result = zs.evaluate_zero_shot(model, tokenizer, ["arc_easy"], text=str(text_file), limit=4, cache_dir=tmp_path)
+    assert set(result["tasks"]) == {"arc_easy"} and result["average_acc"] is None
+    assert "unavailable" in result["tasks"]["arc_easy"] and "ai2_arc" in result["tasks"]["arc_easy"]["unavailable"]
+    with pytest.raises(zs.ZeroShotError, match="lastword, nextsent"):
+        zs.evaluate_zero_shot(model, tokenizer, ["no_such_task"], text=str(text_file), limit=4, cache_dir=tmp_path)
+
+
+@pytest.mark.integration
+def test_smollm2_reads_the_austen_passages(tmp_path):
+    """The original SmolLM2-135M scores far above chance on both offline tasks (Austen evaluation novels).
+
+    bf16 (2× faster than fp32 on CPU): ~30 s on 2 idle cores.
+    """
+    from care_mla import assets
+    from care_mla.convert import load_model
+
+    model, tokenizer, _ = load_model(assets.DEFAULT_MODEL, torch.bfloat16, torch.device("cpu"))
+    lastword = zs.evaluate_zero_shot(model, tokenizer, ["lastword"], limit=100, batch_size=16, cache_dir=tmp_path)
+    nextsent = zs.evaluate_zero_shot(model, tokenizer, ["nextsent"], limit=40, batch_size=16, cache_dir=tmp_path)
+    # chance: ~0 for an exact word out of 49k tokens, 0.25 for 4 choices. Measured on 100 + 40 items, bf16:
+    # lastword acc 0.37; nextsent acc 0.35, acc_norm 0.425, acc_mutual_info 0.70 (the score that enters
+    # averages); fp32: 0.38; 0.375, 0.45, 0.70
+    assert lastword["tasks"]["austen_lastword"]["acc"] >= 0.25
+    row = nextsent["tasks"]["austen_nextsent"]
+    assert row["score_metric"] == "acc_mutual_info" and row["acc_mutual_info"] >= 0.5
+    assert row["acc_norm"] >= 0.3 and row["acc"] > 0.25
+    assert row["samples"] == 40
