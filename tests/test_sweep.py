@@ -205,3 +205,14 @@ def test_cli_sweep_then_report(tiny_model_dir, text_file, tmp_path, capsys):
     assert "holds none of" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser.parse_args(["sweep", "--out", "x", "--kv-fractions", "half"])
+
+
+def test_sweep_led_by_a_joint_only_method(tiny_model_dir, text_file, tmp_path):
+    """mha2mla first in --methods with --latents joint: the budget check must not build it with a separate latent."""
+    s = sweep_settings(tiny_model_dir("llama"), text_file, tmp_path, kv_fractions=(0.5,), methods=("mha2mla", "care"),
+                       allocations=("uniform",), latents=("joint",))
+    result = sweep(s)
+    assert [c["key"] for c in result["cells"]] == ["mha2mla/uniform/joint@0.5", "care/uniform/joint@0.5"]
+    assert all(c["status"] == "evaluated" for c in result["cells"])
+    mha2mla, care = (c["ppl"] for c in result["cells"])
+    assert care < mha2mla  # activation-aware beats weight-only on the same joint latent

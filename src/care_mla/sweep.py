@@ -329,7 +329,7 @@ def sweep(settings: SweepSettings) -> dict:
     model, tokenizer, model_path = cv.load_model(s.model, dtype, device)
     get_family(model.config)
     for f in s.kv_fractions:  # a budget the model cannot meet is the user's to fix, not a cell to skip
-        cv.rank_budget(model.config, dataclasses.replace(base, kv_fraction=f, latent="separate"))
+        cv.rank_budget(model.config, dataclasses.replace(base, kv_fraction=f, method="care", latent="separate"))
     timings["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
