@@ -100,13 +100,21 @@ def test_second_conversion_reuses_calibration(tiny_model_dir, text_file, tmp_pat
     assert len(list((tmp_path / "cache" / "calibration").glob("*.safetensors"))) == 1
 
 
-def test_interrupted_conversion_leaves_no_output(tiny_model_dir, text_file, tmp_path, monkeypatch):
-    def killed(*a, **k):
-        raise KeyboardInterrupt
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_interrupted_conversion_leaves_no_output(tiny_model_dir, text_file, tmp_path, monkeypatch, layerwise):
+    from care_mla.checkpoint import ShardWriter
 
-    monkeypatch.setattr(care_mla.CareMlaForCausalLM, "save_pretrained", killed)
+    calls = []
+
+    def killed(self, name, tensor):  # killed after the first shard tensors are on their way
+        calls.append(name)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ShardWriter, "add", killed)
     with pytest.raises(KeyboardInterrupt):
-        api.convert(settings_for(tiny_model_dir("llama"), text_file, tmp_path, evaluate=False))
+        api.convert(settings_for(tiny_model_dir("llama"), text_file, tmp_path, evaluate=False, layerwise=layerwise))
+    assert len(calls) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no output, no partial folder
 
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +104,20 @@ def _layer_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+@contextmanager
+def _materialised(module: nn.Module, state: dict[str, torch.Tensor] | None, device: torch.device):
+    """`module` holding `state` (its full state dict) for the block, then back on the meta device; no-op for None."""
+    if state is None:
+        yield module
+        return
+    module.to_empty(device=device)
+    module.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
+    try:
+        yield module
+    finally:
+        module.to("meta")
+
+
 @torch.no_grad()
 def capture_layer_inputs(
     model: nn.Module, input_ids: torch.Tensor, batch_size: int
@@ -110,7 +127,7 @@ def capture_layer_inputs(
     The model runs only up to the first layer; a pre-hook records its inputs and stops it.
     """
     first = model.model.layers[0]
-    device = next(model.parameters()).device
+    device = model.model.embed_tokens.weight.device
     hidden, kwargs = [], []
 
     def catch(_module, args, kw):
@@ -138,27 +155,34 @@ def collect_statistics(
     batch_size: int = 8,
     progress: bool = True,
     meta: dict | None = None,
+    layer_weights: Callable[[int], dict[str, torch.Tensor]] | None = None,
 ) -> CalibrationStats:
     """Stream the attention-input statistics of every decoder layer over `input_ids` (N, T).
 
-    Peak memory is one layer's work plus the hidden states of the calibration set.
+    Peak memory is one layer's work plus the hidden states of the calibration set. With
+    `layer_weights`, the model's decoder layers live on the meta device and layer i is
+    materialised from ``layer_weights(i)`` for its pass only (see `layerwise`): the weights of
+    one layer are in memory at a time.
     """
     was_training = model.training
     model.eval()
     layers = model.model.layers
     hidden, kwargs = capture_layer_inputs(model, input_ids, batch_size)
     device = hidden[0].device
+    tokens = input_ids.numel()
     stats = []
     bar = tqdm(layers, desc="calibrating", unit="layer", disable=not progress)
     for idx, layer in enumerate(bar):
-        bar.set_description(f"layer {idx + 1}/{len(layers)}: calibrating")
-        moment = SecondMoment(layer.input_layernorm.weight.shape[0], device=device)
-        handle = layer.input_layernorm.register_forward_hook(lambda _m, _a, out: moment.add_batch(out))
-        try:
-            hidden = [_layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
-        finally:
-            handle.remove()
+        t = time.perf_counter()
+        with _materialised(layer, None if layer_weights is None else layer_weights(idx), device):
+            moment = SecondMoment(layer.input_layernorm.weight.shape[0], device=device)
+            handle = layer.input_layernorm.register_forward_hook(lambda _m, _a, out: moment.add_batch(out))
+            try:
+                hidden = [_layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+            finally:
+                handle.remove()
         stats.append(moment)
+        bar.set_postfix_str(f"{tokens / (time.perf_counter() - t):,.0f} tok/s")
     model.train(was_training)
     return CalibrationStats(
         second_moments=[s.second_moment.cpu() for s in stats],

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--zero-shot-limit", type=int, default=DEFAULTS.zero_shot_limit, help="items per zero-shot task")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--cache-dir", default=None, help="where calibration statistics are kept")
+    c.add_argument("--no-layerwise", dest="layerwise", action="store_false",
+                   help="load the whole model in memory instead of reading, calibrating and writing one decoder "
+                        "layer at a time (decoupled layouts always load it whole)")
     _add_eval_args(c)
 
     d = sub.add_parser("demo", help="convert the embedded SmolLM2 at F=0.5 with CARE and weight SVD; print a table")

@@ -15,17 +15,20 @@ import os
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from . import allocation, assets, deepseek, factorization
 from .calibration import CalibrationStats, collect_statistics
+from .checkpoint import CheckpointFormatError, CheckpointReader
 from .data import load_windows
 from .evaluation import kv_bytes_per_token, kv_cache_width, measured_kv_bytes_per_token, perplexity
 from .families import get_family, gqa_kv_width, head_dim
+from .configuration_care_mla import CareMlaConfig
 from .mapping import LayerLatent, build_decoupled_model, build_latent_model
 from .settings import ConvertSettings, SettingsError
 
@@ -112,14 +115,20 @@ def _fingerprint(model_path: str, text_path: Path, settings: ConvertSettings, dt
     return h.hexdigest()[:20]
 
 
-def calibrate(model, tokenizer, model_path: str, settings: ConvertSettings) -> CalibrationStats:
+def calibrate(model, tokenizer, model_path: str, settings: ConvertSettings, *,
+              reader: CheckpointReader | None = None) -> CalibrationStats:
     """Statistics from the cache when this model, text and shape were calibrated before, else collected.
 
     The forward passes run in `settings.calib_dtype` (bf16 by default: 2–3× faster on CPU, and the
-    statistics are accumulated in fp32/fp64 either way); a second copy of the model is loaded in
-    that dtype when it differs from the model's.
+    statistics are accumulated in fp32/fp64 either way). With a `reader` (`model` is then None)
+    the layers are read from the checkpoint one at a time in that dtype; otherwise a second copy
+    of the model is loaded in it when it differs from the model's.
     """
-    model_dtype = next(model.parameters()).dtype
+    if reader is not None:
+        device = resolve_device(settings.device)
+        model_dtype = torch_dtype(settings.dtype, device)
+    else:
+        device, model_dtype = next(model.parameters()).device, next(model.parameters()).dtype
     dtype = model_dtype if settings.calib_dtype == "same" else getattr(torch, settings.calib_dtype)
     windows, text_path = load_windows(
         tokenizer, settings.calib_text, "calibration", settings.calib_samples, settings.calib_seq_len
@@ -138,9 +147,17 @@ def calibrate(model, tokenizer, model_path: str, settings: ConvertSettings) -> C
         "seq_len": settings.calib_seq_len,
         "dtype": str(dtype).removeprefix("torch."),
     }
-    runner = model if dtype == model_dtype else load_model(model_path, dtype, next(model.parameters()).device)[0]
-    stats = collect_statistics(runner, windows, batch_size=settings.batch_size, progress=settings.progress, meta=meta)
-    del runner
+    if reader is not None:
+        from .layerwise import collect_statistics_layerwise
+
+        stats = collect_statistics_layerwise(reader, AutoConfig.from_pretrained(model_path), windows, dtype=dtype,
+                                             device=device, batch_size=settings.batch_size,
+                                             progress=settings.progress, meta=meta)
+    else:
+        runner = model if dtype == model_dtype else load_model(model_path, dtype, device)[0]
+        stats = collect_statistics(runner, windows, batch_size=settings.batch_size, progress=settings.progress,
+                                   meta=meta)
+        del runner
     stats.save(cache)
     stats.meta["cache_file"] = str(cache)
     return stats
@@ -217,57 +234,55 @@ def _relative_error(W, W_hat, C) -> float:
     return factorization.activation_error(W, W_hat, C) / max(energy, 1e-30)
 
 
-def plan_latents(model, stats: CalibrationStats, settings: ConvertSettings) -> tuple[list[LayerLatent], list[dict]]:
-    """Factors of every layer at the budgeted ranks, and a per-layer table (ranks, relative errors)."""
-    layers = model.model.layers
-    budget = rank_budget(model.config, settings)
-    weights = [_kv_weights(layer) for layer in layers]
+KvWeights = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # layer index → (W_k, W_v), (D, m) float32
+
+
+def plan_ranks(config, kv_weights: KvWeights, stats: CalibrationStats, settings: ConvertSettings) -> list[list[int]]:
+    """Per-layer latent ranks at the asked budget: ``[k, v]`` per layer for separate latents, ``[kv]`` for joint.
+
+    Uniform needs no weights; adjusted reads each layer's K/V weights once for its spectrum.
+    """
+    layers = config.num_hidden_layers
+    budget = rank_budget(config, settings)
     Cs, abs_means = stats.second_moments, stats.abs_means
-
     if settings.latent == "joint":
+        spectra = [] if settings.allocation == "uniform" else [
+            _joint_factorize(*kv_weights(i), Cs[i], 0, settings).spectrum for i in range(layers)]
+        return [[r] for r in choose_ranks(spectra, budget, settings)]
+    if settings.allocation == "uniform":
+        return [[r, r] for r in choose_ranks([], budget, settings)]
+    spectra: dict[str, list[torch.Tensor]] = {"k": [], "v": []}
+    for i in range(layers):
+        for name, W in zip(("k", "v"), kv_weights(i)):
+            spectra[name].append(_factorize(settings.method, W, Cs[i], abs_means[i], 0, settings).spectrum)
+    k, v = (choose_ranks(spectra[name], budget, settings) for name in ("k", "v"))
+    return [list(pair) for pair in zip(k, v)]
 
-        def joint(i, rank):
-            return _joint_factorize(*weights[i], Cs[i], rank, settings)
 
-        ranks = choose_ranks([joint(i, 0).spectrum for i in range(len(layers))], budget, settings)
-        latents, table = [], []
-        for i, r in enumerate(ranks):
-            f = joint(i, r)
-            W_k, W_v = weights[i]
-            m_k = W_k.shape[1]
-            W_hat = f.weight()
-            table.append(
-                {
-                    "layer": i,
-                    "kv_rank": r,
-                    "k_rel_error": _relative_error(W_k, W_hat[:, :m_k], Cs[i]),
-                    "v_rel_error": _relative_error(W_v, W_hat[:, m_k:], Cs[i]),
-                }
-            )
-            latents.append(LayerLatent((f,)))
-        return latents, table
+def layer_latent(i: int, ranks: list[int], kv_weights: KvWeights, stats: CalibrationStats,
+                 settings: ConvertSettings) -> tuple[LayerLatent, dict]:
+    """Layer i's factors at `ranks` (from `plan_ranks`) and its row of the per-layer table (ranks, relative errors)."""
+    W_k, W_v = kv_weights(i)
+    C = stats.second_moments[i]
+    if settings.latent == "joint":
+        (r,) = ranks
+        f = _joint_factorize(W_k, W_v, C, r, settings)
+        W_hat, m_k = f.weight(), W_k.shape[1]
+        row = {"layer": i, "kv_rank": r, "k_rel_error": _relative_error(W_k, W_hat[:, :m_k], C),
+               "v_rel_error": _relative_error(W_v, W_hat[:, m_k:], C)}
+        return LayerLatent((f,)), row
+    fk, fv = (_factorize(settings.method, W, C, stats.abs_means[i], r, settings) for W, r in zip((W_k, W_v), ranks))
+    row = {"layer": i, "k_rank": fk.rank, "v_rank": fv.rank, "k_rel_error": _relative_error(W_k, fk.weight(), C),
+           "v_rel_error": _relative_error(W_v, fv.weight(), C)}
+    return LayerLatent((fk, fv)), row
 
-    per_branch = {}
-    for b, name in enumerate(("k", "v")):
-        spectra = [_factorize(settings.method, weights[i][b], Cs[i], abs_means[i], 0, settings).spectrum for i in range(len(layers))]
-        per_branch[name] = choose_ranks(spectra, budget, settings)
-    latents, table = [], []
-    for i in range(len(layers)):
-        fk, fv = (
-            _factorize(settings.method, weights[i][b], Cs[i], abs_means[i], per_branch[n][i], settings)
-            for b, n in enumerate(("k", "v"))
-        )
-        table.append(
-            {
-                "layer": i,
-                "k_rank": fk.rank,
-                "v_rank": fv.rank,
-                "k_rel_error": _relative_error(weights[i][0], fk.weight(), Cs[i]),
-                "v_rel_error": _relative_error(weights[i][1], fv.weight(), Cs[i]),
-            }
-        )
-        latents.append(LayerLatent((fk, fv)))
-    return latents, table
+
+def plan_latents(model, stats: CalibrationStats, settings: ConvertSettings) -> tuple[list[LayerLatent], list[dict]]:
+    """Factors of every layer of an in-memory `model` at the budgeted ranks, and the per-layer table."""
+    weights = [_kv_weights(layer) for layer in model.model.layers]
+    ranks = plan_ranks(model.config, weights.__getitem__, stats, settings)
+    planned = [layer_latent(i, r, weights.__getitem__, stats, settings) for i, r in enumerate(ranks)]
+    return [p[0] for p in planned], [p[1] for p in planned]
 
 
 def plan_decoupled(model, stats: CalibrationStats, settings: ConvertSettings):
@@ -438,6 +453,8 @@ def convert(settings: ConvertSettings) -> dict:
     """Convert `settings.model` and write the latent-cache model with its report to `settings.out`.
 
     Returns the report (also written as report.json). The input model is never modified.
+    Separate and joint latents are converted layer by layer from the checkpoint (`layerwise`)
+    unless ``settings.layerwise`` is False; decoupled layouts load the model whole.
     """
     out = Path(settings.out)
     check_output(out, settings.overwrite)  # fail before any work
@@ -445,9 +462,13 @@ def convert(settings: ConvertSettings) -> dict:
         from .zeroshot import _import_lm_eval
 
         _import_lm_eval()  # a missing lm-eval is said now, not after the conversion
-    timings: dict[str, float] = {}
     device = resolve_device(settings.device)
     dtype = torch_dtype(settings.dtype, device)
+    if settings.layerwise and settings.latent != "decoupled":
+        reader = _checkpoint_reader(settings.model)
+        if reader is not None:
+            return _convert_layerwise(settings, reader, device, dtype)
+    timings: dict[str, float] = {}
 
     t = time.perf_counter()
     model, tokenizer, model_path = load_model(settings.model, dtype, device)
@@ -462,17 +483,113 @@ def convert(settings: ConvertSettings) -> dict:
     converted, fields = build_converted(model, stats, settings)
     timings["factorize_and_build"] = time.perf_counter() - t
 
-    report: dict = {
+    report = _report_head(model_path, model.config, converted.config, type(converted).__name__, fields, stats,
+                          settings, dtype, device, loading="whole")
+    if settings.evaluate:
+        _evaluate_into(report, timings, model, converted, tokenizer, model_path, settings, dtype)
+
+    t = time.perf_counter()
+    with atomic_output(out, settings.overwrite) as tmp:
+        if settings.format == "care_mla":
+            from .layerwise import save_latent_model
+
+            save_latent_model(tmp, converted)  # the same files the layer-by-layer path streams
+        else:
+            converted.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        settings.save(tmp / SETTINGS_FILE)
+        timings["save"] = time.perf_counter() - t
+        _finish_report(report, timings, tmp)
+    return report
+
+
+def _checkpoint_reader(spec: str) -> CheckpointReader | None:
+    """A reader of the model's safetensors folder, or None (logged) when it must be loaded whole."""
+    path = Path(resolve_model_path(spec))
+    if not path.is_dir():
+        logger.info("%s is not a local folder: loading it whole (layer by layer needs its safetensors files)", spec)
+        return None
+    try:
+        return CheckpointReader(path)
+    except CheckpointFormatError as err:
+        logger.warning("loading the whole model: %s", err)
+        return None
+
+
+def _convert_layerwise(settings: ConvertSettings, reader: CheckpointReader, device: torch.device,
+                       dtype: torch.dtype) -> dict:
+    """`convert` with one decoder layer in memory at a time: statistics, rank plan and output streamed."""
+    from .layerwise import kv_weights_reader, write_latent_model
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    model_path = str(reader.folder)
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load model {settings.model!r}: {str(err).splitlines()[0]}") from err
+    get_family(config)
+    generation_config = _generation_config(model_path)
+    timings["load"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    stats = calibrate(None, tokenizer, model_path, settings, reader=reader)
+    timings["calibrate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    kv_weights = kv_weights_reader(reader, dtype)
+    ranks = plan_ranks(config, kv_weights, stats, settings)
+    latent_config = CareMlaConfig.from_base(config, kv_latent=settings.latent, kv_lora_ranks=ranks)
+    table: list[dict] = []
+
+    def latent_of(i: int) -> LayerLatent:
+        latent, row = layer_latent(i, ranks[i], kv_weights, stats, settings)
+        table.append(row)
+        return latent
+
+    out = Path(settings.out)
+    with atomic_output(out, settings.overwrite) as tmp:
+        write_latent_model(tmp, reader, latent_config, latent_of, dtype=dtype, generation_config=generation_config,
+                           progress=settings.progress)
+        tokenizer.save_pretrained(tmp)
+        settings.save(tmp / SETTINGS_FILE)
+        timings["factorize_and_save"] = time.perf_counter() - t
+        logger.info("per-layer ranks and relative activation errors:\n%s", format_layer_table(table))
+        fields = {"ranks": ranks, "layers": table}
+        report = _report_head(model_path, config, latent_config, "CareMlaForCausalLM", fields, stats, settings, dtype,
+                              device, loading="layerwise")
+        report["peak_rss_mb_conversion"] = round(peak_rss_mb(), 1)
+        if settings.evaluate:
+            original = load_model(model_path, dtype, device)[0]
+            converted = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
+            _evaluate_into(report, timings, original, converted, tokenizer, model_path, settings, dtype)
+            del original, converted
+        _finish_report(report, timings, tmp)
+    return report
+
+
+def _generation_config(model_path: str) -> GenerationConfig | None:
+    try:
+        return GenerationConfig.from_pretrained(model_path)
+    except OSError:
+        return None
+
+
+def _report_head(model_path: str, config, converted_config, architecture: str, fields: dict,
+                 stats: CalibrationStats, settings: ConvertSettings, dtype, device, *, loading: str) -> dict:
+    """The report's description of a conversion (what was built from what, and how)."""
+    return {
         "model": model_path,
         "format": settings.format,
-        "architecture": type(converted).__name__,
+        "architecture": architecture,
         "method": settings.method,
         "allocation": settings.allocation,
         "latent": settings.latent,
         "kv_fraction": settings.kv_fraction,
         "kv_cache_width_per_layer": {
-            "original": gqa_kv_width(model.config),
-            "converted": kv_cache_width(converted.config) / converted.config.num_hidden_layers,
+            "original": gqa_kv_width(config),
+            "converted": kv_cache_width(converted_config) / converted_config.num_hidden_layers,
         },
         **fields,
         "calibration": {
@@ -485,27 +602,26 @@ def convert(settings: ConvertSettings) -> dict:
         },
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
+        "loading": loading,
     }
-    if settings.evaluate:
+
+
+def _evaluate_into(report: dict, timings: dict, original, converted, tokenizer, model_path: str,
+                   settings: ConvertSettings, dtype) -> None:
+    t = time.perf_counter()
+    report.update(evaluate_pair(original, converted, tokenizer, model_path, settings, dtype))
+    report["ppl"]["ratio"] = report["ppl"]["converted"] / report["ppl"]["original"]
+    timings["evaluate"] = time.perf_counter() - t
+    if settings.zero_shot_tasks:
         t = time.perf_counter()
-        report.update(evaluate_pair(model, converted, tokenizer, model_path, settings, dtype))
-        report["ppl"]["ratio"] = report["ppl"]["converted"] / report["ppl"]["original"]
-        timings["evaluate"] = time.perf_counter() - t
-    if settings.evaluate and settings.zero_shot_tasks:
-        t = time.perf_counter()
-        report["zero_shot"] = zero_shot_pair(model, converted, tokenizer, settings)
+        report["zero_shot"] = zero_shot_pair(original, converted, tokenizer, settings)
         timings["zero_shot"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    with atomic_output(out, settings.overwrite) as tmp:
-        converted.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        settings.save(tmp / SETTINGS_FILE)
-        timings["save"] = time.perf_counter() - t
-        report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-        report["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    return report
+
+def _finish_report(report: dict, timings: dict, folder: Path) -> None:
+    report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def evaluate_folder(path: str, *, eval_text: str = "austen", eval_samples: int = 64, eval_seq_len: int = 256,

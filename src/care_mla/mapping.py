@@ -44,25 +44,39 @@ class LayerLatent:
         return [f.rank for f in self.factors]
 
 
+def latent_layer_state(layer_state: dict[str, torch.Tensor], latent: LayerLatent) -> dict[str, torch.Tensor]:
+    """One decoder layer of the latent-cache model from the original layer's tensors (names relative to the layer).
+
+    Everything but ``self_attn.{k,v}_proj`` is passed through; the latent factors are cast to the
+    original K projection's dtype, the K/V biases move onto the up-projections.
+    """
+    attn_kv = ("self_attn.k_proj.", "self_attn.v_proj.")
+    state = {k: v for k, v in layer_state.items() if not k.startswith(attn_kv)}
+    dtype = layer_state["self_attn.k_proj.weight"].dtype
+    k_bias, v_bias = layer_state.get("self_attn.k_proj.bias"), layer_state.get("self_attn.v_proj.bias")
+    if latent.kv_latent == "joint":
+        (kv,) = latent.factors
+        state["self_attn.kv_a_proj.weight"] = kv.down.T.contiguous().to(dtype)
+        state["self_attn.kv_b_proj.weight"] = kv.up.T.contiguous().to(dtype)
+        if k_bias is not None:
+            state["self_attn.kv_b_proj.bias"] = torch.cat([k_bias, v_bias])
+    else:
+        for name, f, bias in (("k", latent.factors[0], k_bias), ("v", latent.factors[1], v_bias)):
+            state[f"self_attn.{name}_a_proj.weight"] = f.down.T.contiguous().to(dtype)
+            state[f"self_attn.{name}_b_proj.weight"] = f.up.T.contiguous().to(dtype)
+            if bias is not None:
+                state[f"self_attn.{name}_b_proj.bias"] = bias
+    return state
+
+
 def latent_state_dict(model: nn.Module, layers: list[LayerLatent]) -> dict[str, torch.Tensor]:
     """State dict of the latent-cache model built from the original `model` and the factors."""
-    state = {k: v for k, v in model.state_dict().items() if ".self_attn.k_proj." not in k and ".self_attn.v_proj." not in k}
-    for idx, (layer, latent) in enumerate(zip(model.model.layers, layers)):
-        attn, prefix = layer.self_attn, f"model.layers.{idx}.self_attn."
-        dtype = attn.k_proj.weight.dtype
-        k_bias, v_bias = attn.k_proj.bias, attn.v_proj.bias
-        if latent.kv_latent == "joint":
-            (kv,) = latent.factors
-            state[prefix + "kv_a_proj.weight"] = kv.down.T.contiguous().to(dtype)
-            state[prefix + "kv_b_proj.weight"] = kv.up.T.contiguous().to(dtype)
-            if k_bias is not None:
-                state[prefix + "kv_b_proj.bias"] = torch.cat([k_bias, v_bias]).detach()
-        else:
-            for name, f, bias in (("k", latent.factors[0], k_bias), ("v", latent.factors[1], v_bias)):
-                state[prefix + f"{name}_a_proj.weight"] = f.down.T.contiguous().to(dtype)
-                state[prefix + f"{name}_b_proj.weight"] = f.up.T.contiguous().to(dtype)
-                if bias is not None:
-                    state[prefix + f"{name}_b_proj.bias"] = bias.detach()
+    full = {k: v.detach() for k, v in model.state_dict().items()}
+    state = {k: v for k, v in full.items() if not k.startswith("model.layers.")}
+    for idx, latent in enumerate(layers):
+        prefix = f"model.layers.{idx}."
+        layer_state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        state.update({prefix + k: v for k, v in latent_layer_state(layer_state, latent).items()})
     return state
 
 

@@ -1,0 +1,145 @@
+"""Layer by layer: convert a model that is never in memory whole.
+
+The original architecture is built on the meta device (a module tree without storage); the
+embedding and RoPE tables are materialised for calibration's first step, then every decoder
+layer is read from the memory-mapped safetensors for its calibration pass and released
+(`collect_statistics(layer_weights=...)`), the calibration hidden states carried from layer to
+layer. The rank plan reads K/V weights one layer at a time, and `write_latent_model` reads a
+layer, factorizes it and streams its converted tensors into the current output shard.
+
+Peak memory: one decoder layer, the calibration hidden states, the per-layer statistics
+(D² each), the embedding (first and last steps) and one output shard.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from .calibration import CalibrationStats, collect_statistics
+from .checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader, ShardWriter
+from .configuration_care_mla import CareMlaConfig
+from .mapping import LayerLatent, latent_layer_state
+from .modeling_care_mla import CareMlaForCausalLM
+
+
+def skeleton(config, device: torch.device | str = "cpu") -> nn.Module:
+    """The architecture of `config` on the meta device, its RoPE tables (computed, not stored) on `device`."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    rotary = model.model.rotary_emb
+    with torch.device(device):
+        model.model.rotary_emb = type(rotary)(config=model.config)
+    return model.eval()
+
+
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def collect_statistics_layerwise(
+    reader: CheckpointReader, config, input_ids: torch.Tensor, *, dtype: torch.dtype, device: torch.device,
+    batch_size: int = 8, progress: bool = True, meta: dict | None = None,
+) -> CalibrationStats:
+    """`collect_statistics` over the checkpoint of `reader`, one decoder layer in memory (in `dtype`) at a time."""
+    model = skeleton(config, device)
+    embed = model.model.embed_tokens
+    embed.load_state_dict({"weight": reader.get("model.embed_tokens.weight", dtype).to(device)}, assign=True)
+    stats = collect_statistics(
+        model, input_ids, batch_size=batch_size, progress=progress, meta=meta,
+        layer_weights=lambda i: reader.state(layer_prefix(i), dtype),
+    )
+    del model, embed
+    return stats
+
+
+def kv_weights_reader(reader: CheckpointReader, dtype: torch.dtype) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """Layer index → (W_k, W_v) as ``(D, m)`` float32, rounded through `dtype` exactly as a model loaded in it holds them."""
+
+    def kv_weights(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        p = layer_prefix(i) + "self_attn."
+        return tuple(reader.get(p + f"{b}_proj.weight", dtype).T.float() for b in ("k", "v"))
+
+    return kv_weights
+
+
+def save_config(folder: Path, config, generation_config: GenerationConfig | None, architecture: str,
+                dtype: torch.dtype) -> None:
+    """config.json (and generation_config.json) as `save_pretrained` writes them for a model of `architecture`."""
+    config.architectures = [architecture]
+    config.dtype = dtype
+    config.save_pretrained(folder)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
+
+
+def save_weights(folder: Path, config, tensors: Iterable[tuple[str, torch.Tensor]],
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Stream `tensors` (in order) into safetensors shards; a tied ``lm_head.weight`` is not written."""
+    tied = getattr(config, "tie_word_embeddings", False)
+    writer = ShardWriter(folder, max_shard_bytes)
+    for name, t in tensors:
+        if not (tied and name == "lm_head.weight"):
+            writer.add(name, t)
+    return writer.close()
+
+
+def save_latent_model(folder: Path, model: CareMlaForCausalLM, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Write an in-memory latent-cache model exactly as `write_latent_model` streams one (same files, same bytes)."""
+    dtype = next(model.parameters()).dtype
+    save_config(folder, model.config, model.generation_config, type(model).__name__, dtype)
+    save_weights(folder, model.config, ((k, v.detach()) for k, v in model.state_dict().items()), max_shard_bytes)
+
+
+def write_latent_model(
+    folder: Path, reader: CheckpointReader, config: CareMlaConfig, layer_latent: Callable[[int], LayerLatent], *,
+    dtype: torch.dtype, generation_config: GenerationConfig | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
+) -> list[str]:
+    """Write the latent-cache model of `config`: every tensor from `reader` (cast to `dtype`), layer i's K/V
+    replaced by ``layer_latent(i)``, which is called once per layer, in order. Returns the weight files.
+    """
+    save_config(folder, config, generation_config, CareMlaForCausalLM.__name__, dtype)
+    with torch.device("meta"):
+        target = CareMlaForCausalLM(config)
+    expected = {k: v.shape for k, v in target.state_dict().items()}
+    del target
+    bar = tqdm(total=config.num_hidden_layers, desc="factorizing and writing", unit="layer", disable=not progress)
+
+    def tensors():
+        current, layer, started = -1, {}, time.perf_counter()
+        for name, shape in expected.items():
+            if name.startswith("model.layers."):
+                i = int(name.split(".")[2])
+                if i != current:
+                    if layer:
+                        raise RuntimeError(f"layer {current} produced tensors the model has no place for: {sorted(layer)}")
+                    if current >= 0:
+                        bar.update(1)
+                    current = i
+                    layer = latent_layer_state(reader.state(layer_prefix(i), dtype), layer_latent(i))
+                t = layer.pop(name[len(layer_prefix(i)):])
+            else:
+                t = reader.get(name, dtype) if name in reader else None
+                if t is None and name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+                    continue  # tied to the embedding and not stored
+                if t is None:
+                    raise KeyError(f"the checkpoint at {reader.folder} has no {name}")
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name}: converted tensor has shape {tuple(t.shape)}, the model expects {tuple(shape)}")
+            yield name, t
+        if layer:
+            raise RuntimeError(f"layer {current} produced tensors the model has no place for: {sorted(layer)}")
+        bar.update(1)
+        bar.set_postfix_str(f"{time.perf_counter() - started:.1f} s")
+
+    try:
+        return save_weights(folder, config, tensors(), max_shard_bytes)
+    finally:
+        bar.close()

@@ -1,0 +1,139 @@
+"""Layer-by-layer conversion: same bytes as the whole-model path, one layer in memory, sharded in and out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import care_mla  # noqa: F401
+from care_mla import convert as api
+from care_mla.calibration import collect_statistics
+from care_mla.checkpoint import CheckpointFormatError, CheckpointReader, ShardWriter
+from care_mla.layerwise import layer_prefix, skeleton
+from care_mla.settings import ConvertSettings
+from conftest import make_tokenizer, tiny_model
+
+#: Files that describe how a conversion ran (they name the loading mode); every other output file must match.
+RUN_FILES = {"report.json", "care_mla_settings.json"}
+
+
+def settings_for(model_dir, text_file, tmp_path, name, **kw) -> ConvertSettings:
+    base = dict(model=str(model_dir), out=str(tmp_path / name), calib_text=str(text_file), eval_text=str(text_file),
+                calib_samples=8, calib_seq_len=32, eval_samples=4, eval_seq_len=32,
+                cache_dir=str(tmp_path / f"cache-{name}"), progress=False, evaluate=False)
+    base.update(kw)
+    return ConvertSettings(**base)
+
+
+def output_files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name not in RUN_FILES}
+
+
+@pytest.mark.parametrize("family,latent,method", [("llama", "separate", "care"), ("qwen2", "joint", "care"),
+                                                  ("qwen3", "separate", "asvd"), ("mistral", "joint", "mha2mla")])
+def test_layerwise_output_is_byte_identical_to_whole_model(tiny_model_dir, text_file, tmp_path, family, latent, method):
+    folder = tiny_model_dir(family)
+    kw = dict(latent=latent, method=method, allocation="adjusted", kv_fraction=0.5)
+    api.convert(settings_for(folder, text_file, tmp_path, "whole", layerwise=False, **kw))
+    report = api.convert(settings_for(folder, text_file, tmp_path, "layerwise", **kw))
+    assert report["loading"] == "layerwise"
+    whole, layerwise = output_files(tmp_path / "whole"), output_files(tmp_path / "layerwise")
+    assert sorted(whole) == sorted(layerwise) and "model.safetensors" in whole
+    for name in whole:
+        assert whole[name] == layerwise[name], name
+    # the statistics were collected independently (two caches) and agree bit for bit as well
+    (a,), (b,) = ((tmp_path / f"cache-{n}" / "calibration").glob("*.safetensors") for n in ("whole", "layerwise"))
+    stats_a, stats_b = load_file(a), load_file(b)
+    assert all(torch.equal(stats_a[k], stats_b[k]) for k in stats_a)
+    # and it is a working model of the asked budget
+    ranks = json.loads((tmp_path / "layerwise" / "report.json").read_text())["ranks"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "layerwise")
+    assert model.config.kv_lora_ranks == ranks and sum(map(sum, ranks)) == 0.5 * 2 * 2 * 16 * 3
+
+
+def test_layerwise_conversion_is_reproducible_and_evaluates(tiny_model_dir, text_file, tmp_path):
+    folder = tiny_model_dir("llama")
+    r1 = api.convert(settings_for(folder, text_file, tmp_path, "one", evaluate=True))
+    r2 = api.convert(settings_for(folder, text_file, tmp_path, "two", evaluate=True))
+    assert output_files(tmp_path / "one") == output_files(tmp_path / "two")
+    assert r1["ppl"] == r2["ppl"] and r1["ppl"]["converted"] != r1["ppl"]["original"]  # a random tiny model can improve
+    assert r1["kv_bytes_per_token"]["converted_measured"] == r1["kv_bytes_per_token"]["converted"]
+    assert 0 < r1["peak_rss_mb_conversion"] <= r1["peak_rss_mb"]
+
+
+def test_sharded_input_and_output(tiny_model_dir, text_file, tmp_path):
+    """A sharded checkpoint converts to the same tensors; small shards write an index that transformers loads."""
+    sharded = tmp_path / "sharded"
+    model = tiny_model("llama")
+    model.save_pretrained(sharded, max_shard_size="40KB")
+    make_tokenizer(text_file.read_text()).save_pretrained(sharded)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    reader = CheckpointReader(sharded)
+    assert len(set(reader.weight_map.values())) > 2
+    assert torch.equal(reader.get("model.layers.1.mlp.up_proj.weight"), model.model.layers[1].mlp.up_proj.weight)
+    assert set(reader.state("model.layers.2.")) == {k for k, _ in model.model.layers[2].named_parameters()}
+
+    api.convert(settings_for(sharded, text_file, tmp_path, "from-sharded"))
+    api.convert(settings_for(tiny_model_dir("llama"), text_file, tmp_path, "from-single"))
+    a = load_file(tmp_path / "from-sharded" / "model.safetensors")
+    b = load_file(tmp_path / "from-single" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    out = tmp_path / "resharded"
+    out.mkdir()
+    writer = ShardWriter(out, max_shard_bytes=30_000)
+    for k, v in a.items():
+        writer.add(k, v)
+    files = writer.close()
+    assert len(files) > 2 and all(f.endswith(f"-of-{len(files):05d}.safetensors") for f in files)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(a) and index["metadata"]["total_size"] == sum(
+        v.numel() * v.element_size() for v in a.values())
+    back = CheckpointReader(out)
+    assert all(torch.equal(back.get(k), a[k]) for k in a)
+    with pytest.raises(ValueError, match="twice"):
+        w = ShardWriter(tmp_path)
+        w.add("x", torch.zeros(1))
+        w.add("x", torch.zeros(1))
+
+
+def test_calibration_holds_one_layer_at_a_time(tiny_model_dir, text_file):
+    """Before each layer is read, every decoder layer is on the meta device (the previous one was released)."""
+    folder = tiny_model_dir("qwen3")
+    reader = CheckpointReader(folder)
+    from transformers import AutoConfig
+
+    model = skeleton(AutoConfig.from_pretrained(folder))
+    model.model.embed_tokens.load_state_dict({"weight": reader.get("model.embed_tokens.weight")}, assign=True)
+    seen = []
+
+    def layer_weights(i):
+        seen.append([all(p.is_meta for p in layer.parameters()) for layer in model.model.layers])
+        return reader.state(layer_prefix(i))
+
+    ids = torch.randint(3, 200, (4, 16))
+    stats = collect_statistics(model, ids, batch_size=2, progress=False, layer_weights=layer_weights)
+    assert seen == [[True] * 3] * 3
+    assert all(p.is_meta for layer in model.model.layers for p in layer.parameters())
+    # same statistics as the whole model in memory
+    whole = AutoModelForCausalLM.from_pretrained(folder)
+    ref = collect_statistics(whole, ids, batch_size=2, progress=False)
+    for c, c_ref in zip(stats.second_moments, ref.second_moments):
+        assert torch.equal(c, c_ref)
+
+
+def test_non_safetensors_checkpoint_falls_back_to_whole_loading(text_file, tmp_path):
+    folder = tmp_path / "bin"
+    model = tiny_model("llama")
+    model.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()  # transformers 5 writes safetensors only: make a legacy .bin folder
+    torch.save({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, folder / "pytorch_model.bin")
+    make_tokenizer(text_file.read_text()).save_pretrained(folder)
+    with pytest.raises(CheckpointFormatError, match="--no-layerwise"):
+        CheckpointReader(folder)
+    report = api.convert(settings_for(folder, text_file, tmp_path, "out"))
+    assert report["loading"] == "whole"
