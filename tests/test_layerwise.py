@@ -85,7 +85,7 @@ def test_sharded_input_and_output(tiny_model_dir, text_file, tmp_path):
 
     out = tmp_path / "resharded"
     out.mkdir()
-    writer = ShardWriter(out, max_shard_bytes=30_000)
+    writer = ShardWriter(out, [(k, v.shape, v.dtype) for k, v in a.items()], max_shard_bytes=30_000)
     for k, v in a.items():
         writer.add(k, v)
     files = writer.close()
@@ -96,9 +96,30 @@ def test_sharded_input_and_output(tiny_model_dir, text_file, tmp_path):
     back = CheckpointReader(out)
     assert all(torch.equal(back.get(k), a[k]) for k in a)
     with pytest.raises(ValueError, match="twice"):
-        w = ShardWriter(tmp_path)
-        w.add("x", torch.zeros(1))
-        w.add("x", torch.zeros(1))
+        ShardWriter(tmp_path, [("x", (1,), torch.float32)] * 2)
+    w = ShardWriter(tmp_path, [("x", (1,), torch.float32), ("y", (2,), torch.float32)])
+    with pytest.raises(ValueError, match="expected tensor x next"):
+        w.add("y", torch.zeros(2))
+    with pytest.raises(ValueError, match="the plan says"):
+        w.add("x", torch.zeros(1, dtype=torch.bfloat16))
+    w.add("x", torch.zeros(1))
+    with pytest.raises(ValueError, match="never written, starting with y"):
+        w.close()
+
+
+def test_streamed_safetensors_match_the_library(tmp_path):
+    """Files from ShardWriter load with safetensors and hold exactly what was written, every dtype alike."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        tensors = {"b.weight": torch.randn(3, 5).to(dtype), "a.bias": torch.randn(7).to(dtype),
+                   "z": torch.randn(0, 4).to(dtype), "c": torch.randn(2, 2, 3).to(dtype)}
+        folder = tmp_path / str(dtype)
+        folder.mkdir()
+        writer = ShardWriter(folder, [(k, v.shape, v.dtype) for k, v in tensors.items()])
+        for k, v in tensors.items():
+            writer.add(k, v)
+        assert writer.close() == ["model.safetensors"]
+        back = load_file(folder / "model.safetensors")
+        assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
 
 
 def test_calibration_holds_one_layer_at_a_time(tiny_model_dir, text_file):

@@ -168,6 +168,8 @@ def collect_statistics(
     model.eval()
     layers = model.model.layers
     hidden, kwargs = capture_layer_inputs(model, input_ids, batch_size)
+    if layer_weights is not None:
+        model.model.embed_tokens.to("meta")  # the layer-by-layer model needs its embedding no more
     device = hidden[0].device
     tokens = input_ids.numel()
     stats = []

@@ -1,9 +1,9 @@
-"""Safetensors checkpoints read one tensor at a time and written one shard at a time.
+"""Safetensors checkpoints read and written one tensor at a time.
 
 `CheckpointReader` opens a Hugging Face model folder (``model.safetensors`` or a sharded
 ``model.safetensors.index.json``) memory-mapped: a tensor costs memory only while the caller
-holds it. `ShardWriter` takes tensors in order and flushes a shard to disk as soon as it
-reaches ``max_shard_bytes``, so writing a model never holds more than one shard; the file
+holds it. `ShardWriter` cuts the shards from a plan of names, shapes and dtypes, then appends each
+tensor to its shard file as it comes, so writing a model holds one tensor at a time; the file
 names and the index follow `save_pretrained` (``model.safetensors`` when one shard is enough,
 else ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``).
 """
@@ -65,53 +65,113 @@ class CheckpointReader:
         return {k[len(prefix):]: self.get(k, dtype) for k in self.weight_map if k.startswith(prefix)}
 
 
-class ShardWriter:
-    """Write tensors in the order given into safetensors shards of at most `max_shard_bytes` (one tensor may exceed it).
+#: safetensors dtype names.
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
 
-    Call `add` for every tensor, then `close` once: it names the shards and writes the index.
-    Identical tensors in identical order give byte-identical files.
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * dtype.itemsize
+
+
+class ShardWriter:
+    """Write the tensors of `plan` (``(name, shape, dtype)`` in writing order) into safetensors shards.
+
+    The shards are cut from the plan before anything is written (at most `max_shard_bytes` each;
+    one tensor may exceed it), so every shard's header is known up front and each tensor goes to
+    disk as soon as `add` receives it: writing holds one tensor, not a shard. Tensors must come
+    in plan order. `close` gives the shards `save_pretrained`'s names and writes the index. The
+    same plan and tensors give byte-identical files.
     """
 
-    def __init__(self, folder: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+    def __init__(self, folder: str | Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, metadata: dict[str, str] | None = None):
         if max_shard_bytes < 1:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        names = [name for name, _, _ in plan]
+        if len(set(names)) != len(names):
+            raise ValueError("the plan names a tensor twice")
         self.folder = Path(folder)
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
-        self.total_bytes = 0
+        self._metadata = {"format": "pt", **(metadata or {})}
+        self._shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            n = _nbytes(shape, dtype)
+            if self._shards[-1] and size + n > max_shard_bytes:
+                self._shards.append([])
+                size = 0
+            self._shards[-1].append((name, tuple(int(d) for d in shape), dtype))
+            size += n
+        self.total_bytes = sum(_nbytes(s, d) for _, s, d in plan)
+        self._queue = [entry for shard in self._shards for entry in shard]
+        self._shard_of = {entry[0]: i for i, shard in enumerate(self._shards) for entry in shard}
+        self._next = 0
+        self._file = None
+        self._shard = -1
+
+    def _tmp(self, i: int) -> Path:
+        return self.folder / f"shard-{i:05d}.tmp"
+
+    def _open_shard(self, i: int) -> None:
+        header: dict = {"__metadata__": self._metadata}
+        offset = 0
+        for name, shape, dtype in self._shards[i]:
+            if dtype not in _ST_DTYPES:
+                raise TypeError(f"{name}: dtype {dtype} has no safetensors name")
+            if offset % dtype.itemsize:
+                raise ValueError(f"{name} would start unaligned in its shard (mixed dtypes); cast every tensor alike")
+            n = _nbytes(shape, dtype)
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        self._file = open(self._tmp(i), "wb")
+        self._file.write(len(blob).to_bytes(8, "little"))
+        self._file.write(blob)
+        self._shard = i
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in names for _, names in self._shards):
-            raise ValueError(f"tensor {name} written twice")
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
-        self._pending_bytes += size
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        tmp = f"shard-{len(self._shards):05d}.tmp"
-        save_file(self._pending, str(self.folder / tmp), metadata={"format": "pt"})
-        self._shards.append((tmp, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        if self._next >= len(self._queue):
+            raise ValueError(f"tensor {name} is not in the plan (or written twice)")
+        want, shape, dtype = self._queue[self._next]
+        if name != want:
+            raise ValueError(f"expected tensor {want} next, got {name}")
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, the plan says {shape} {dtype}")
+        shard = self._shard_of[name]
+        if shard != self._shard:
+            if self._file is not None:
+                self._file.close()
+            self._open_shard(shard)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        self._file.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        self._next += 1
 
     def close(self) -> list[str]:
-        """Flush the last shard, give the shards their final names, write the index; returns the file names."""
-        if self._pending or not self._shards:
-            self._flush()
+        """Check every planned tensor came, name the shards, write the index; returns the weight files."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._next != len(self._queue):
+            raise ValueError(f"{len(self._queue) - self._next} planned tensors were never written, "
+                             f"starting with {self._queue[self._next][0]}")
+        if self._shard < 0:  # an empty plan: one empty shard
+            self._open_shard(0)
+            self._file.close()
         n = len(self._shards)
         if n == 1:
-            (self.folder / self._shards[0][0]).rename(self.folder / SINGLE_FILE)
+            self._tmp(0).rename(self.folder / SINGLE_FILE)
             return [SINGLE_FILE]
         names, weight_map = [], {}
-        for i, (tmp, keys) in enumerate(self._shards, 1):
-            name = f"model-{i:05d}-of-{n:05d}.safetensors"
-            (self.folder / tmp).rename(self.folder / name)
+        for i, entries in enumerate(self._shards):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            self._tmp(i).rename(self.folder / name)
             names.append(name)
-            weight_map.update({k: name for k in keys})
+            weight_map.update({e[0]: name for e in entries})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return names

@@ -5,10 +5,10 @@ embedding and RoPE tables are materialised for calibration's first step, then ev
 layer is read from the memory-mapped safetensors for its calibration pass and released
 (`collect_statistics(layer_weights=...)`), the calibration hidden states carried from layer to
 layer. The rank plan reads K/V weights one layer at a time, and `write_latent_model` reads a
-layer, factorizes it and streams its converted tensors into the current output shard.
+layer, factorizes it and streams its converted tensors to their shard file one by one.
 
 Peak memory: one decoder layer, the calibration hidden states, the per-layer statistics
-(D² each), the embedding (first and last steps) and one output shard.
+(D² each), the embedding (first step) and the tensors of one layer being written.
 """
 
 from __future__ import annotations
@@ -79,22 +79,22 @@ def save_config(folder: Path, config, generation_config: GenerationConfig | None
         generation_config.save_pretrained(folder)
 
 
-def save_weights(folder: Path, config, tensors: Iterable[tuple[str, torch.Tensor]],
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
-    """Stream `tensors` (in order) into safetensors shards; a tied ``lm_head.weight`` is not written."""
+def weight_plan(config, state: Iterable[tuple[str, tuple[int, ...], torch.dtype]]) -> list:
+    """The ``(name, shape, dtype)`` of every tensor to write, in order; a tied ``lm_head.weight`` is not stored."""
     tied = getattr(config, "tie_word_embeddings", False)
-    writer = ShardWriter(folder, max_shard_bytes)
-    for name, t in tensors:
-        if not (tied and name == "lm_head.weight"):
-            writer.add(name, t)
-    return writer.close()
+    return [(n, tuple(shape), dt) for n, shape, dt in state if not (tied and n == "lm_head.weight")]
 
 
 def save_latent_model(folder: Path, model: CareMlaForCausalLM, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """Write an in-memory latent-cache model exactly as `write_latent_model` streams one (same files, same bytes)."""
     dtype = next(model.parameters()).dtype
     save_config(folder, model.config, model.generation_config, type(model).__name__, dtype)
-    save_weights(folder, model.config, ((k, v.detach()) for k, v in model.state_dict().items()), max_shard_bytes)
+    state = model.state_dict()
+    plan = weight_plan(model.config, ((k, v.shape, v.dtype) for k, v in state.items()))
+    writer = ShardWriter(folder, plan, max_shard_bytes)
+    for name, _, _ in plan:
+        writer.add(name, state[name].detach())
+    writer.close()
 
 
 def write_latent_model(
@@ -108,38 +108,31 @@ def write_latent_model(
     save_config(folder, config, generation_config, CareMlaForCausalLM.__name__, dtype)
     with torch.device("meta"):
         target = CareMlaForCausalLM(config)
-    expected = {k: v.shape for k, v in target.state_dict().items()}
+    plan = weight_plan(config, ((k, v.shape, dtype) for k, v in target.state_dict().items()))
     del target
     bar = tqdm(total=config.num_hidden_layers, desc="factorizing and writing", unit="layer", disable=not progress)
 
-    def tensors():
-        current, layer, started = -1, {}, time.perf_counter()
-        for name, shape in expected.items():
+    writer = ShardWriter(folder, plan, max_shard_bytes)
+    current, layer, started = -1, {}, time.perf_counter()
+    try:
+        for name, shape, _ in plan:
             if name.startswith("model.layers."):
                 i = int(name.split(".")[2])
                 if i != current:
                     if layer:
-                        raise RuntimeError(f"layer {current} produced tensors the model has no place for: {sorted(layer)}")
-                    if current >= 0:
-                        bar.update(1)
+                        raise RuntimeError(f"layer {current} made tensors the model has no place for: {sorted(layer)}")
+                    bar.update(current >= 0)
                     current = i
                     layer = latent_layer_state(reader.state(layer_prefix(i), dtype), layer_latent(i))
-                t = layer.pop(name[len(layer_prefix(i)):])
+                t = layer.pop(name[len(layer_prefix(i)):]).to(dtype)
             else:
-                t = reader.get(name, dtype) if name in reader else None
-                if t is None and name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
-                    continue  # tied to the embedding and not stored
-                if t is None:
-                    raise KeyError(f"the checkpoint at {reader.folder} has no {name}")
-            if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{name}: converted tensor has shape {tuple(t.shape)}, the model expects {tuple(shape)}")
-            yield name, t
+                t = reader.get(name, dtype)
+            writer.add(name, t)
+            del t
         if layer:
-            raise RuntimeError(f"layer {current} produced tensors the model has no place for: {sorted(layer)}")
+            raise RuntimeError(f"layer {current} made tensors the model has no place for: {sorted(layer)}")
         bar.update(1)
         bar.set_postfix_str(f"{time.perf_counter() - started:.1f} s")
-
-    try:
-        return save_weights(folder, config, tensors(), max_shard_bytes)
+        return writer.close()
     finally:
         bar.close()
