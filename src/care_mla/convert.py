@@ -35,6 +35,8 @@ from .settings import ConvertSettings, SettingsError
 logger = logging.getLogger(__name__)
 
 SETTINGS_FILE = "care_mla_settings.json"
+#: Version of the cached statistics (2: second moments stored in float32); part of the cache key.
+STATS_FORMAT = 2
 REPORT_FILE = "report.json"
 
 
@@ -111,7 +113,7 @@ def _fingerprint(model_path: str, text_path: Path, settings: ConvertSettings, dt
     """Key of the calibration cache: model files, text content and calibration shape."""
     h = hashlib.sha256(_model_fingerprint(model_path))
     h.update(hashlib.sha256(text_path.read_bytes()).digest())
-    h.update(f"{settings.calib_samples}x{settings.calib_seq_len}:{dtype}".encode())
+    h.update(f"{settings.calib_samples}x{settings.calib_seq_len}:{dtype}:{STATS_FORMAT}".encode())
     return h.hexdigest()[:20]
 
 
