@@ -36,7 +36,8 @@ args = json.loads(sys.argv[1])
 t = time.perf_counter()
 report = convert(ConvertSettings(model=args["model"], out=args["out"], kv_fraction=0.5, calib_samples=args["samples"],
                                  calib_seq_len=args["seq_len"], calib_dtype=args["calib_dtype"], batch_size=args["batch_size"],
-                                 evaluate=False, progress=False, cache_dir=args["cache"]))
+                                 evaluate=False, progress=False, cache_dir=args["cache"], layerwise=args["layerwise"],
+                                 overwrite=True))
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "timings_s": report["timings_s"]}))
 """
@@ -54,20 +55,26 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--calib-dtype", default="bfloat16")
+    p.add_argument("--compare-whole", action="store_true", help="also time the conversion with the whole model loaded")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         args = {"model": a.model, "samples": a.samples, "seq_len": a.seq_len, "batch_size": a.batch_size,
                 "calib_dtype": a.calib_dtype, "out": f"{tmp}/out", "cache": f"{tmp}/cache"}
         t = time.perf_counter()
         fwd = run(FORWARD, args)
-        conv = run(CONVERT, args)
+        conv = run(CONVERT, {**args, "layerwise": True})
+        whole = run(CONVERT, {**args, "layerwise": False, "cache": f"{tmp}/cache-whole"}) if a.compare_whole else None
         total = time.perf_counter() - t
     tokens = a.samples * a.seq_len
     print(f"model {a.model}, {a.samples} x {a.seq_len} = {tokens:,} calibration tokens, forward dtype {a.calib_dtype}")
-    print(f"{'':36s}{'wall s':>10s}{'peak RSS MB':>14s}")
-    print(f"{'plain forward (decoder stack)':36s}{fwd['seconds']:10.1f}{fwd['peak_rss_mb']:14.0f}")
-    print(f"{'conversion (load+calib+factor+save)':36s}{conv['seconds']:10.1f}{conv['peak_rss_mb']:14.0f}")
+    print(f"{'':44s}{'wall s':>10s}{'peak RSS MB':>14s}")
+    print(f"{'plain forward (decoder stack)':44s}{fwd['seconds']:10.1f}{fwd['peak_rss_mb']:14.0f}")
+    print(f"{'conversion, layer by layer (default)':44s}{conv['seconds']:10.1f}{conv['peak_rss_mb']:14.0f}")
+    if whole:
+        print(f"{'conversion, whole model loaded':44s}{whole['seconds']:10.1f}{whole['peak_rss_mb']:14.0f}")
     print(f"ratio conversion / forward: {conv['seconds'] / fwd['seconds']:.2f}   stages: {conv['timings_s']}")
+    if whole:
+        print(f"ratio whole-model conversion / forward: {whole['seconds'] / fwd['seconds']:.2f}   stages: {whole['timings_s']}")
     print(f"(benchmark wall time {total:.0f} s)")
 
 

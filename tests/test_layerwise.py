@@ -158,3 +158,19 @@ def test_non_safetensors_checkpoint_falls_back_to_whole_loading(text_file, tmp_p
         CheckpointReader(folder)
     report = api.convert(settings_for(folder, text_file, tmp_path, "out"))
     assert report["loading"] == "whole"
+
+
+def test_token_ids_are_cached_on_disk(text_file, tmp_path, monkeypatch):
+    from care_mla import data
+
+    tok = make_tokenizer(text_file.read_text())
+    first = data.tokenize_file(tok, text_file, tmp_path)
+    (cached,) = (tmp_path / "tokens").glob("*.safetensors")
+    monkeypatch.setattr(data, "_TOKENIZED", {})  # a new process
+    monkeypatch.setattr(data, "_tokenize", lambda *a: pytest.fail("tokenised again despite the disk cache"))
+    assert torch.equal(data.tokenize_file(tok, text_file, tmp_path), first) and first.dtype == torch.long
+    other = make_tokenizer("completely different words only here")  # another tokenizer: another key
+    monkeypatch.setattr(data, "_TOKENIZED", {})
+    monkeypatch.undo()
+    data.tokenize_file(other, text_file, tmp_path)
+    assert len(list((tmp_path / "tokens").glob("*.safetensors"))) == 2 and cached.is_file()

@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from . import allocation, assets, deepseek, factorization
 from .calibration import CalibrationStats, collect_statistics
 from .checkpoint import CheckpointFormatError, CheckpointReader
-from .data import load_windows
+from .data import load_windows, resolve_text
 from .evaluation import kv_bytes_per_token, kv_cache_width, measured_kv_bytes_per_token, perplexity
 from .families import get_family, gqa_kv_width, head_dim
 from .configuration_care_mla import CareMlaConfig
@@ -132,16 +132,17 @@ def calibrate(model, tokenizer, model_path: str, settings: ConvertSettings, *,
     else:
         device, model_dtype = next(model.parameters()).device, next(model.parameters()).dtype
     dtype = model_dtype if settings.calib_dtype == "same" else getattr(torch, settings.calib_dtype)
-    windows, text_path = load_windows(
-        tokenizer, settings.calib_text, "calibration", settings.calib_samples, settings.calib_seq_len
-    )
     cache_root = assets.resolve_cache_dir(settings.cache_dir)
+    text_path = resolve_text(settings.calib_text, "calibration")
     cache = cache_root / "calibration" / f"{_fingerprint(model_path, text_path, settings, dtype)}.safetensors"
-    if cache.is_file():
+    if cache.is_file():  # checked before tokenising: the statistics are all that is needed
         logger.info("calibration statistics from %s", cache)
         stats = CalibrationStats.load(cache)
         stats.meta["cache_file"] = str(cache)
         return stats
+    windows, _ = load_windows(
+        tokenizer, settings.calib_text, "calibration", settings.calib_samples, settings.calib_seq_len, cache_root
+    )
     meta = {
         "model": model_path,
         "text": str(text_path),

@@ -8,9 +8,12 @@ deterministic and cover all of it.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from . import assets
 
@@ -58,16 +61,40 @@ def _tokenize(tokenizer, text: str) -> torch.Tensor:
 _TOKENIZED: dict[tuple, torch.Tensor] = {}
 
 
-def tokenize_file(tokenizer, path: Path) -> torch.Tensor:
-    """Token ids of a text file, remembered in-process (a novel-sized text takes seconds to tokenise)."""
+def tokenize_file(tokenizer, path: Path, cache_dir: Path | None = None) -> torch.Tensor:
+    """Token ids of a text file, remembered in-process (a novel-sized text takes seconds to tokenise).
+
+    With `cache_dir`, also on disk, keyed by the text's bytes and the fast tokenizer's full
+    definition (its JSON): tokenising the 3 MB Austen calibration text costs ~3 s and ~400 MB
+    of peak memory, which a repeated conversion then skips.
+    """
     stat = path.stat()
     who = tokenizer.name_or_path or id(tokenizer)  # an in-memory tokenizer has no name
     key = (who, len(tokenizer), str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _TOKENIZED:
-        _TOKENIZED[key] = _tokenize(tokenizer, path.read_text(encoding="utf-8"))
-    return _TOKENIZED[key]
+    if key in _TOKENIZED:
+        return _TOKENIZED[key]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    file = None
+    if cache_dir is not None and backend is not None:
+        h = hashlib.sha256(backend.to_str().encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+        file = Path(cache_dir) / "tokens" / f"{h.hexdigest()[:24]}.safetensors"
+    if file is not None and file.is_file():
+        ids = load_file(str(file))["ids"].long()
+    else:
+        ids = _tokenize(tokenizer, path.read_text(encoding="utf-8"))
+        if file is not None:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_name(f"{file.name}.tmp-{os.getpid()}")
+            save_file({"ids": ids.to(torch.int32 if ids.numel() == 0 or int(ids.max()) < 2**31 else torch.int64)},
+                      str(tmp))
+            tmp.replace(file)
+    _TOKENIZED[key] = ids
+    return ids
 
 
-def load_windows(tokenizer, spec: str, split: str, num_windows: int, seq_len: int) -> tuple[torch.Tensor, Path]:
+def load_windows(tokenizer, spec: str, split: str, num_windows: int, seq_len: int,
+                 cache_dir: Path | None = None) -> tuple[torch.Tensor, Path]:
+    """Evenly spaced token windows of the text `spec` (token ids cached on disk under `cache_dir` when given)."""
     path = resolve_text(spec, split)
-    return token_windows(tokenizer, tokenize_file(tokenizer, path), num_windows, seq_len), path
+    return token_windows(tokenizer, tokenize_file(tokenizer, path, cache_dir), num_windows, seq_len), path
