@@ -59,6 +59,15 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
         tmp = Path(tmp)
+        # token ids cached once (as any repeated conversion finds them): tokenising the 3 MB text
+        # peaks at ~400 MB, which would otherwise weigh on the first depth only
+        from transformers import AutoTokenizer
+
+        from care_mla import assets
+        from care_mla.data import resolve_text, tokenize_file
+
+        tokenize_file(AutoTokenizer.from_pretrained(assets.default_model_dir()), resolve_text("austen", "calibration"),
+                      tmp / "cache")
         for layers in depths:
             config = random_llama_config(layers, a.hidden, a.intermediate)
             model = tmp / f"random-{layers}"

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from . import allocation, assets, deepseek, factorization
@@ -248,14 +249,15 @@ def plan_ranks(config, kv_weights: KvWeights, stats: CalibrationStats, settings:
     layers = config.num_hidden_layers
     budget = rank_budget(config, settings)
     Cs, abs_means = stats.second_moments, stats.abs_means
-    if settings.latent == "joint":
-        spectra = [] if settings.allocation == "uniform" else [
-            _joint_factorize(*kv_weights(i), Cs[i], 0, settings).spectrum for i in range(layers)]
-        return [[r] for r in choose_ranks(spectra, budget, settings)]
     if settings.allocation == "uniform":
-        return [[r, r] for r in choose_ranks([], budget, settings)]
+        ranks = choose_ranks([], budget, settings)
+        return [[r] if settings.latent == "joint" else [r, r] for r in ranks]
+    bar = tqdm(range(layers), desc="spectra for the rank plan", unit="layer", disable=not settings.progress)
+    if settings.latent == "joint":
+        spectra = [_joint_factorize(*kv_weights(i), Cs[i], 0, settings).spectrum for i in bar]
+        return [[r] for r in choose_ranks(spectra, budget, settings)]
     spectra: dict[str, list[torch.Tensor]] = {"k": [], "v": []}
-    for i in range(layers):
+    for i in bar:
         for name, W in zip(("k", "v"), kv_weights(i)):
             spectra[name].append(_factorize(settings.method, W, Cs[i], abs_means[i], 0, settings).spectrum)
     k, v = (choose_ranks(spectra[name], budget, settings) for name in ("k", "v"))
