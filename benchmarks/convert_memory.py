@@ -24,6 +24,8 @@ from random_model import random_llama_config, write_random_model  # noqa: E402
 
 CONVERT = """
 import json, resource, sys, time
+def peak_rss_mb():  # this process's own high-water mark (ru_maxrss would include the parent's, inherited at exec)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 from care_mla.convert import convert
 from care_mla.settings import ConvertSettings
 args = json.loads(sys.argv[1])
@@ -31,7 +33,7 @@ t = time.perf_counter()
 report = convert(ConvertSettings(model=args["model"], out=args["out"], kv_fraction=0.5, calib_samples=args["samples"],
                                  calib_seq_len=args["seq_len"], dtype="bfloat16", evaluate=False, progress=False,
                                  cache_dir=args["cache"], layerwise=args["layerwise"], overwrite=True))
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(),
                   "loading": report["loading"], "timings_s": report["timings_s"]}))
 """
 
@@ -63,20 +65,21 @@ def main() -> None:
         # peaks at ~400 MB, which would otherwise weigh on the first depth only
         from transformers import AutoTokenizer
 
-        from care_mla import assets
         from care_mla.data import resolve_text, tokenize_file
 
-        tokenize_file(AutoTokenizer.from_pretrained(assets.default_model_dir()), resolve_text("austen", "calibration"),
-                      tmp / "cache")
         for layers in depths:
             config = random_llama_config(layers, a.hidden, a.intermediate)
             model = tmp / f"random-{layers}"
             size = write_random_model(model, config)
+            for mode in ("layerwise", "whole"):  # each mode calibrates afresh in its own cache
+                tokenize_file(AutoTokenizer.from_pretrained(model), resolve_text("austen", "calibration"),
+                              tmp / f"cache-{mode}")
             stats_mb = layers * (a.hidden**2 + a.hidden) * 4 / 2**20
             row = {"layers": layers, "weights_gb": size / 1e9, "stats_mb": stats_mb}
             for layerwise in (True, False) if a.compare_whole else (True,):
                 t = time.perf_counter()
-                r = convert_in_process(model, tmp / "out", tmp / "cache", layerwise, a.samples, a.seq_len)
+                cache = tmp / f"cache-{'layerwise' if layerwise else 'whole'}"
+                r = convert_in_process(model, tmp / "out", cache, layerwise, a.samples, a.seq_len)
                 row["layerwise" if layerwise else "whole"] = r
                 print(f"  {layers} layers, {'layer by layer' if layerwise else 'whole model'}: "
                       f"{r['peak_rss_mb']:.0f} MB peak RSS, {time.perf_counter() - t:.0f} s", flush=True)

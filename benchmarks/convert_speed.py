@@ -25,11 +25,13 @@ t = time.perf_counter()
 with torch.no_grad():
     for start in range(0, ids.shape[0], args["batch_size"]):
         model.model(ids[start:start + args["batch_size"]], use_cache=False)  # decoder stack, as calibration runs it
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}))
 """
 
 CONVERT = """
 import json, resource, sys, time
+def peak_rss_mb():  # this process's own high-water mark (ru_maxrss would include the parent's, inherited at exec)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 from care_mla.convert import convert
 from care_mla.settings import ConvertSettings
 args = json.loads(sys.argv[1])
@@ -38,7 +40,7 @@ report = convert(ConvertSettings(model=args["model"], out=args["out"], kv_fracti
                                  calib_seq_len=args["seq_len"], calib_dtype=args["calib_dtype"], batch_size=args["batch_size"],
                                  evaluate=False, progress=False, cache_dir=args["cache"], layerwise=args["layerwise"],
                                  overwrite=True))
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(),
                   "timings_s": report["timings_s"]}))
 """
 
