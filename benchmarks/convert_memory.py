@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from convert_speed import PEAK_RSS  # noqa: E402
 from random_model import random_llama_config, write_random_model  # noqa: E402
 
-CONVERT = """
-import json, resource, sys, time
-def peak_rss_mb():  # this process's own high-water mark (ru_maxrss would include the parent's, inherited at exec)
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+CONVERT = PEAK_RSS + """
+import json, sys, time
 from care_mla.convert import convert
 from care_mla.settings import ConvertSettings
 args = json.loads(sys.argv[1])

@@ -14,8 +14,15 @@ import sys
 import tempfile
 import time
 
-FORWARD = """
-import json, resource, sys, time, torch
+#: Prepended to every child script: the child's own peak RSS (ru_maxrss would include the
+#: parent's, inherited at exec).
+PEAK_RSS = """
+def peak_rss_mb():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+"""
+
+FORWARD = PEAK_RSS + """
+import json, sys, time, torch
 from care_mla.convert import load_model
 from care_mla.data import load_windows
 args = json.loads(sys.argv[1])
@@ -28,10 +35,8 @@ with torch.no_grad():
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}))
 """
 
-CONVERT = """
-import json, resource, sys, time
-def peak_rss_mb():  # this process's own high-water mark (ru_maxrss would include the parent's, inherited at exec)
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+CONVERT = PEAK_RSS + """
+import json, sys, time
 from care_mla.convert import convert
 from care_mla.settings import ConvertSettings
 args = json.loads(sys.argv[1])
