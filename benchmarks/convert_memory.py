@@ -1,12 +1,14 @@
 """Peak RSS of a conversion by model depth: random-weight models of one width and 8, 32, 128 layers.
 
 Each model is written to disk first (`random_model.py`, bf16), then converted in its own
-process (CARE, F=0.5, separate latents, adjusted ranks, bf16 output, no evaluation) layer by
+process (CARE, F=0.5, bf16 output, no evaluation; by default separate latents with adjusted
+ranks, `--format deepseek` for the DeepSeek-V3 export, `--latent` for another latent) layer by
 layer and, with --compare-whole, with the whole model loaded (`--no-layerwise`). Layer by
 layer, the peak must not grow with depth beyond the statistics (one D×D fp32 second moment
 per layer); loading the whole model, it grows with the weights.
 
     python benchmarks/convert_memory.py [--layers 8,32,128] [--hidden 576] [--samples 32 --seq-len 256]
+                                        [--format care_mla|deepseek] [--latent separate|joint|decoupled]
 """
 
 from __future__ import annotations
@@ -31,15 +33,17 @@ args = json.loads(sys.argv[1])
 t = time.perf_counter()
 report = convert(ConvertSettings(model=args["model"], out=args["out"], kv_fraction=0.5, calib_samples=args["samples"],
                                  calib_seq_len=args["seq_len"], dtype="bfloat16", evaluate=False, progress=False,
-                                 cache_dir=args["cache"], layerwise=args["layerwise"], overwrite=True))
+                                 cache_dir=args["cache"], layerwise=args["layerwise"], overwrite=True,
+                                 format=args["format"], latent=args["latent"]))
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(),
                   "loading": report["loading"], "timings_s": report["timings_s"]}))
 """
 
 
-def convert_in_process(model: Path, out: Path, cache: Path, layerwise: bool, samples: int, seq_len: int) -> dict:
+def convert_in_process(model: Path, out: Path, cache: Path, layerwise: bool, samples: int, seq_len: int,
+                       fmt: str = "care_mla", latent: str | None = None) -> dict:
     args = {"model": str(model), "out": str(out), "cache": str(cache), "layerwise": layerwise, "samples": samples,
-            "seq_len": seq_len}
+            "seq_len": seq_len, "format": fmt, "latent": latent}
     run = subprocess.run([sys.executable, "-c", CONVERT, json.dumps(args)], capture_output=True, text=True)
     if run.returncode:
         raise RuntimeError(f"conversion failed:\n{run.stderr[-3000:]}")
@@ -53,6 +57,8 @@ def main() -> None:
     p.add_argument("--intermediate", type=int, default=1536)
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--format", default="care_mla", choices=["care_mla", "deepseek"])
+    p.add_argument("--latent", default=None, choices=["separate", "joint", "decoupled"])
     p.add_argument("--compare-whole", action="store_true", help="also convert with the whole model in memory")
     p.add_argument("--workdir", default=None, help="where the random models are written (default: a temp folder)")
     a = p.parse_args()
@@ -78,14 +84,15 @@ def main() -> None:
             for layerwise in (True, False) if a.compare_whole else (True,):
                 t = time.perf_counter()
                 cache = tmp / f"cache-{'layerwise' if layerwise else 'whole'}"
-                r = convert_in_process(model, tmp / "out", cache, layerwise, a.samples, a.seq_len)
+                r = convert_in_process(model, tmp / "out", cache, layerwise, a.samples, a.seq_len, a.format, a.latent)
                 row["layerwise" if layerwise else "whole"] = r
                 print(f"  {layers} layers, {'layer by layer' if layerwise else 'whole model'}: "
                       f"{r['peak_rss_mb']:.0f} MB peak RSS, {time.perf_counter() - t:.0f} s", flush=True)
             rows.append(row)
             subprocess.run(["rm", "-rf", str(model), str(tmp / "out")], check=True)
     print(f"\nrandom Llama-style models, hidden {a.hidden}, intermediate {a.intermediate}, bf16 weights; "
-          f"calibration {a.samples} x {a.seq_len} tokens; CARE F=0.5, bf16 output, no evaluation")
+          f"calibration {a.samples} x {a.seq_len} tokens; CARE F=0.5, format {a.format}, latent {a.latent or 'default'}, "
+          "bf16 output, no evaluation")
     head = f"{'layers':>6s} {'weights GB':>11s} {'stats MB':>9s} {'peak RSS MB':>12s} {'conv s':>7s}"
     print(head + (f" {'whole-model RSS MB':>19s}" if a.compare_whole else ""))
     for r in rows:

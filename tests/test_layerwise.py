@@ -33,11 +33,17 @@ def output_files(folder) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name not in RUN_FILES}
 
 
-@pytest.mark.parametrize("family,latent,method", [("llama", "separate", "care"), ("qwen2", "joint", "care"),
-                                                  ("qwen3", "separate", "asvd"), ("mistral", "joint", "mha2mla")])
-def test_layerwise_output_is_byte_identical_to_whole_model(tiny_model_dir, text_file, tmp_path, family, latent, method):
+@pytest.mark.parametrize("family,latent,method,fmt", [
+    ("llama", "separate", "care", "care_mla"), ("qwen2", "joint", "care", "care_mla"),
+    ("qwen3", "separate", "asvd", "care_mla"), ("mistral", "joint", "mha2mla", "care_mla"),
+    ("qwen3", "decoupled", "care", "care_mla"), ("qwen2", "decoupled", "care", "deepseek"),
+    ("llama", "decoupled", "care", "deepseek"),
+])
+def test_layerwise_output_is_byte_identical_to_whole_model(tiny_model_dir, text_file, tmp_path, family, latent, method,
+                                                           fmt):
     folder = tiny_model_dir(family)
-    kw = dict(latent=latent, method=method, allocation="adjusted", kv_fraction=0.5)
+    allocation = "uniform" if fmt == "deepseek" else "adjusted"
+    kw = dict(latent=latent, method=method, allocation=allocation, kv_fraction=0.5, format=fmt)
     api.convert(settings_for(folder, text_file, tmp_path, "whole", layerwise=False, **kw))
     report = api.convert(settings_for(folder, text_file, tmp_path, "layerwise", **kw))
     assert report["loading"] == "layerwise"
@@ -52,7 +58,14 @@ def test_layerwise_output_is_byte_identical_to_whole_model(tiny_model_dir, text_
     # and it is a working model of the asked budget
     ranks = json.loads((tmp_path / "layerwise" / "report.json").read_text())["ranks"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "layerwise")
-    assert model.config.kv_lora_ranks == ranks and sum(map(sum, ranks)) == 0.5 * 2 * 2 * 16 * 3
+    if fmt == "deepseek":
+        assert type(model).__name__ == "DeepseekV3ForCausalLM"
+        assert (model.config.kv_lora_rank + model.config.qk_rope_head_dim) * 3 == 0.5 * 2 * 2 * 16 * 3
+    elif latent == "decoupled":  # the latent plus the shared RoPE key make the budget
+        assert model.config.kv_lora_ranks == ranks
+        assert sum(r + model.config.qk_rope_head_dim for (r,) in ranks) == 0.5 * 2 * 2 * 16 * 3
+    else:
+        assert model.config.kv_lora_ranks == ranks and sum(map(sum, ranks)) == 0.5 * 2 * 2 * 16 * 3
 
 
 def test_layerwise_conversion_is_reproducible_and_evaluates(tiny_model_dir, text_file, tmp_path):
@@ -174,3 +187,30 @@ def test_token_ids_are_cached_on_disk(text_file, tmp_path, monkeypatch):
     monkeypatch.undo()
     data.tokenize_file(other, text_file, tmp_path)
     assert len(list((tmp_path / "tokens").glob("*.safetensors"))) == 2 and cached.is_file()
+
+
+@pytest.mark.parametrize("latent,fmt", [("separate", "care_mla"), ("decoupled", "care_mla"), ("decoupled", "deepseek")])
+def test_conversion_reads_one_layer_at_a_time(tiny_model_dir, text_file, tmp_path, monkeypatch, latent, fmt):
+    """Every read of the checkpoint is one decoder layer's tensors or one tensor outside them; nothing loads it whole."""
+    folder = tiny_model_dir("qwen3")
+    reads = []
+    real_read = CheckpointReader._read
+
+    def read(self, names, dtype):
+        reads.append(list(names))
+        return real_read(self, names, dtype)
+
+    monkeypatch.setattr(CheckpointReader, "_read", read)
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("the model was loaded whole"))
+    allocation = "uniform" if fmt == "deepseek" else "adjusted"
+    report = api.convert(settings_for(folder, text_file, tmp_path, "out", latent=latent, format=fmt,
+                                      allocation=allocation, kv_fraction=0.5))
+    assert report["loading"] == "layerwise"
+    per_layer: dict[str, int] = {}
+    for names in reads:
+        layers = {n.split(".")[2] for n in names if n.startswith("model.layers.")}
+        assert len(layers) == 1 or (not layers and len(names) == 1), names
+        for i in layers:
+            per_layer[i] = per_layer.get(i, 0) + 1
+    # calibration, the rank / RoPE plan and writing read each layer (or its K and V) a few times each
+    assert sorted(per_layer) == ["0", "1", "2"] and max(per_layer.values()) <= 6

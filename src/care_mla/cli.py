@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cache-dir", default=None, help="where calibration statistics are kept")
     c.add_argument("--no-layerwise", dest="layerwise", action="store_false",
                    help="load the whole model in memory instead of reading, calibrating and writing one decoder "
-                        "layer at a time (decoupled layouts always load it whole)")
+                        "layer at a time (same output bytes; .bin checkpoints and hub ids always load it whole)")
     _add_eval_args(c)
 
     d = sub.add_parser("demo", help="convert the embedded SmolLM2 at F=0.5 with CARE and weight SVD; print a table")

@@ -17,6 +17,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from .data import load_windows, resolve_text
 from .evaluation import kv_bytes_per_token, kv_cache_width, measured_kv_bytes_per_token, perplexity
 from .families import get_family, gqa_kv_width, head_dim
 from .configuration_care_mla import CareMlaConfig
-from .mapping import LayerLatent, build_decoupled_model, build_latent_model
+from .mapping import LayerLatent, build_decoupled_model, build_latent_model, decoupled_config
 from .settings import ConvertSettings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -290,68 +291,83 @@ def plan_latents(model, stats: CalibrationStats, settings: ConvertSettings) -> t
     return [p[0] for p in planned], [p[1] for p in planned]
 
 
-def plan_decoupled(model, stats: CalibrationStats, settings: ConvertSettings):
-    """(RopeSplit, MlaLayout, per-layer table) of the decoupled-RoPE layout at the asked budget.
+def plan_decoupled(model, stats: CalibrationStats, settings: ConvertSettings, *,
+                   layer_state: "deepseek.LayerState | None" = None,
+                   dtype: torch.dtype | None = None) -> tuple[deepseek.RopeSplit, list[int]]:
+    """(RopeSplit, per-layer latent ranks) of the decoupled-RoPE layout at the asked budget.
 
     The cache per token and layer is ``round(kv_fraction·2·g·d)``: ``qk_rope_head_dim`` RoPE
     numbers (``--rope-dim``, else `deepseek.default_rope_dim`) shared by all layers, the rest
     the latent, whose width is uniform or spread by the adjusted rule over the whitened spectra
     of each layer's [un-rotated K, V]. The parity budget with every key pair in RoPE is the
-    exact layout (latent = V, no allocation to make).
+    exact layout (latent = V, no allocation to make). `model` may be a meta-device skeleton
+    whose layers `layer_state` reads (in `dtype`) from the checkpoint.
     """
     config = model.config
-    g, d = config.num_key_value_heads, head_dim(config)
-    kv_lora_rank, rope = deepseek.split_budget(
-        num_kv_heads=g, head_dim_=d, hidden_size=config.hidden_size, kv_lora_rank=None,
-        qk_rope_head_dim=settings.rope_dim, kv_fraction=settings.kv_fraction, portable=settings.portable,
-    )
-    exact = rope == g * d and kv_lora_rank == g * d
+    kv_lora_rank, rope, exact = deepseek.export_budget(config, qk_rope_head_dim=settings.rope_dim,
+                                                       kv_fraction=settings.kv_fraction, portable=settings.portable)
     if settings.portable:
-        deepseek.check_portable(model)
+        deepseek.check_portable(config)
     split = deepseek.plan_rope_split(
         model, stats, qk_rope_head_dim=rope, exact=exact, rope_strategy=settings.rope_strategy,
-        rope_context=settings.rope_context, portable=settings.portable,
+        rope_context=settings.rope_context, portable=settings.portable, layer_state=layer_state, dtype=dtype,
     )
-    kw = {"whitening": settings.whitening, "damping": settings.damping, "balance_kv": settings.balance_kv}
     layers = config.num_hidden_layers
     if exact or settings.allocation == "uniform":
-        ranks = [kv_lora_rank] * layers
-    else:
-        cap = min(2 * g * d, config.hidden_size)
-        r_min = max(1, math.floor(settings.rank_min_ratio * kv_lora_rank))
-        r_max = min(cap, math.ceil(settings.rank_max_ratio * kv_lora_rank))
-        ranks = allocation.adjusted_ranks(deepseek.latent_spectra(split, **kw), kv_lora_rank * layers,
-                                          r_min=r_min, r_max=r_max, score=settings.allocation_score)
-    layout = deepseek.mla_layout(split, ranks, **kw)
-    kept = layout.summary()["kept_rope_energy"] or [1.0] * layers
-    table = []
-    for i, e in enumerate(layout.layers):
-        W_v, C = split.weights[i][4], stats.second_moments[i] if stats is not None else None
-        row = {"layer": i, "kv_rank": e.rank, "rope_kept_energy": kept[i]}
-        if C is not None:
-            k_rest = split.rest_key(i)
-            row["k_nope_rel_error"] = _relative_error(k_rest, e.kv_latent @ e.up_k.reshape(e.rank, -1), C) if layout.qk_nope_head_dim else 0.0
-            row["v_rel_error"] = _relative_error(W_v, e.kv_latent @ e.up_v.reshape(e.rank, -1), C)
-        table.append(row)
-    return split, layout, table
+        return split, [kv_lora_rank] * layers
+    g, d = config.num_key_value_heads, head_dim(config)
+    cap = min(2 * g * d, config.hidden_size)
+    r_min = max(1, math.floor(settings.rank_min_ratio * kv_lora_rank))
+    r_max = min(cap, math.ceil(settings.rank_max_ratio * kv_lora_rank))
+    spectra = deepseek.latent_spectra(split, **_decoupled_kw(settings), progress=settings.progress)
+    ranks = allocation.adjusted_ranks(spectra, kv_lora_rank * layers, r_min=r_min, r_max=r_max,
+                                      score=settings.allocation_score)
+    return split, ranks
+
+
+def _decoupled_kw(settings: ConvertSettings) -> dict:
+    return {"whitening": settings.whitening, "damping": settings.damping, "balance_kv": settings.balance_kv}
+
+
+def decoupled_layer(split: deepseek.RopeSplit, i: int, rank: int, stats: CalibrationStats | None,
+                    settings: ConvertSettings) -> tuple[deepseek.LayerLayout, dict]:
+    """Layer i's decoupled-RoPE tensors at `rank` and its row of the per-layer table (rank, kept RoPE energy, errors)."""
+    w = split.weights(i)
+    e = deepseek.layer_layout(split, i, rank, weights=w, **_decoupled_kw(settings))
+    row = {"layer": i, "kv_rank": e.rank, "rope_kept_energy": split.kept_rope_energy(i)}
+    if stats is not None:
+        C = stats.second_moments[i]
+        k_nope = e.kv_latent @ e.up_k.reshape(e.rank, -1)
+        row["k_nope_rel_error"] = _relative_error(split.rest_key(i, w), k_nope, C) if split.nope else 0.0
+        row["v_rel_error"] = _relative_error(w[4], e.kv_latent @ e.up_v.reshape(e.rank, -1), C)
+    return e, row
+
+
+def decoupled_target(config, split: deepseek.RopeSplit, ranks: list[int], settings: ConvertSettings):
+    """(config of the converted model, report fields that describe its layout) for the decoupled latent."""
+    fields = {"ranks": [[r] for r in ranks], "mla": split.summary()}
+    if settings.format != "deepseek":
+        return decoupled_config(config, split, ranks), fields
+    target = deepseek.deepseek_config(config, split, deepseek.check_one_rank(ranks), portable=settings.portable)
+    support = deepseek.runtime_support(target)
+    fields["runtime_support"] = {"transformers": support.transformers, "vllm_sglang": support.vllm_sglang,
+                                 "reasons": list(support.reasons)}
+    fields["mla"]["residual_scale"] = deepseek.residual_scale(config)
+    return target, fields
 
 
 def build_converted(model, stats: CalibrationStats, settings: ConvertSettings) -> tuple[torch.nn.Module, dict]:
     """The converted model in the asked format, and the report fields that describe it."""
     if settings.latent == "decoupled":
-        split, layout, table = plan_decoupled(model, stats, settings)
-        logger.info("per-layer ranks and relative activation errors:\n%s", format_layer_table(table))
-        fields = {"ranks": [[r] for r in layout.kv_lora_ranks], "layers": table, "mla": layout.summary()}
+        split, ranks = plan_decoupled(model, stats, settings)
+        _, fields = decoupled_target(model.config, split, ranks, settings)  # a DeepSeek budget is refused here
+        made = [decoupled_layer(split, i, r, stats, settings) for i, r in enumerate(ranks)]
+        layout = deepseek.assemble_layout(split, [e for e, _ in made])
+        fields["layers"] = [row for _, row in made]
+        logger.info("per-layer ranks and relative activation errors:\n%s", format_layer_table(fields["layers"]))
         if settings.format == "deepseek":
-            converted = deepseek.layout_to_deepseek(model, layout, split.inv_freq, split.source_rope,
-                                                    portable=settings.portable)
-            support = converted.care_export["runtime_support"]
-            fields["runtime_support"] = {"transformers": support.transformers, "vllm_sglang": support.vllm_sglang,
-                                         "reasons": list(support.reasons)}
-            fields["mla"]["residual_scale"] = converted.care_export["residual_scale"]
-        else:
-            converted = build_decoupled_model(model, layout)
-        return converted, fields
+            return deepseek.layout_to_deepseek(model, split, layout, portable=settings.portable), fields
+        return build_decoupled_model(model, layout), fields
     latents, table = plan_latents(model, stats, settings)
     logger.info("per-layer ranks and relative activation errors:\n%s", format_layer_table(table))
     return build_latent_model(model, latents), {"ranks": [l.ranks for l in latents], "layers": table}
@@ -458,8 +474,9 @@ def convert(settings: ConvertSettings) -> dict:
     """Convert `settings.model` and write the latent-cache model with its report to `settings.out`.
 
     Returns the report (also written as report.json). The input model is never modified.
-    Separate and joint latents are converted layer by layer from the checkpoint (`layerwise`)
-    unless ``settings.layerwise`` is False; decoupled layouts load the model whole.
+    A safetensors checkpoint is converted layer by layer (`layerwise`: every latent and format,
+    the same bytes) unless ``settings.layerwise`` is False; `.bin` checkpoints and hub ids are
+    loaded whole.
     """
     out = Path(settings.out)
     check_output(out, settings.overwrite)  # fail before any work
@@ -469,7 +486,7 @@ def convert(settings: ConvertSettings) -> dict:
         _import_lm_eval()  # a missing lm-eval is said now, not after the conversion
     device = resolve_device(settings.device)
     dtype = torch_dtype(settings.dtype, device)
-    if settings.layerwise and settings.latent != "decoupled":
+    if settings.layerwise:
         reader = _checkpoint_reader(settings.model)
         if reader is not None:
             return _convert_layerwise(settings, reader, device, dtype)
@@ -495,12 +512,9 @@ def convert(settings: ConvertSettings) -> dict:
 
     t = time.perf_counter()
     with atomic_output(out, settings.overwrite) as tmp:
-        if settings.format == "care_mla":
-            from .layerwise import save_latent_model
+        from .layerwise import save_model
 
-            save_latent_model(tmp, converted)  # the same files the layer-by-layer path streams
-        else:
-            converted.save_pretrained(tmp)
+        save_model(tmp, converted)  # the same files the layer-by-layer path streams
         tokenizer.save_pretrained(tmp)
         settings.save(tmp / SETTINGS_FILE)
         timings["save"] = time.perf_counter() - t
@@ -524,7 +538,7 @@ def _checkpoint_reader(spec: str) -> CheckpointReader | None:
 def _convert_layerwise(settings: ConvertSettings, reader: CheckpointReader, device: torch.device,
                        dtype: torch.dtype) -> dict:
     """`convert` with one decoder layer in memory at a time: statistics, rank plan and output streamed."""
-    from .layerwise import kv_weights_reader, write_latent_model
+    from .layerwise import write_model
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -543,27 +557,18 @@ def _convert_layerwise(settings: ConvertSettings, reader: CheckpointReader, devi
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    kv_weights = kv_weights_reader(reader, dtype)
-    ranks = plan_ranks(config, kv_weights, stats, settings)
-    latent_config = CareMlaConfig.from_base(config, kv_latent=settings.latent, kv_lora_ranks=ranks)
-    table: list[dict] = []
-
-    def latent_of(i: int) -> LayerLatent:
-        latent, row = layer_latent(i, ranks[i], kv_weights, stats, settings)
-        table.append(row)
-        return latent
-
+    plan = (_decoupled_stream if settings.latent == "decoupled" else _latent_stream)(config, reader, stats, settings,
+                                                                                     dtype)
     out = Path(settings.out)
     with atomic_output(out, settings.overwrite) as tmp:
-        write_latent_model(tmp, reader, latent_config, latent_of, dtype=dtype, generation_config=generation_config,
-                           progress=settings.progress)
+        write_model(tmp, plan.model_class, plan.config, tensor=plan.tensor, layer=plan.layer, dtype=dtype,
+                    generation_config=generation_config, progress=settings.progress)
         tokenizer.save_pretrained(tmp)
         settings.save(tmp / SETTINGS_FILE)
         timings["factorize_and_save"] = time.perf_counter() - t
-        logger.info("per-layer ranks and relative activation errors:\n%s", format_layer_table(table))
-        fields = {"ranks": ranks, "layers": table}
-        report = _report_head(model_path, config, latent_config, "CareMlaForCausalLM", fields, stats, settings, dtype,
-                              device, loading="layerwise")
+        logger.info("per-layer ranks and relative activation errors:\n%s", format_layer_table(plan.fields["layers"]))
+        report = _report_head(model_path, config, plan.config, plan.model_class.__name__, plan.fields, stats, settings,
+                              dtype, device, loading="layerwise")
         report["peak_rss_mb_conversion"] = round(peak_rss_mb(), 1)
         if settings.evaluate:
             original = load_model(model_path, dtype, device)[0]
@@ -572,6 +577,68 @@ def _convert_layerwise(settings: ConvertSettings, reader: CheckpointReader, devi
             del original, converted
         _finish_report(report, timings, tmp)
     return report
+
+
+@dataclass
+class _Stream:
+    """What `layerwise.write_model` streams: the converted model's class and config, its tensors outside the
+    decoder layers by name, each layer's by index, and the report fields (the per-layer rows fill as it runs)."""
+
+    model_class: type
+    config: object
+    tensor: Callable[[str], torch.Tensor]
+    layer: Callable[[int], dict[str, torch.Tensor]]
+    fields: dict
+
+
+def _latent_stream(config, reader: CheckpointReader, stats: CalibrationStats, settings: ConvertSettings,
+                   dtype: torch.dtype) -> _Stream:
+    from .layerwise import kv_weights_reader, layer_prefix
+    from .mapping import latent_layer_state
+    from .modeling_care_mla import CareMlaForCausalLM
+
+    kv_weights = kv_weights_reader(reader, dtype)
+    ranks = plan_ranks(config, kv_weights, stats, settings)
+    fields = {"ranks": ranks, "layers": []}
+
+    def layer(i: int) -> dict[str, torch.Tensor]:
+        latent, row = layer_latent(i, ranks[i], kv_weights, stats, settings)
+        fields["layers"].append(row)
+        return latent_layer_state(reader.state(layer_prefix(i), dtype), latent)
+
+    target = CareMlaConfig.from_base(config, kv_latent=settings.latent, kv_lora_ranks=ranks)
+    return _Stream(CareMlaForCausalLM, target, lambda name: reader.get(name, dtype), layer, fields)
+
+
+def _decoupled_stream(config, reader: CheckpointReader, stats: CalibrationStats, settings: ConvertSettings,
+                      dtype: torch.dtype) -> _Stream:
+    from .layerwise import layer_prefix, skeleton
+    from .mapping import decoupled_layer_state
+    from .modeling_care_mla import CareMlaForCausalLM
+
+    split, ranks = plan_decoupled(skeleton(config), stats, settings, dtype=dtype,
+                                  layer_state=lambda i: reader.state(layer_prefix(i), dtype))
+    target, fields = decoupled_target(config, split, ranks, settings)
+    fields["layers"] = []
+    deepseek_format = settings.format == "deepseek"
+
+    def layer(i: int) -> dict[str, torch.Tensor]:
+        e, row = decoupled_layer(split, i, ranks[i], stats, settings)
+        fields["layers"].append(row)
+        source = split.layer_state(i)
+        if deepseek_format:
+            return deepseek.deepseek_layer_state(source, e, config, target)
+        return decoupled_layer_state(source, e, qk_rope_head_dim=split.qk_rope_head_dim,
+                                     rope_attention_scaling=split.rope_scaling)
+
+    if deepseek_format:
+        from transformers import DeepseekV3ForCausalLM
+
+        def tensor(name: str) -> torch.Tensor:
+            return deepseek.deepseek_global_tensor(name, lambda n: reader.get(n, dtype), config, target)
+
+        return _Stream(DeepseekV3ForCausalLM, target, tensor, layer, fields)
+    return _Stream(CareMlaForCausalLM, target, lambda name: reader.get(name, dtype), layer, fields)
 
 
 def _generation_config(model_path: str) -> GenerationConfig | None:

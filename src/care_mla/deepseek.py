@@ -6,8 +6,10 @@ numbers plus ``qk_rope_head_dim`` RoPE-key numbers (GQA caches ``2·g·d_h``).
 
 Three stages, so that the latent-cache format can hold the same layout with per-layer ranks:
 `plan_rope_split` (which key components stay under RoPE) → `latent_spectra` (for a rank
-allocation) → `mla_layout` (the tensors at chosen ranks) → `layout_to_deepseek` (upstream
-config and names, one rank) or `mapping.build_decoupled_model` (care-mla runtime).
+allocation) → `layer_layout` / `mla_layout` (the tensors at chosen ranks) →
+`deepseek_layer_state` / `layout_to_deepseek` (upstream config and names, one rank) or
+`mapping.decoupled_layer_state` / `build_decoupled_model` (care-mla runtime). The split holds
+no weights, only a reader of one layer's tensors, so `convert` streams all of it layer by layer.
 
 Notation: D hidden size, h_q query heads, g KV heads, d = d_h head dim, h = d/2 RoPE frequencies
 ("pairs"), G(j) the KV group of query head j. The maths lives in pure functions on tensors;
@@ -102,11 +104,13 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 from transformers.initialization import no_init_weights
 
@@ -589,29 +593,41 @@ def _source_rope(model) -> tuple[Tensor, float, dict]:
     return rotary.inv_freq.detach().float().cpu(), float(rotary.attention_scaling), params
 
 
-def _weights(attn, dims: _Dims, family, C: Tensor | None):
-    """Float64 (W_q, b_q, W_k, b_k, W_v, b_v, W_o, b_o) as y = x W + b, Qwen3's norms folded."""
+#: Layer index → that decoder layer's tensors, named relative to the layer ("self_attn.q_proj.weight", ...).
+LayerState = Callable[[int], dict[str, Tensor]]
 
-    def wb(lin):
-        W = lin.weight.detach().double().cpu().T
-        b = lin.bias.detach().double().cpu() if lin.bias is not None else None
-        return W, b
 
-    (Wq, bq), (Wk, bk), (Wv, bv) = wb(attn.q_proj), wb(attn.k_proj), wb(attn.v_proj)
-    Wo, bo = attn.o_proj.weight.detach().double().cpu(), attn.o_proj.bias
-    bo = bo.detach().double().cpu() if bo is not None else None
+def module_layer_state(model: nn.Module) -> LayerState:
+    """`LayerState` of an in-memory model."""
+    layers = model.model.layers
+    return lambda i: {k: v.detach() for k, v in layers[i].state_dict().items()}
+
+
+def _weights(state: dict[str, Tensor], attn: nn.Module, dims: _Dims, family, C: Tensor | None):
+    """Float64 (W_q, b_q, W_k, b_k, W_v, b_v, W_o, b_o) as y = x W + b from a layer's tensors, Qwen3's norms
+    folded (`attn`, possibly on the meta device, gives the norms' ε)."""
+
+    def wb(name: str):
+        b = state.get(f"self_attn.{name}.bias")
+        return state[f"self_attn.{name}.weight"].double().cpu().T, (b.double().cpu() if b is not None else None)
+
+    (Wq, bq), (Wk, bk), (Wv, bv), (WoT, bo) = wb("q_proj"), wb("k_proj"), wb("v_proj"), wb("o_proj")
+    Wo = WoT.T
     if family.qk_norm_cls is not None:
         if C is None:
             raise DeepseekExportError("Qwen3's q_norm/k_norm are folded with calibration statistics: pass stats")
-        Wq, bq = _fold_head_norm(Wq, bq, attn.q_norm, dims.heads, dims.d, C)
-        Wk, bk = _fold_head_norm(Wk, bk, attn.k_norm, dims.kv_heads, dims.d, C)
+        Wq, bq = _fold_head_norm(Wq, bq, state["self_attn.q_norm.weight"], _eps(attn.q_norm), dims.heads, dims.d, C)
+        Wk, bk = _fold_head_norm(Wk, bk, state["self_attn.k_norm.weight"], _eps(attn.k_norm), dims.kv_heads, dims.d, C)
     return Wq, bq, Wk, bk, Wv, bv, Wo, bo
 
 
-def _fold_head_norm(W: Tensor, b: Tensor | None, norm: nn.Module, heads: int, d: int, C: Tensor):
+def _eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+def _fold_head_norm(W: Tensor, b: Tensor | None, norm_weight: Tensor, eps: float, heads: int, d: int, C: Tensor):
     """Per head: ``w_norm ⊙ (x W + b) / √(E[ms] + ε)`` as one linear map (the Qwen3 approximation)."""
-    w = norm.weight.detach().double().cpu()
-    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    w = norm_weight.double().cpu()
     W, b = W.clone(), (b.clone() if b is not None else None)
     for i in range(heads):
         cols = slice(i * d, (i + 1) * d)
@@ -667,18 +683,6 @@ class MlaLayout:
     def kv_lora_ranks(self) -> list[int]:
         return [layer.rank for layer in self.layers]
 
-    def summary(self) -> dict:
-        kept = [e.kept_energy / e.total_energy if e.total_energy > 0 else 1.0 for e in self.layers]
-        return {
-            "qk_rope_head_dim": self.qk_rope_head_dim,
-            "qk_nope_head_dim": self.qk_nope_head_dim,
-            "exact": self.exact,
-            "rope_strategy": self.rope_strategy,
-            "rope_context": self.rope_context,
-            "rope_pairs_per_frequency": self.rope_pairs_per_frequency.tolist(),
-            "kept_rope_energy": None if self.exact else kept,
-        }
-
 
 def _layer_layout(weights, plan: RopePlan, dims: _Dims, nope: int, kv_lora_rank: int, C: Tensor | None,
                   q_scale: float, whitening: str, damping: float, balance_kv: bool) -> LayerLayout:
@@ -724,15 +728,18 @@ def _layer_layout(weights, plan: RopePlan, dims: _Dims, nope: int, kv_lora_rank:
 
 @dataclass
 class RopeSplit:
-    """A model's attention weights with the shared RoPE plan chosen: the stage before the latent ranks.
+    """A model's attention with the shared RoPE plan chosen: the stage before the latent ranks.
 
-    Made by `plan_rope_split`; `latent_spectra` gives what an allocation needs, `mla_layout`
-    the tensors at chosen per-layer ranks.
+    Made by `plan_rope_split`; holds no weights, only how to read them (`layer_state`), so a
+    model read layer by layer from its checkpoint is never in memory whole. `latent_spectra`
+    gives what an allocation needs, `layer_layout` one layer's tensors at a chosen rank.
     """
 
-    weights: list[tuple]
+    layer_state: LayerState
+    attention: Callable[[int], tuple]  # layer index → `_weights` of that layer
+    num_layers: int
     plans: list[RopePlan]
-    Cs: list[Tensor | None]
+    stats: CalibrationStats | None
     dims: _Dims
     qk_rope_head_dim: int
     exact: bool
@@ -742,21 +749,65 @@ class RopeSplit:
     src_scaling: float
     rope_strategy: str
     rope_context: int | None
+    has_q_bias: bool
+    has_k_bias: bool
+    has_o_bias: bool  # the export's o_proj has a bias (the source's, and/or V's folded through softmax)
 
     @property
     def nope(self) -> int:
         return 0 if self.exact else self.dims.d
 
-    def rest_key(self, i: int) -> Tensor:
+    @property
+    def qk_nope_head_dim(self) -> int:
+        return self.nope
+
+    @property
+    def q_scale(self) -> float:
+        """The source's softmax scale d^-½ (× RoPE cos/sin scaling²) over the (nope+rope)^-½ of the MLA softmax."""
+        return self.src_scaling * self.rope_scaling**2 * math.sqrt(self.nope + self.qk_rope_head_dim)
+
+    @property
+    def rope_freq_index(self) -> Tensor:
+        return self.plans[0].slots[0]
+
+    def C(self, i: int) -> Tensor | None:
+        """Layer i's attention-input second moment in float64 (made when asked), or None without statistics."""
+        return _second_moment(self.stats, i)
+
+    def weights(self, i: int) -> tuple:
+        """Layer i's float64 ``(W_q, b_q, W_k, b_k, W_v, b_v, W_o, b_o)``, read when asked."""
+        return self.attention(i)
+
+    def rest_key(self, i: int, weights: tuple | None = None) -> Tensor:
         """Layer i's key left out of RoPE, (D, g·d) in the original head layout."""
-        Wk = self.weights[i][2]
+        Wk = (weights or self.weights(i))[2]
         return from_pairs(rest_key(to_pairs(Wk, self.dims.kv_heads), self.plans[i]))
 
+    def kept_rope_energy(self, i: int) -> float:
+        """Share of layer i's key energy that stays under RoPE (1 for the exact layout)."""
+        total = float(self.plans[i].energy.sum())
+        return 1.0 if self.exact or total <= 0 else self.plans[i].kept_energy() / total
 
-def _check_stats(model, stats: CalibrationStats | None, needs: bool) -> None:
-    layers = model.model.layers
-    if stats is not None and stats.num_layers != len(layers):
-        raise DeepseekExportError(f"stats hold {stats.num_layers} layers, the model has {len(layers)}")
+    def summary(self) -> dict:
+        kept = [self.kept_rope_energy(i) for i in range(self.num_layers)]
+        return {
+            "qk_rope_head_dim": self.qk_rope_head_dim,
+            "qk_nope_head_dim": self.nope,
+            "exact": self.exact,
+            "rope_strategy": None if self.exact else self.rope_strategy,
+            "rope_context": self.rope_context,
+            "rope_pairs_per_frequency": self.plans[0].counts.tolist(),
+            "kept_rope_energy": None if self.exact else kept,
+        }
+
+
+def _second_moment(stats: CalibrationStats | None, i: int) -> Tensor | None:
+    return stats.second_moments[i].double() if stats is not None else None
+
+
+def _check_stats(num_layers: int, stats: CalibrationStats | None, needs: bool) -> None:
+    if stats is not None and stats.num_layers != num_layers:
+        raise DeepseekExportError(f"stats hold {stats.num_layers} layers, the model has {num_layers}")
     if needs and stats is None:
         raise DeepseekExportError(
             "this export needs calibration statistics (care_mla.calibration.collect_statistics): "
@@ -764,12 +815,12 @@ def _check_stats(model, stats: CalibrationStats | None, needs: bool) -> None:
         )
 
 
-def check_portable(model) -> None:
+def check_portable(config) -> None:
     """vLLM/SGLang's DeepSeek layers load no attention biases: refuse a portable export of a biased model."""
-    family = get_family(model.config)
-    if family.qkv_bias_always or getattr(model.config, "attention_bias", False):
+    family = get_family(config)
+    if family.qkv_bias_always or getattr(config, "attention_bias", False):
         raise DeepseekExportError(
-            f"{model.config.model_type} has attention biases, which vLLM/SGLang's DeepSeek layers do not load; "
+            f"{config.model_type} has attention biases, which vLLM/SGLang's DeepSeek layers do not load; "
             "export without portable (transformers runs it)"
         )
 
@@ -777,20 +828,27 @@ def check_portable(model) -> None:
 @torch.no_grad()
 def plan_rope_split(model: nn.Module, stats: CalibrationStats | None, *, qk_rope_head_dim: int, exact: bool,
                     rope_strategy: RopeStrategy = "pca", rope_context: int | None = None,
-                    portable: bool = False) -> RopeSplit:
+                    portable: bool = False, layer_state: LayerState | None = None,
+                    dtype: torch.dtype | None = None) -> RopeSplit:
     """Choose which key components stay under RoPE (shared counts per frequency, per-layer mixing).
 
     ``exact`` (the parity layout: every key pair in RoPE, V as the latent) needs no statistics
-    unless the model has q/k norms.
+    unless the model has q/k norms. `model` gives the architecture and RoPE; its weights are
+    read through `layer_state` (default: from `model` itself), so `model` may be a meta-device
+    skeleton (`layerwise.skeleton`) with `layer_state` reading a checkpoint, and `dtype` then
+    names the dtype the weights are read in. Each layer is read once here (below parity).
     """
-    _check_source(model)
+    _check_source(model.config, dtype or next(model.parameters()).dtype)
     family = get_family(model.config)
     dims = _dims(model.config)
     layers = model.model.layers
-    _check_stats(model, stats, not exact or family.qk_norm_cls is not None)
+    layer_state = layer_state or module_layer_state(model)
+    _check_stats(len(layers), stats, not exact or family.qk_norm_cls is not None)
     inv_freq, rope_scaling, src_rope = _source_rope(model)
-    Cs = [stats.second_moments[i].double() for i in range(len(layers))] if stats is not None else [None] * len(layers)
-    weights = [_weights(layer.self_attn, dims, family, Cs[i]) for i, layer in enumerate(layers)]
+    def attention(i: int) -> tuple:
+        return _weights(layer_state(i), layers[i].self_attn, dims, family, _second_moment(stats, i))
+
+    first = attention(0)
     context = None
     if exact:
         plans = [identity_plan(dims.half, dims.kv_heads) for _ in layers]
@@ -798,7 +856,9 @@ def plan_rope_split(model: nn.Module, stats: CalibrationStats | None, *, qk_rope
         context = _rope_context(rope_context, stats)
         weight = rotation_weight(inv_freq, context)
         candidates = []
-        for (_, _, Wk, bk, *_), C in zip(weights, Cs):
+        for i in range(len(layers)):
+            C = _second_moment(stats, i)
+            _, _, Wk, bk, *_ = first if i == 0 else attention(i)
             bz = to_pairs(bk[None], dims.kv_heads)[0] if bk is not None else None
             mixing, energy = rope_components(key_pair_covariance(to_pairs(Wk, dims.kv_heads), C, bz), rope_strategy)
             candidates.append((mixing, energy, component_scores(energy, weight)))
@@ -807,82 +867,116 @@ def plan_rope_split(model: nn.Module, stats: CalibrationStats | None, *, qk_rope
         counts = portable_pair_counts(scores, pairs) if portable else global_pair_counts(scores, pairs)
         plans = [plan_rope(m, e, sc, counts) for m, e, sc in candidates]
     src_scaling = float(getattr(layers[0].self_attn, "scaling", dims.d**-0.5))
-    return RopeSplit(weights=weights, plans=plans, Cs=Cs, dims=dims, qk_rope_head_dim=qk_rope_head_dim, exact=exact,
-                     inv_freq=inv_freq, rope_scaling=rope_scaling, source_rope=src_rope, src_scaling=src_scaling,
-                     rope_strategy=rope_strategy, rope_context=context)
+    _, bq, _, bk, _, bv, _, bo = first
+    return RopeSplit(layer_state=layer_state, attention=attention, num_layers=len(layers), plans=plans, stats=stats,
+                     dims=dims, qk_rope_head_dim=qk_rope_head_dim, exact=exact, inv_freq=inv_freq,
+                     rope_scaling=rope_scaling, source_rope=src_rope, src_scaling=src_scaling,
+                     rope_strategy=rope_strategy, rope_context=context, has_q_bias=bq is not None,
+                     has_k_bias=bk is not None, has_o_bias=bv is not None or bo is not None)
 
 
 def latent_spectra(split: RopeSplit, *, whitening: str = "cholesky", damping: float = 1e-2,
-                   balance_kv: bool = True) -> list[Tensor]:
+                   balance_kv: bool = True, progress: bool = False) -> list[Tensor]:
     """Per layer, the whitened singular values of the joint [K left out of RoPE, V] latent (for allocation)."""
     spectra = []
-    for i, w in enumerate(split.weights):
-        f, _ = joint_factorize(split.rest_key(i), w[4], split.Cs[i], 0, balance=balance_kv, method=whitening,
+    for i in tqdm(range(split.num_layers), desc="spectra for the rank plan", unit="layer", disable=not progress):
+        w = split.weights(i)
+        f, _ = joint_factorize(split.rest_key(i, w), w[4], split.C(i), 0, balance=balance_kv, method=whitening,
                                damping=damping, compute_dtype=torch.float64)
         spectra.append(f.spectrum)
     return spectra
 
 
+def _check_rank(split: RopeSplit, rank: int) -> None:
+    if split.exact and rank != split.dims.kv_heads * split.dims.d:
+        raise DeepseekExportError("the exact parity layout has kv_lora_rank = g·d_h in every layer")
+
+
+@torch.no_grad()
+def layer_layout(split: RopeSplit, i: int, kv_lora_rank: int, *, whitening: str = "cholesky", damping: float = 1e-2,
+                 balance_kv: bool = True, weights: tuple | None = None) -> LayerLayout:
+    """Layer i's decoupled-RoPE tensors at latent rank `kv_lora_rank` (its weights read now unless given)."""
+    _check_rank(split, kv_lora_rank)
+    return _layer_layout(weights or split.weights(i), split.plans[i], split.dims, split.nope, kv_lora_rank,
+                         split.C(i), split.q_scale, whitening, damping, balance_kv)
+
+
 @torch.no_grad()
 def mla_layout(split: RopeSplit, kv_lora_ranks: list[int], *, whitening: str = "cholesky", damping: float = 1e-2,
                balance_kv: bool = True) -> MlaLayout:
-    """The decoupled-RoPE tensors of every layer at the given latent ranks (one per layer)."""
-    dims = split.dims
-    if len(kv_lora_ranks) != len(split.weights):
-        raise DeepseekExportError(f"need one kv_lora_rank per layer ({len(split.weights)}), got {len(kv_lora_ranks)}")
-    if split.exact and any(r != dims.kv_heads * dims.d for r in kv_lora_ranks):
-        raise DeepseekExportError("the exact parity layout has kv_lora_rank = g·d_h in every layer")
-    rope = split.qk_rope_head_dim
-    # softmax scale: the source's d^-½ (× RoPE cos/sin scaling²) over the (nope+rope)^-½ of the MLA softmax
-    q_scale = split.src_scaling * split.rope_scaling**2 * math.sqrt(split.nope + rope)
-    layers = [
-        _layer_layout(w, plan, dims, split.nope, r, C, q_scale, whitening, damping, balance_kv)
-        for w, plan, C, r in zip(split.weights, split.plans, split.Cs, kv_lora_ranks)
-    ]
-    freq, _ = split.plans[0].slots
+    """The decoupled-RoPE tensors of every layer at the given latent ranks (one per layer), in memory."""
+    if len(kv_lora_ranks) != split.num_layers:
+        raise DeepseekExportError(f"need one kv_lora_rank per layer ({split.num_layers}), got {len(kv_lora_ranks)}")
+    for r in kv_lora_ranks:
+        _check_rank(split, r)
+    kw = {"whitening": whitening, "damping": damping, "balance_kv": balance_kv}
+    return assemble_layout(split, [layer_layout(split, i, r, **kw) for i, r in enumerate(kv_lora_ranks)])
+
+
+def assemble_layout(split: RopeSplit, layers: list[LayerLayout]) -> MlaLayout:
+    """The `MlaLayout` of `split` holding these per-layer tensors."""
     return MlaLayout(
-        layers=layers, qk_rope_head_dim=rope, qk_nope_head_dim=split.nope, rope_freq_index=freq,
-        rope_pairs_per_frequency=split.plans[0].counts.clone(), exact=split.exact,
-        rope_strategy=None if split.exact else split.rope_strategy, rope_context=split.rope_context,
-        has_q_bias=any(w[1] is not None for w in split.weights),
-        has_k_bias=any(w[3] is not None for w in split.weights),
+        layers=layers, qk_rope_head_dim=split.qk_rope_head_dim, qk_nope_head_dim=split.nope,
+        rope_freq_index=split.rope_freq_index, rope_pairs_per_frequency=split.plans[0].counts.clone(),
+        exact=split.exact, rope_strategy=None if split.exact else split.rope_strategy,
+        rope_context=split.rope_context, has_q_bias=split.has_q_bias, has_k_bias=split.has_k_bias,
         rope_attention_scaling=split.rope_scaling,
     )
 
 
-def _deepseek_config(source, dims: _Dims, *, kv_lora_rank: int, rope: int, nope: int, q_lora_rank: int | None,
-                     attention_bias: bool, rope_params: dict) -> DeepseekV3Config:
-    src = source.config
+def deepseek_config(source_config, split: RopeSplit, kv_lora_rank: int, *, portable: bool = False) -> DeepseekV3Config:
+    """The upstream config of the export of `split` at one `kv_lora_rank` for every layer."""
+    dims = split.dims
+    rope_params = rope_parameters(split.inv_freq[split.rope_freq_index], split.source_rope,
+                                  source_config.max_position_embeddings, bitwise=split.exact, portable=portable)
     config = DeepseekV3Config(
-        vocab_size=src.vocab_size,
+        vocab_size=source_config.vocab_size,
         hidden_size=dims.hidden,
-        intermediate_size=src.intermediate_size,
-        num_hidden_layers=src.num_hidden_layers,
+        intermediate_size=source_config.intermediate_size,
+        num_hidden_layers=source_config.num_hidden_layers,
         num_attention_heads=dims.heads,
         num_key_value_heads=dims.heads,
         kv_lora_rank=kv_lora_rank,
-        q_lora_rank=q_lora_rank,
-        qk_rope_head_dim=rope,
-        qk_nope_head_dim=nope,
+        q_lora_rank=dims.hidden + 1 if split.has_q_bias else None,  # q bias through the q-LoRA path
+        qk_rope_head_dim=split.qk_rope_head_dim,
+        qk_nope_head_dim=split.nope,
         v_head_dim=dims.d,
-        first_k_dense_replace=src.num_hidden_layers,
+        first_k_dense_replace=source_config.num_hidden_layers,
         num_mtp_layers=0,
-        hidden_act=src.hidden_act,
-        max_position_embeddings=src.max_position_embeddings,
-        initializer_range=getattr(src, "initializer_range", 0.02),
+        hidden_act=source_config.hidden_act,
+        max_position_embeddings=source_config.max_position_embeddings,
+        initializer_range=getattr(source_config, "initializer_range", 0.02),
         rms_norm_eps=DEEPSEEK_NORM_EPS,
         use_cache=True,
-        pad_token_id=src.pad_token_id,
-        bos_token_id=src.bos_token_id,
-        eos_token_id=src.eos_token_id,
-        tie_word_embeddings=bool(src.tie_word_embeddings),
+        pad_token_id=source_config.pad_token_id,
+        bos_token_id=source_config.bos_token_id,
+        eos_token_id=source_config.eos_token_id,
+        tie_word_embeddings=bool(source_config.tie_word_embeddings),
         rope_parameters=rope_params,
         rope_interleave=True,
-        attention_bias=attention_bias,
+        attention_bias=split.has_q_bias or split.has_k_bias or split.has_o_bias,
         attention_dropout=0.0,
     )
-    config._attn_implementation = source.config._attn_implementation
+    config._attn_implementation = source_config._attn_implementation
     return config
+
+
+def export_summary(source_config, split: RopeSplit, config: DeepseekV3Config) -> dict:
+    """What the export kept (`RopeSplit.summary`), its cache widths, residual scale and runtime support."""
+    dims = split.dims
+    return {
+        "kv_lora_rank": config.kv_lora_rank,
+        "cache_width": config.kv_lora_rank + config.qk_rope_head_dim,
+        "gqa_cache_width": 2 * dims.kv_heads * dims.d,
+        **split.summary(),
+        "residual_scale": residual_scale(source_config),
+        "runtime_support": runtime_support(config),
+    }
+
+
+def residual_scale(source_config) -> float:
+    """k: the export runs the residual stream ×k so that its norms' ε (1e-6) acts as the source's."""
+    return math.sqrt(DEEPSEEK_NORM_EPS / float(source_config.rms_norm_eps))
 
 
 def _rope_context(rope_context: int | None, stats: CalibrationStats) -> int:
@@ -893,19 +987,27 @@ def _rope_context(rope_context: int | None, stats: CalibrationStats) -> int:
     return int(rope_context)
 
 
-def _check_source(model) -> None:
-    config = model.config
+def _check_source(config, dtype: torch.dtype) -> None:
     get_family(config)  # names the supported families
     if getattr(config, "mlp_bias", False):
         raise DeepseekExportError("mlp_bias=True: DeepSeek-V3's MLP has no biases")
     if config.num_attention_heads % config.num_key_value_heads:
         raise DeepseekExportError("num_attention_heads must be a multiple of num_key_value_heads")
-    dtype = next(model.parameters()).dtype
     if dtype == torch.float16:
         raise DeepseekExportError(
             "float16 cannot hold the ~1e-7 pre-norm latents that make kv_a_layernorm linear; "
             "load the model in float32 or bfloat16"
         )
+
+
+def export_budget(config, *, kv_lora_rank: int | None = None, qk_rope_head_dim: int | None = None,
+                  kv_fraction: float | None = None, portable: bool = False) -> tuple[int, int, bool]:
+    """(kv_lora_rank, qk_rope_head_dim, exact) of the asked cache (`split_budget`); exact is the parity layout."""
+    g, d = config.num_key_value_heads, head_dim(config)
+    kv_lora_rank, rope = split_budget(num_kv_heads=g, head_dim_=d, hidden_size=config.hidden_size,
+                                      kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim,
+                                      kv_fraction=kv_fraction, portable=portable)
+    return kv_lora_rank, rope, rope == g * d and kv_lora_rank == g * d
 
 
 @torch.no_grad()
@@ -953,103 +1055,110 @@ def to_deepseek(
         it with `AutoModelForCausalLM.from_pretrained`. ``result.care_export`` holds a summary
         (kept RoPE energy per layer, runtime support).
     """
-    _check_source(model)
-    family = get_family(model.config)
-    dims = _dims(model.config)
-    kv_lora_rank, rope = split_budget(num_kv_heads=dims.kv_heads, head_dim_=dims.d, hidden_size=dims.hidden,
-                                      kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim,
-                                      kv_fraction=kv_fraction, portable=portable)
-    max_rope = dims.kv_heads * dims.d
-    exact = rope == max_rope and kv_lora_rank == max_rope
+    _check_source(model.config, next(model.parameters()).dtype)
+    kv_lora_rank, rope, exact = export_budget(model.config, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim,
+                                              kv_fraction=kv_fraction, portable=portable)
     if portable:
-        check_portable(model)
+        check_portable(model.config)
     split = plan_rope_split(model, stats, qk_rope_head_dim=rope, exact=exact, rope_strategy=rope_strategy,
                             rope_context=rope_context, portable=portable)
-    layout = mla_layout(split, [kv_lora_rank] * len(split.weights), whitening=whitening, damping=damping,
+    layout = mla_layout(split, [kv_lora_rank] * split.num_layers, whitening=whitening, damping=damping,
                         balance_kv=balance_kv)
-    return layout_to_deepseek(model, layout, split.inv_freq, split.source_rope, portable=portable)
+    return layout_to_deepseek(model, split, layout, portable=portable)
 
 
-@torch.no_grad()
-def layout_to_deepseek(model: nn.Module, layout: MlaLayout, inv_freq: Tensor, source_rope: dict, *,
-                       portable: bool = False) -> DeepseekV3ForCausalLM:
-    """The `DeepseekV3ForCausalLM` holding `layout` (one kv_lora_rank for every layer)."""
-    ranks = set(layout.kv_lora_ranks)
-    if len(ranks) != 1:
+def check_one_rank(ranks: list[int]) -> int:
+    """DeepSeek-V3's single kv_lora_rank, or a clear error for per-layer ranks."""
+    if len(set(ranks)) != 1:
         raise DeepseekExportError(
             "DeepSeek-V3 has one kv_lora_rank for all layers; per-layer ranks (--allocation adjusted) live in the "
             "latent-cache format (--format care_mla --latent decoupled)"
         )
-    (kv_lora_rank,) = ranks
-    dims = _dims(model.config)
-    rope, nope = layout.qk_rope_head_dim, layout.qk_nope_head_dim
-    src_eps = float(model.config.rms_norm_eps)
-    rope_params = rope_parameters(inv_freq[layout.rope_freq_index], source_rope, model.config.max_position_embeddings,
-                                  bitwise=layout.exact, portable=portable)
-    attention_bias = layout.has_q_bias or layout.has_k_bias or any(e.o_bias is not None for e in layout.layers)
-    q_lora_rank = dims.hidden + 1 if layout.has_q_bias else None
-    config = _deepseek_config(model, dims, kv_lora_rank=kv_lora_rank, rope=rope, nope=nope,
-                              q_lora_rank=q_lora_rank, attention_bias=attention_bias, rope_params=rope_params)
+    return ranks[0]
+
+
+@torch.no_grad()
+def layout_to_deepseek(model: nn.Module, split: RopeSplit, layout: MlaLayout, *,
+                       portable: bool = False) -> DeepseekV3ForCausalLM:
+    """The `DeepseekV3ForCausalLM` holding `layout` (one kv_lora_rank for every layer), in memory."""
+    config = deepseek_config(model.config, split, check_one_rank(layout.kv_lora_ranks), portable=portable)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     with torch.device(device), no_init_weights():  # every weight is loaded below
         out = DeepseekV3ForCausalLM(config).to(dtype)
     out.tie_weights()
-    state = _state_dict(model, layout, dims, config, src_eps)
+    src = {k: v.detach() for k, v in model.state_dict().items()}
+    state = {name: deepseek_global_tensor(name, src.__getitem__, model.config, config)
+             for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")}
+    for i, e in enumerate(layout.layers):
+        prefix = f"model.layers.{i}."
+        layer = {k[len(prefix):]: v for k, v in src.items() if k.startswith(prefix)}
+        state.update({prefix + k: v for k, v in deepseek_layer_state(layer, e, model.config, config).items()})
     out.load_state_dict({k: v.to(dtype=dtype, device=device) for k, v in state.items()}, strict=True)
     out.generation_config = model.generation_config
-    out.care_export = {
-        "kv_lora_rank": kv_lora_rank,
-        "cache_width": kv_lora_rank + rope,
-        "gqa_cache_width": 2 * dims.kv_heads * dims.d,
-        **layout.summary(),
-        "residual_scale": math.sqrt(DEEPSEEK_NORM_EPS / src_eps),
-        "runtime_support": runtime_support(config),
-    }
+    out.care_export = export_summary(model.config, split, config)
     return out.eval()
 
 
-def _state_dict(model, layout: MlaLayout, dims: _Dims, config: DeepseekV3Config,
-                src_eps: float) -> dict[str, Tensor]:
-    """Upstream DeepSeek-V3 tensor names, float64 (cast by the caller)."""
-    k_res = math.sqrt(DEEPSEEK_NORM_EPS / src_eps)
-    src = {k: v.detach().double().cpu() for k, v in model.state_dict().items()}
+def _scaled(t: Tensor, k: float, rows: int = 4096) -> Tensor:
+    """``(t·k)`` computed in float64 and rounded to t's dtype, a block of rows at a time (no float64 copy of t)."""
+    if k == 1.0:
+        return t
+    out = torch.empty_like(t)
+    for i in range(0, t.shape[0], rows):
+        out[i:i + rows] = (t[i:i + rows].double() * k).to(t.dtype)
+    return out
+
+
+def deepseek_global_tensor(name: str, get: Callable[[str], Tensor], source_config,
+                           config: DeepseekV3Config) -> Tensor:
+    """One of the export's tensors outside the decoder layers, from the source's (``get(name)``, in its dtype)."""
+    k_res = residual_scale(source_config)
     tied = bool(config.tie_word_embeddings)
+    if name == "model.embed_tokens.weight" or (tied and name == "lm_head.weight"):
+        return _scaled(get("model.embed_tokens.weight"), k_res)
+    if name == "model.norm.weight":
+        return _scaled(get(name), 1 / k_res) if tied else get(name)
+    if name == "lm_head.weight":
+        return get(name)
+    raise KeyError(f"{name} is not a tensor of the DeepSeek-V3 export outside its decoder layers")
+
+
+def deepseek_layer_state(source: dict[str, Tensor], e: LayerLayout, source_config,
+                         config: DeepseekV3Config) -> dict[str, Tensor]:
+    """One decoder layer of the export (upstream DeepSeek-V3 names relative to the layer) from the source
+    layer's tensors and its `LayerLayout`: attention tensors float64, the rest in the source's dtype."""
+    dims = _dims(source_config)
+    k_res = residual_scale(source_config)
     D = dims.hidden
-    state = {"model.embed_tokens.weight": src["model.embed_tokens.weight"] * k_res}
-    norm = src["model.norm.weight"]
-    state["model.norm.weight"] = norm / k_res if tied else norm
-    state["lm_head.weight"] = state["model.embed_tokens.weight"] if tied else src["lm_head.weight"]
-    for i, (layer, e) in enumerate(zip(model.model.layers, layout.layers)):
-        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
-        for name in ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
-                     "mlp.up_proj.weight"):
-            state[p + name] = src[p + name]
-        state[p + "mlp.down_proj.weight"] = src[p + "mlp.down_proj.weight"] * k_res
+    state = {name: source[name] for name in ("input_layernorm.weight", "post_attention_layernorm.weight",
+                                             "mlp.gate_proj.weight", "mlp.up_proj.weight")}
+    state["mlp.down_proj.weight"] = _scaled(source["mlp.down_proj.weight"], k_res)
 
-        # attention input x = w_ln ⊙ u with ‖u‖² < D: bound ‖x·A‖ for the latent pre-scales
-        w_ln = state[p + "input_layernorm.weight"].abs()
-        lat_sigma = float(torch.linalg.matrix_norm(w_ln[:, None] * e.kv_latent, ord=2)) if e.kv_latent.numel() else 0.0
-        s = linear_norm_prescale(D * lat_sigma**2, config.kv_lora_rank)
-        state[a + "kv_a_proj_with_mqa.weight"] = torch.cat([s * e.kv_latent, e.k_pe[:D]], dim=1).T
-        state[a + "kv_a_layernorm.weight"] = torch.full((config.kv_lora_rank,), math.sqrt(DEEPSEEK_NORM_EPS) / s)
-        # DeepSeek's kv_b_proj serves every query head: repeat each KV head's columns for its group
-        kv_b = torch.cat([e.up_k[:, dims.groups], e.up_v[:, dims.groups]], dim=-1).reshape(e.rank, -1)
-        state[a + "kv_b_proj.weight"] = kv_b.T
-        if config.attention_bias:
-            state[a + "kv_a_proj_with_mqa.bias"] = torch.cat([torch.zeros(config.kv_lora_rank), e.k_pe[D]])
-            o_bias = e.o_bias if e.o_bias is not None else torch.zeros(D)
-            state[a + "o_proj.bias"] = o_bias * k_res
-        state[a + "o_proj.weight"] = e.o_weight * k_res
+    # attention input x = w_ln ⊙ u with ‖u‖² < D: bound ‖x·A‖ for the latent pre-scales
+    w_ln = state["input_layernorm.weight"].double().cpu().abs()
+    lat_sigma = float(torch.linalg.matrix_norm(w_ln[:, None] * e.kv_latent, ord=2)) if e.kv_latent.numel() else 0.0
+    s = linear_norm_prescale(D * lat_sigma**2, config.kv_lora_rank)
+    a = "self_attn."
+    state[a + "kv_a_proj_with_mqa.weight"] = torch.cat([s * e.kv_latent, e.k_pe[:D]], dim=1).T
+    state[a + "kv_a_layernorm.weight"] = torch.full((config.kv_lora_rank,), math.sqrt(DEEPSEEK_NORM_EPS) / s)
+    # DeepSeek's kv_b_proj serves every query head: repeat each KV head's columns for its group
+    kv_b = torch.cat([e.up_k[:, dims.groups], e.up_v[:, dims.groups]], dim=-1).reshape(e.rank, -1)
+    state[a + "kv_b_proj.weight"] = kv_b.T
+    if config.attention_bias:
+        state[a + "kv_a_proj_with_mqa.bias"] = torch.cat([torch.zeros(config.kv_lora_rank), e.k_pe[D]])
+        o_bias = e.o_bias if e.o_bias is not None else torch.zeros(D)
+        state[a + "o_proj.bias"] = o_bias * k_res
+    state[a + "o_proj.weight"] = e.o_weight * k_res
 
-        if config.q_lora_rank is None:
-            state[a + "q_proj.weight"] = e.q[:D].reshape(D, -1).T
-        else:  # q bias through the q-LoRA path: q_a = s·[x, 1], q_b = [W_q; b_q]
-            qs = linear_norm_prescale(D * float(w_ln.max()) ** 2 + 1.0, config.q_lora_rank)
-            q_a = torch.zeros(D + 1, D, dtype=torch.float64)
-            q_a[:D] = torch.eye(D, dtype=torch.float64) * qs
-            state[a + "q_a_proj.weight"] = q_a
-            state[a + "q_a_proj.bias"] = torch.cat([torch.zeros(D, dtype=torch.float64), torch.tensor([qs])])
-            state[a + "q_a_layernorm.weight"] = torch.full((D + 1,), math.sqrt(DEEPSEEK_NORM_EPS) / qs)
-            state[a + "q_b_proj.weight"] = e.q.reshape(D + 1, -1).T
+    if config.q_lora_rank is None:
+        state[a + "q_proj.weight"] = e.q[:D].reshape(D, -1).T
+    else:  # q bias through the q-LoRA path: q_a = s·[x, 1], q_b = [W_q; b_q]
+        qs = linear_norm_prescale(D * float(w_ln.max()) ** 2 + 1.0, config.q_lora_rank)
+        q_a = torch.zeros(D + 1, D, dtype=torch.float64)
+        q_a[:D] = torch.eye(D, dtype=torch.float64) * qs
+        state[a + "q_a_proj.weight"] = q_a
+        state[a + "q_a_proj.bias"] = torch.cat([torch.zeros(D, dtype=torch.float64), torch.tensor([qs])])
+        state[a + "q_a_layernorm.weight"] = torch.full((D + 1,), math.sqrt(DEEPSEEK_NORM_EPS) / qs)
+        state[a + "q_b_proj.weight"] = e.q.reshape(D + 1, -1).T
     return state

@@ -4,8 +4,9 @@ The original architecture is built on the meta device (a module tree without sto
 embedding and RoPE tables are materialised for calibration's first step, then every decoder
 layer is read from the memory-mapped safetensors for its calibration pass and released
 (`collect_statistics(layer_weights=...)`), the calibration hidden states carried from layer to
-layer. The rank plan reads K/V weights one layer at a time, and `write_latent_model` reads a
-layer, factorizes it and streams its converted tensors to their shard file one by one.
+layer. The rank plan reads K/V weights one layer at a time, and `write_model` reads a layer,
+converts it (latent factors, or the decoupled / DeepSeek layout) and streams its tensors to their
+shard file one by one.
 
 Peak memory: one decoder layer, the calibration hidden states, the per-layer statistics
 (D² each), the embedding (first step) and the tensors of one layer being written.
@@ -26,6 +27,7 @@ from .calibration import CalibrationStats, collect_statistics
 from .checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader, ShardWriter
 from .configuration_care_mla import CareMlaConfig
 from .mapping import LayerLatent, latent_layer_state
+from .memory import trim_heap
 from .modeling_care_mla import CareMlaForCausalLM
 
 
@@ -85,8 +87,8 @@ def weight_plan(config, state: Iterable[tuple[str, tuple[int, ...], torch.dtype]
     return [(n, tuple(shape), dt) for n, shape, dt in state if not (tied and n == "lm_head.weight")]
 
 
-def save_latent_model(folder: Path, model: CareMlaForCausalLM, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """Write an in-memory latent-cache model exactly as `write_latent_model` streams one (same files, same bytes)."""
+def save_model(folder: Path, model: nn.Module, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Write an in-memory converted model exactly as `write_model` streams one (same files, same bytes)."""
     dtype = next(model.parameters()).dtype
     save_config(folder, model.config, model.generation_config, type(model).__name__, dtype)
     state = model.state_dict()
@@ -97,42 +99,56 @@ def save_latent_model(folder: Path, model: CareMlaForCausalLM, max_shard_bytes: 
     writer.close()
 
 
-def write_latent_model(
-    folder: Path, reader: CheckpointReader, config: CareMlaConfig, layer_latent: Callable[[int], LayerLatent], *,
-    dtype: torch.dtype, generation_config: GenerationConfig | None = None,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
+def write_model(
+    folder: Path, model_class: type[nn.Module], config, *, tensor: Callable[[str], torch.Tensor],
+    layer: Callable[[int], dict[str, torch.Tensor]], dtype: torch.dtype,
+    generation_config: GenerationConfig | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool = True,
 ) -> list[str]:
-    """Write the latent-cache model of `config`: every tensor from `reader` (cast to `dtype`), layer i's K/V
-    replaced by ``layer_latent(i)``, which is called once per layer, in order. Returns the weight files.
+    """Stream the weights of ``model_class(config)`` to `folder`, each cast to `dtype`, never holding more than one
+    decoder layer: ``layer(i)`` gives layer i's tensors (names relative to the layer; called once per layer, in
+    order), ``tensor(name)`` every other tensor. Returns the weight files.
     """
-    save_config(folder, config, generation_config, CareMlaForCausalLM.__name__, dtype)
+    save_config(folder, config, generation_config, model_class.__name__, dtype)
     with torch.device("meta"):
-        target = CareMlaForCausalLM(config)
+        target = model_class(config)
     plan = weight_plan(config, ((k, v.shape, dtype) for k, v in target.state_dict().items()))
     del target
     bar = tqdm(total=config.num_hidden_layers, desc="factorizing and writing", unit="layer", disable=not progress)
 
     writer = ShardWriter(folder, plan, max_shard_bytes)
-    current, layer, started = -1, {}, time.perf_counter()
+    current, state, started = -1, {}, time.perf_counter()
     try:
-        for name, shape, _ in plan:
+        for name, _, _ in plan:
             if name.startswith("model.layers."):
                 i = int(name.split(".")[2])
                 if i != current:
-                    if layer:
-                        raise RuntimeError(f"layer {current} made tensors the model has no place for: {sorted(layer)}")
+                    if state:
+                        raise RuntimeError(f"layer {current} made tensors the model has no place for: {sorted(state)}")
                     bar.update(current >= 0)
-                    current = i
-                    layer = latent_layer_state(reader.state(layer_prefix(i), dtype), layer_latent(i))
-                t = layer.pop(name[len(layer_prefix(i)):]).to(dtype)
+                    trim_heap()
+                    current, state = i, layer(i)
+                t = state.pop(name[len(layer_prefix(i)):])
             else:
-                t = reader.get(name, dtype)
-            writer.add(name, t)
+                t = tensor(name)
+            writer.add(name, t.to(dtype))
             del t
-        if layer:
-            raise RuntimeError(f"layer {current} made tensors the model has no place for: {sorted(layer)}")
+        if state:
+            raise RuntimeError(f"layer {current} made tensors the model has no place for: {sorted(state)}")
         bar.update(1)
         bar.set_postfix_str(f"{time.perf_counter() - started:.1f} s")
         return writer.close()
     finally:
         bar.close()
+
+
+def write_latent_model(
+    folder: Path, reader: CheckpointReader, config: CareMlaConfig, layer_latent: Callable[[int], LayerLatent], *,
+    dtype: torch.dtype, **kw,
+) -> list[str]:
+    """Write the latent-cache model of `config` (separate or joint latents): every tensor from `reader` (in
+    `dtype`), layer i's K/V replaced by ``layer_latent(i)``, called once per layer, in order (see `write_model`)."""
+    return write_model(
+        folder, CareMlaForCausalLM, config, tensor=lambda name: reader.get(name, dtype),
+        layer=lambda i: latent_layer_state(reader.state(layer_prefix(i), dtype), layer_latent(i)), dtype=dtype, **kw,
+    )

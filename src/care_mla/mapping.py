@@ -23,7 +23,7 @@ from .factorization import Factors
 from .modeling_care_mla import CareMlaForCausalLM
 
 if TYPE_CHECKING:
-    from .deepseek import MlaLayout
+    from .deepseek import LayerLayout, MlaLayout, RopeSplit
 
 
 @dataclass(frozen=True)
@@ -96,40 +96,57 @@ def build_latent_model(model: nn.Module, layers: list[LayerLatent]) -> CareMlaFo
     return latent_model.eval()
 
 
-def decoupled_state_dict(model: nn.Module, layout: "MlaLayout") -> dict[str, torch.Tensor]:
-    """State dict of the decoupled latent-cache model built from `model` and `layout` (float64 tensors)."""
-    attn_keys = (".self_attn.q_proj.", ".self_attn.k_proj.", ".self_attn.v_proj.", ".self_attn.o_proj.",
-                 ".self_attn.q_norm.", ".self_attn.k_norm.")
-    state = {k: v for k, v in model.state_dict().items() if not any(a in k for a in attn_keys)}
-    D = model.config.hidden_size
-    rope = layout.qk_rope_head_dim
-    qkv_bias = model.model.layers[0].self_attn.q_proj.bias is not None
-    o_bias = qkv_bias or model.model.layers[0].self_attn.o_proj.bias is not None
-    for idx, e in enumerate(layout.layers):
-        prefix = f"model.layers.{idx}.self_attn."
-        q = e.q.clone()
-        q[..., q.shape[-1] - rope :] /= layout.rope_attention_scaling**2  # our cos/sin carry the scaling
-        state[prefix + "q_proj.weight"] = q[:D].reshape(D, -1).T
-        state[prefix + "kv_a_proj_with_mqa.weight"] = torch.cat([e.kv_latent, e.k_pe[:D]], dim=1).T
-        state[prefix + "kv_b_proj.weight"] = torch.cat([e.up_k, e.up_v], dim=-1).reshape(e.rank, -1).T
-        state[prefix + "o_proj.weight"] = e.o_weight
-        if qkv_bias:
-            state[prefix + "q_proj.bias"] = q[D].reshape(-1)
-            state[prefix + "kv_a_proj_with_mqa.bias"] = torch.cat([torch.zeros(e.rank, dtype=e.k_pe.dtype), e.k_pe[D]])
-        if o_bias:
-            state[prefix + "o_proj.bias"] = e.o_bias if e.o_bias is not None else torch.zeros(D, dtype=torch.float64)
+def decoupled_layer_state(layer_state: dict[str, torch.Tensor], e: "LayerLayout", *, qk_rope_head_dim: int,
+                          rope_attention_scaling: float = 1.0) -> dict[str, torch.Tensor]:
+    """One decoder layer of the decoupled latent-cache model (names relative to the layer) from the original
+    layer's tensors and its `deepseek.LayerLayout`: attention tensors float64, the rest passed through."""
+    attn_keys = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "self_attn.o_proj.",
+                 "self_attn.q_norm.", "self_attn.k_norm.")
+    state = {k: v for k, v in layer_state.items() if not k.startswith(attn_keys)}
+    D = e.o_weight.shape[0]
+    qkv_bias = "self_attn.q_proj.bias" in layer_state
+    o_bias = qkv_bias or "self_attn.o_proj.bias" in layer_state
+    q = e.q.clone()
+    q[..., q.shape[-1] - qk_rope_head_dim :] /= rope_attention_scaling**2  # our cos/sin carry the scaling
+    state["self_attn.q_proj.weight"] = q[:D].reshape(D, -1).T
+    state["self_attn.kv_a_proj_with_mqa.weight"] = torch.cat([e.kv_latent, e.k_pe[:D]], dim=1).T
+    state["self_attn.kv_b_proj.weight"] = torch.cat([e.up_k, e.up_v], dim=-1).reshape(e.rank, -1).T
+    state["self_attn.o_proj.weight"] = e.o_weight
+    if qkv_bias:
+        state["self_attn.q_proj.bias"] = q[D].reshape(-1)
+        state["self_attn.kv_a_proj_with_mqa.bias"] = torch.cat([torch.zeros(e.rank, dtype=e.k_pe.dtype), e.k_pe[D]])
+    if o_bias:
+        state["self_attn.o_proj.bias"] = e.o_bias if e.o_bias is not None else torch.zeros(D, dtype=torch.float64)
     return state
+
+
+def decoupled_state_dict(model: nn.Module, layout: "MlaLayout") -> dict[str, torch.Tensor]:
+    """State dict of the decoupled latent-cache model built from `model` and `layout` (float64 attention tensors)."""
+    full = {k: v.detach() for k, v in model.state_dict().items()}
+    state = {k: v for k, v in full.items() if not k.startswith("model.layers.")}
+    for idx, e in enumerate(layout.layers):
+        prefix = f"model.layers.{idx}."
+        layer_state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        state.update({prefix + k: v for k, v in decoupled_layer_state(
+            layer_state, e, qk_rope_head_dim=layout.qk_rope_head_dim,
+            rope_attention_scaling=layout.rope_attention_scaling).items()})
+    return state
+
+
+def decoupled_config(base_config, layout: "MlaLayout | RopeSplit", kv_lora_ranks: list[int]) -> CareMlaConfig:
+    """The `CareMlaConfig` of a decoupled layout (from the layout, or from its split before the layers are made)."""
+    return CareMlaConfig.from_base(
+        base_config, kv_latent="decoupled", kv_lora_ranks=[[r] for r in kv_lora_ranks],
+        qk_rope_head_dim=layout.qk_rope_head_dim, qk_nope_head_dim=layout.qk_nope_head_dim,
+        rope_freq_index=layout.rope_freq_index.tolist(),
+    )
 
 
 def build_decoupled_model(model: nn.Module, layout: "MlaLayout") -> CareMlaForCausalLM:
     """A new decoupled-RoPE `CareMlaForCausalLM` (per-layer latent widths, absorbed decode); `model` is untouched."""
     if len(layout.layers) != model.config.num_hidden_layers:
         raise ValueError("need one layer layout per decoder layer")
-    config = CareMlaConfig.from_base(
-        model.config, kv_latent="decoupled", kv_lora_ranks=[[r] for r in layout.kv_lora_ranks],
-        qk_rope_head_dim=layout.qk_rope_head_dim, qk_nope_head_dim=layout.qk_nope_head_dim,
-        rope_freq_index=layout.rope_freq_index.tolist(),
-    )
+    config = decoupled_config(model.config, layout, layout.kv_lora_ranks)
     config._attn_implementation = model.config._attn_implementation
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device

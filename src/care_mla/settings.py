@@ -83,7 +83,7 @@ class ConvertSettings:
     overwrite: bool = False
     progress: bool = True
     cache_dir: str | None = None  # where calibration statistics are kept; None = care-mla's cache
-    layerwise: bool = True  # read, calibrate and write one decoder layer at a time (separate/joint latents)
+    layerwise: bool = True  # read, calibrate and write one decoder layer at a time (every latent and format)
 
     def __post_init__(self) -> None:
         _one_of("format", self.format, FORMATS)
