@@ -118,6 +118,31 @@ def test_interrupted_conversion_leaves_no_output(tiny_model_dir, text_file, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no output, no partial folder
 
 
+def test_sigterm_during_the_cli_leaves_no_output(tiny_model_dir, text_file, tmp_path):
+    """`kill` (SIGTERM) mid-write unwinds like Ctrl-C: exit status 143, no output, no staging folder."""
+    import signal
+    import subprocess
+    import sys
+
+    script = """
+import os, signal, sys
+from care_mla.checkpoint import ShardWriter
+from care_mla.cli import main
+real = ShardWriter.add
+def add(self, name, tensor):
+    real(self, name, tensor)
+    os.kill(os.getpid(), signal.SIGTERM)
+ShardWriter.add = add
+sys.exit(main(sys.argv[1:]))
+"""
+    out = tmp_path / "work" / "out"
+    args = [str(tiny_model_dir("llama")), "--out", str(out), "--calib-text", str(text_file), "--calib-samples", "8",
+            "--calib-seq-len", "32", "--no-eval", "--quiet", "--cache-dir", str(tmp_path / "cache")]
+    run = subprocess.run([sys.executable, "-c", script, "convert", *args], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 128 + signal.SIGTERM, run.stderr[-2000:]
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
 def test_existing_output_needs_overwrite(tiny_model_dir, text_file, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")

@@ -214,3 +214,59 @@ def test_conversion_reads_one_layer_at_a_time(tiny_model_dir, text_file, tmp_pat
             per_layer[i] = per_layer.get(i, 0) + 1
     # calibration, the rank / RoPE plan and writing read each layer (or its K and V) a few times each
     assert sorted(per_layer) == ["0", "1", "2"] and max(per_layer.values()) <= 6
+
+
+def test_max_memory_is_parsed_and_checked():
+    from care_mla.settings import SettingsError, parse_max_memory
+
+    assert parse_max_memory("0=20GiB, 1=500MB,cpu=1GiB") == {0: 20 * 2**30, 1: 500 * 10**6, "cpu": 2**30}
+    for bad, match in (("0:20GiB", "DEVICE=SIZE"), ("gpu0=1GiB", "DEVICE=SIZE"), ("0=lots", "not a size"),
+                       (" , ", "names no device")):
+        with pytest.raises(SettingsError, match=match):
+            parse_max_memory(bad)
+    with pytest.raises(SettingsError, match="--device cuda"):
+        ConvertSettings(device="cpu", max_memory="0=20GiB")
+    assert ConvertSettings(device="cpu", max_memory="cpu=2GiB").max_memory_map == {"cpu": 2 * 2**30}
+
+
+def test_layer_placement_spreads_a_layer_that_does_not_fit_one_device(tiny_model_dir):
+    """accelerate's placement of one decoder layer over small budgets (no GPU needed: shapes only, on meta)."""
+    from transformers import AutoConfig
+
+    from care_mla.layerwise import PlacementError, layer_placement
+
+    config = AutoConfig.from_pretrained(tiny_model_dir("llama"))  # one layer: 30,848 fp32 parameters = 123 KB
+    assert layer_placement(config, {0: "10MB"}, torch.float32) is None  # fits the first device whole
+    placement = layer_placement(config, {0: "60KB", 1: "60KB", "cpu": "1MB"}, torch.float32)
+    assert set(placement.values()) == {0, 1, "cpu"}
+    layer = skeleton(config).model.layers[0]
+    covered = {n for n, _ in layer.named_parameters() if any(n == k or n.startswith(k + ".") for k in placement)}
+    assert covered == {n for n, _ in layer.named_parameters()}
+    for device in (0, 1):  # accelerate keeps each GPU within its budget
+        size = sum(p.numel() * 4 for n, p in layer.named_parameters()
+                   if any(n.startswith(k + ".") and placement[k] == device for k in placement))
+        assert 0 < size <= 60_000
+    with pytest.raises(PlacementError, match="does not fit --max-memory"):
+        layer_placement(config, {0: "20KB"}, torch.float32)
+
+
+def test_calibration_over_a_placement_matches_one_device(tiny_model_dir):
+    """A layer spread by accelerate's hooks (every part on the CPU here) gives the same statistics, bit for bit."""
+    from transformers import AutoConfig
+
+    folder = tiny_model_dir("qwen2")
+    reader = CheckpointReader(folder)
+    config = AutoConfig.from_pretrained(folder)
+    ids = torch.randint(3, 200, (4, 16))
+    placement = {"self_attn.q_proj": "cpu", "self_attn.k_proj": "cpu", "self_attn.v_proj": "cpu",
+                 "self_attn.o_proj": "cpu", "mlp": "cpu", "input_layernorm": "cpu", "post_attention_layernorm": "cpu"}
+    runs = []
+    for place in (None, placement):
+        model = skeleton(config)
+        model.model.embed_tokens.load_state_dict({"weight": reader.get("model.embed_tokens.weight")}, assign=True)
+        runs.append(collect_statistics(model, ids, batch_size=2, progress=False, layer_placement=place,
+                                       layer_weights=lambda i: reader.state(layer_prefix(i))))
+        layers = model.model.layers
+        assert all(p.is_meta for p in layers.parameters()) and not any(hasattr(m, "_hf_hook") for m in layers.modules())
+    for a, b in zip(runs[0].second_moments, runs[1].second_moments):
+        assert torch.equal(a, b)

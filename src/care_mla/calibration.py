@@ -42,7 +42,7 @@ class SecondMoment:
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, self.dim).to(torch.float32)
+        x = x.reshape(-1, self.dim).to(device=self.sum_outer.device, dtype=torch.float32)
         self.sum_outer += (x.T @ x).to(torch.float64)
         self.sum_abs += x.abs().sum(0, dtype=torch.float64)
         self.count += x.shape[0]
@@ -107,16 +107,35 @@ def _layer_output(out):
 
 
 @contextmanager
-def _materialised(module: nn.Module, state: dict[str, torch.Tensor] | None, device: torch.device):
-    """`module` holding `state` (its full state dict) for the block, then back on the meta device; no-op for None."""
+def _materialised(module: nn.Module, state: dict[str, torch.Tensor] | None, device: torch.device,
+                  placement: dict[str, int | str] | None = None):
+    """`module` holding `state` (its full state dict) for the block, then back on the meta device; no-op for None.
+
+    With a `placement` (submodule name → device, `layerwise.layer_placement`) the module is spread
+    over those devices with accelerate's hooks moving activations between them (submodules placed
+    on "cpu" run on `device`, their weights streamed to it); outputs come back to `device`.
+    """
     if state is None:
         yield module
         return
-    module.to_empty(device=device)
-    module.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
+    if placement is None:
+        module.to_empty(device=device)
+        module.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
+    else:
+        from accelerate import dispatch_model
+
+        for name, dev in placement.items():
+            (module.get_submodule(name) if name else module).to_empty(device=dev)
+        targets = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        module.load_state_dict({k: v.to(targets[k].device) for k, v in state.items()}, strict=True, assign=True)
+        dispatch_model(module, device_map=placement, main_device=str(device))
     try:
         yield module
     finally:
+        if placement is not None:
+            from accelerate.hooks import remove_hook_from_module
+
+            remove_hook_from_module(module, recurse=True)
         module.to("meta")
 
 
@@ -158,13 +177,15 @@ def collect_statistics(
     progress: bool = True,
     meta: dict | None = None,
     layer_weights: Callable[[int], dict[str, torch.Tensor]] | None = None,
+    layer_placement: dict[str, int | str] | None = None,
 ) -> CalibrationStats:
     """Stream the attention-input statistics of every decoder layer over `input_ids` (N, T).
 
     Peak memory is one layer's work plus the hidden states of the calibration set. With
     `layer_weights`, the model's decoder layers live on the meta device and layer i is
     materialised from ``layer_weights(i)`` for its pass only (see `layerwise`): the weights of
-    one layer are in memory at a time.
+    one layer are in memory at a time; `layer_placement` spreads that layer over several devices
+    (`layerwise.layer_placement`) when it does not fit one.
     """
     was_training = model.training
     model.eval()
@@ -178,7 +199,7 @@ def collect_statistics(
     bar = tqdm(layers, desc="calibrating", unit="layer", disable=not progress)
     for idx, layer in enumerate(bar):
         t = time.perf_counter()
-        with _materialised(layer, None if layer_weights is None else layer_weights(idx), device):
+        with _materialised(layer, None if layer_weights is None else layer_weights(idx), device, layer_placement):
             moment = SecondMoment(layer.input_layernorm.weight.shape[0], device=device)
             handle = layer.input_layernorm.register_forward_hook(lambda _m, _a, out: moment.add_batch(out))
             try:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 
 from .settings import ALLOCATIONS, DEVICES, DTYPES, FORMATS, LATENTS, METHODS, ROPE_STRATEGIES, ConvertSettings
 
@@ -73,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-layerwise", dest="layerwise", action="store_false",
                    help="load the whole model in memory instead of reading, calibrating and writing one decoder "
                         "layer at a time (same output bytes; .bin checkpoints and hub ids always load it whole)")
+    c.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="devices and budgets for the weights, e.g. 0=20GiB,1=20GiB,cpu=64GiB: a decoder layer too "
+                        "large for the first device is spread over the others by accelerate (parts on cpu run on "
+                        "the GPU, streamed); leave room on the first for the calibration hidden states")
     _add_eval_args(c)
 
     d = sub.add_parser("demo", help="convert the embedded SmolLM2 at F=0.5 with CARE and weight SVD; print a table")
@@ -139,15 +145,31 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .data import TextError
     from .deepseek import DeepseekExportError
     from .families import UnsupportedModelError
+    from .layerwise import PlacementError
     from .settings import SettingsError
     from .zeroshot import ZeroShotError
 
     return (AssetError, ModelLoadError, OutputExistsError, TextError, UnsupportedModelError, SettingsError,
-            DeepseekExportError, ZeroShotError)
+            DeepseekExportError, ZeroShotError, PlacementError)
+
+
+def _raise_on_sigterm(signum, _frame):
+    """SIGTERM (kill, a batch scheduler's time limit) unwinds like Ctrl-C: staging folders are removed."""
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+        try:
+            return _run(args)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     USER_ERRORS = _user_errors()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging

@@ -82,18 +82,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(spec: str, dtype: torch.dtype, device: torch.device):
-    """(model, tokenizer, resolved path). The files on disk are only read."""
+def load_model(spec: str, dtype: torch.dtype, device: torch.device,
+               max_memory: dict[int | str, int] | None = None):
+    """(model, tokenizer, resolved path) on `device`, or spread by accelerate (``device_map="auto"``) over the
+    devices of `max_memory`. The files on disk are only read."""
     path = resolve_model_path(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = _from_pretrained(path, dtype, device, max_memory)
     except OSError as err:
         raise ModelLoadError(
             f"could not load model {spec!r}: {str(err).splitlines()[0]} — pass a local model folder "
             f"(or {assets.DEFAULT_MODEL!r}); hub ids need network access or a populated HF cache"
         ) from err
-    return model.to(device).eval(), tokenizer, path
+    return model, tokenizer, path
+
+
+def _from_pretrained(path, dtype: torch.dtype, device: torch.device, max_memory: dict | None):
+    if max_memory:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto", max_memory=max_memory).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -157,9 +165,10 @@ def calibrate(model, tokenizer, model_path: str, settings: ConvertSettings, *,
 
         stats = collect_statistics_layerwise(reader, AutoConfig.from_pretrained(model_path), windows, dtype=dtype,
                                              device=device, batch_size=settings.batch_size,
-                                             progress=settings.progress, meta=meta)
+                                             progress=settings.progress, meta=meta,
+                                             max_memory=settings.max_memory_map)
     else:
-        runner = model if dtype == model_dtype else load_model(model_path, dtype, device)[0]
+        runner = model if dtype == model_dtype else load_model(model_path, dtype, device, settings.max_memory_map)[0]
         stats = collect_statistics(runner, windows, batch_size=settings.batch_size, progress=settings.progress,
                                    meta=meta)
         del runner
@@ -493,7 +502,7 @@ def convert(settings: ConvertSettings) -> dict:
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    model, tokenizer, model_path = load_model(settings.model, dtype, device)
+    model, tokenizer, model_path = load_model(settings.model, dtype, device, settings.max_memory_map)
     get_family(model.config)
     timings["load"] = time.perf_counter() - t
 
@@ -571,8 +580,8 @@ def _convert_layerwise(settings: ConvertSettings, reader: CheckpointReader, devi
                               dtype, device, loading="layerwise")
         report["peak_rss_mb_conversion"] = round(peak_rss_mb(), 1)
         if settings.evaluate:
-            original = load_model(model_path, dtype, device)[0]
-            converted = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
+            original = load_model(model_path, dtype, device, settings.max_memory_map)[0]
+            converted = _from_pretrained(tmp, dtype, device, settings.max_memory_map)
             _evaluate_into(report, timings, original, converted, tokenizer, model_path, settings, dtype)
             del original, converted
         _finish_report(report, timings, tmp)

@@ -45,17 +45,46 @@ def layer_prefix(i: int) -> str:
     return f"model.layers.{i}."
 
 
+class PlacementError(ValueError):
+    """One decoder layer does not fit the memory given to the devices; the message names the fix."""
+
+
+def layer_placement(config, max_memory: dict[int | str, int | str], dtype: torch.dtype) -> dict[str, int | str] | None:
+    """Where one decoder layer's submodules go within `max_memory` (accelerate's ``{0: "20GiB", 1: ..., "cpu": ...}``),
+    filled in that order by `accelerate.infer_auto_device_map`; None when the whole layer fits the first device.
+
+    Every decoder layer of the supported families has the same shapes, so one placement serves all
+    of them. The budgets are for the layer's weights: leave room on the first device for the
+    calibration hidden states (samples × length × hidden size in the calibration dtype).
+    """
+    from accelerate import infer_auto_device_map
+
+    with torch.device("meta"):
+        layer = AutoModelForCausalLM.from_config(config).model.layers[0].to(dtype)
+    placement = dict(infer_auto_device_map(layer, max_memory=max_memory, dtype=dtype, no_split_module_classes=[]))
+    if "disk" in placement.values() or not placement:
+        need = sum(p.numel() for p in layer.parameters()) * dtype.itemsize
+        raise PlacementError(f"one decoder layer ({need / 2**20:,.0f} MiB in {dtype}) does not fit --max-memory "
+                             f"{max_memory}: raise the budgets or add \"cpu\" (its submodules then run on the GPU, "
+                             "their weights streamed from RAM)")
+    devices = list(dict.fromkeys(placement.values()))
+    return None if len(devices) == 1 and devices[0] == next(iter(max_memory)) else placement
+
+
 def collect_statistics_layerwise(
     reader: CheckpointReader, config, input_ids: torch.Tensor, *, dtype: torch.dtype, device: torch.device,
     batch_size: int = 8, progress: bool = True, meta: dict | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
 ) -> CalibrationStats:
-    """`collect_statistics` over the checkpoint of `reader`, one decoder layer in memory (in `dtype`) at a time."""
+    """`collect_statistics` over the checkpoint of `reader`, one decoder layer in memory (in `dtype`) at a time,
+    on `device`, or spread over the devices of `max_memory` when it does not fit the first (`layer_placement`)."""
+    placement = layer_placement(config, max_memory, dtype) if max_memory else None
     model = skeleton(config, device)
     embed = model.model.embed_tokens
     embed.load_state_dict({"weight": reader.get("model.embed_tokens.weight", dtype).to(device)}, assign=True)
     stats = collect_statistics(
         model, input_ids, batch_size=batch_size, progress=progress, meta=meta,
-        layer_weights=lambda i: reader.state(layer_prefix(i), dtype),
+        layer_weights=lambda i: reader.state(layer_prefix(i), dtype), layer_placement=placement,
     )
     del model, embed
     return stats

@@ -84,6 +84,9 @@ class ConvertSettings:
     progress: bool = True
     cache_dir: str | None = None  # where calibration statistics are kept; None = care-mla's cache
     layerwise: bool = True  # read, calibrate and write one decoder layer at a time (every latent and format)
+    # devices and their budgets, accelerate style ("0=20GiB,1=20GiB,cpu=64GiB"): a decoder layer too large for
+    # the first is spread over the others (layer by layer); the whole-model path loads with device_map="auto"
+    max_memory: str | None = None
 
     def __post_init__(self) -> None:
         _one_of("format", self.format, FORMATS)
@@ -144,9 +147,16 @@ class ConvertSettings:
             raise SettingsError(f"damping must be ≥ 0; got {self.damping}")
         if not (0 < self.rank_min_ratio <= 1 <= self.rank_max_ratio):
             raise SettingsError("need 0 < rank_min_ratio ≤ 1 ≤ rank_max_ratio")
+        if self.max_memory is not None and self.device == "cpu" and set(parse_max_memory(self.max_memory)) != {"cpu"}:
+            raise SettingsError("--max-memory names GPUs but --device is cpu; use --device cuda (or auto)")
         for name in ("calib_samples", "calib_seq_len", "eval_samples", "eval_seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be a positive integer; got {getattr(self, name)}")
+
+    @property
+    def max_memory_map(self) -> dict[int | str, int] | None:
+        """`max_memory` as accelerate takes it (device → bytes), None when not set."""
+        return None if self.max_memory is None else parse_max_memory(self.max_memory)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -161,3 +171,23 @@ class ConvertSettings:
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def parse_max_memory(text: str) -> dict[int | str, int]:
+    """``"0=20GiB,1=20GiB,cpu=64GiB"`` → ``{0: 21474836480, 1: ..., "cpu": ...}`` (GPU index or "cpu" = size)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    out: dict[int | str, int] = {}
+    for item in filter(None, (part.strip() for part in str(text).split(","))):
+        key, sep, size = item.partition("=")
+        key = key.strip()
+        if not sep or not (key.isdigit() or key == "cpu"):
+            raise SettingsError(f"--max-memory entries are DEVICE=SIZE with DEVICE a GPU index or 'cpu' "
+                                f"(e.g. 0=20GiB,1=20GiB,cpu=64GiB); got {item!r}")
+        try:
+            out[int(key) if key.isdigit() else key] = convert_file_size_to_int(size.strip())
+        except ValueError as err:
+            raise SettingsError(f"--max-memory size {size.strip()!r} is not a size like 20GiB or 500MB") from err
+    if not out:
+        raise SettingsError("--max-memory names no device (e.g. 0=20GiB,1=20GiB,cpu=64GiB)")
+    return out
