@@ -2,13 +2,13 @@
 
 The model (default: hidden 2048, 24 layers, MLP 8192, 32 heads / 8 KV heads: 1.56 B parameters,
 3.1 GB in bf16) is written to disk first; the conversion (CARE, F=0.5, layer by layer, bf16,
-small calibration set, no evaluation) then runs in a child process inside a memory cgroup
+small calibration set, no evaluation; `--format deepseek` for the DeepSeek-V3 export) then runs in a child process inside a memory cgroup
 limited to --limit-mb (default 1536), created under /sys/fs/cgroup/memory (cgroup v1) or by
 `systemd-run --scope -p MemoryMax=` (cgroup v2). Anonymous memory over the limit is killed by
 the kernel; page cache is reclaimed. Prints the weights' size, the limit, the child's peak RSS
 and the cgroup's peak usage (which includes page cache).
 
-    python benchmarks/convert_larger_than_memory.py [--limit-mb 1536] [--layers 24 --hidden 2048]
+    python benchmarks/convert_larger_than_memory.py [--limit-mb 1536] [--layers 24 --hidden 2048] [--format deepseek]
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--format", default="care_mla", choices=["care_mla", "deepseek"])
     p.add_argument("--workdir", default=None, help="where the model is written (default: a temp folder)")
     a = p.parse_args()
     with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
@@ -81,7 +82,7 @@ def main() -> None:
         size = write_random_model(tmp / "model", config)
         print(f"wrote the random model: {size / 1e9:.2f} GB bf16 in {time.perf_counter() - t:.0f} s", flush=True)
         args = {"model": str(tmp / "model"), "out": str(tmp / "out"), "cache": str(tmp / "cache"), "layerwise": True,
-                "samples": a.samples, "seq_len": a.seq_len}
+                "samples": a.samples, "seq_len": a.seq_len, "format": a.format, "latent": None}
         proc, figures = run_limited([sys.executable, "-c", CONVERT, json.dumps(args)], a.limit_mb * 2**20)
         if proc.returncode:
             print(proc.stderr[-3000:])
@@ -98,7 +99,8 @@ def main() -> None:
         print(f"cgroup peak (with cache):  {figures['cgroup_peak_mb']:10.0f} MB   limit reached {figures['limit_hits']} times")
     print(f"output weights:            {out_size / 2**20:10.0f} MB")
     print(f"conversion wall time:      {result['seconds']:10.1f} s   stages: {result['timings_s']}")
-    print(f"calibration: {a.samples} x {a.seq_len} tokens; CARE F=0.5 layer by layer, bf16, no evaluation")
+    print(f"calibration: {a.samples} x {a.seq_len} tokens; CARE F=0.5 layer by layer, format {a.format}, bf16, "
+          "no evaluation")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 Each measurement runs in its own process so their peak RSS figures do not mix. Usage:
 
     python benchmarks/convert_speed.py [--model smollm2-135m-instruct] [--samples 256] [--seq-len 256]
+                                       [--device cpu|cuda] [--format care_mla|deepseek] [--compare-whole]
+
+On a GPU (`--device cuda`) both sides run there and the peak GPU memory is printed as well.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import time
 PEAK_RSS = """
 def peak_rss_mb():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+def peak_gpu_mb():
+    import torch
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
 """
 
 FORWARD = PEAK_RSS + """
@@ -26,13 +32,17 @@ import json, sys, time, torch
 from care_mla.convert import load_model
 from care_mla.data import load_windows
 args = json.loads(sys.argv[1])
-model, tok, _ = load_model(args["model"], getattr(torch, args["calib_dtype"]), torch.device("cpu"))
+device = torch.device(args["device"])
+model, tok, _ = load_model(args["model"], getattr(torch, args["calib_dtype"]), device)
 ids, _ = load_windows(tok, "austen", "calibration", args["samples"], args["seq_len"])
 t = time.perf_counter()
 with torch.no_grad():
     for start in range(0, ids.shape[0], args["batch_size"]):
-        model.model(ids[start:start + args["batch_size"]], use_cache=False)  # decoder stack, as calibration runs it
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}))
+        # decoder stack, as calibration runs it
+        model.model(ids[start:start + args["batch_size"]].to(device), use_cache=False)
+if device.type == "cuda":
+    torch.cuda.synchronize()
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb()}))
 """
 
 CONVERT = PEAK_RSS + """
@@ -44,8 +54,8 @@ t = time.perf_counter()
 report = convert(ConvertSettings(model=args["model"], out=args["out"], kv_fraction=0.5, calib_samples=args["samples"],
                                  calib_seq_len=args["seq_len"], calib_dtype=args["calib_dtype"], batch_size=args["batch_size"],
                                  evaluate=False, progress=False, cache_dir=args["cache"], layerwise=args["layerwise"],
-                                 overwrite=True))
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(),
+                                 overwrite=True, device=args["device"], format=args["format"]))
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(),
                   "timings_s": report["timings_s"]}))
 """
 
@@ -62,23 +72,28 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--calib-dtype", default="bfloat16")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--format", default="care_mla", choices=["care_mla", "deepseek"])
     p.add_argument("--compare-whole", action="store_true", help="also time the conversion with the whole model loaded")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         args = {"model": a.model, "samples": a.samples, "seq_len": a.seq_len, "batch_size": a.batch_size,
-                "calib_dtype": a.calib_dtype, "out": f"{tmp}/out", "cache": f"{tmp}/cache"}
+                "calib_dtype": a.calib_dtype, "out": f"{tmp}/out", "cache": f"{tmp}/cache", "device": a.device,
+                "format": a.format}
         t = time.perf_counter()
         fwd = run(FORWARD, args)
         conv = run(CONVERT, {**args, "layerwise": True})
         whole = run(CONVERT, {**args, "layerwise": False, "cache": f"{tmp}/cache-whole"}) if a.compare_whole else None
         total = time.perf_counter() - t
     tokens = a.samples * a.seq_len
-    print(f"model {a.model}, {a.samples} x {a.seq_len} = {tokens:,} calibration tokens, forward dtype {a.calib_dtype}")
-    print(f"{'':44s}{'wall s':>10s}{'peak RSS MB':>14s}")
-    print(f"{'plain forward (decoder stack)':44s}{fwd['seconds']:10.1f}{fwd['peak_rss_mb']:14.0f}")
-    print(f"{'conversion, layer by layer (default)':44s}{conv['seconds']:10.1f}{conv['peak_rss_mb']:14.0f}")
-    if whole:
-        print(f"{'conversion, whole model loaded':44s}{whole['seconds']:10.1f}{whole['peak_rss_mb']:14.0f}")
+    print(f"model {a.model}, {a.samples} x {a.seq_len} = {tokens:,} calibration tokens, forward dtype {a.calib_dtype}, "
+          f"device {a.device}, format {a.format}")
+    gpu = a.device == "cuda"
+    print(f"{'':44s}{'wall s':>10s}{'peak RSS MB':>14s}" + (f"{'peak GPU MB':>14s}" if gpu else ""))
+    for name, r in (("plain forward (decoder stack)", fwd), ("conversion, layer by layer (default)", conv),
+                    ("conversion, whole model loaded", whole)):
+        if r:
+            print(f"{name:44s}{r['seconds']:10.1f}{r['peak_rss_mb']:14.0f}" + (f"{r['peak_gpu_mb']:14.0f}" if gpu else ""))
     print(f"ratio conversion / forward: {conv['seconds'] / fwd['seconds']:.2f}   stages: {conv['timings_s']}")
     if whole:
         print(f"ratio whole-model conversion / forward: {whole['seconds'] / fwd['seconds']:.2f}   stages: {whole['timings_s']}")

@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .memory import trim_heap
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 #: Default largest shard: small enough to keep writing memory modest, large enough for few files.
@@ -61,6 +63,7 @@ class CheckpointReader:
         return list(self.weight_map)
 
     def _read(self, names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        trim_heap()  # what the last layer freed goes back to the system before the next is read
         by_file: dict[str, list[str]] = {}
         for name in names:
             if name not in self.weight_map:

@@ -7,6 +7,7 @@ CLI calls.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -258,38 +259,55 @@ def plan_ranks(config, kv_weights: KvWeights, stats: CalibrationStats, settings:
     """
     layers = config.num_hidden_layers
     budget = rank_budget(config, settings)
-    Cs, abs_means = stats.second_moments, stats.abs_means
     if settings.allocation == "uniform":
         ranks = choose_ranks([], budget, settings)
         return [[r] if settings.latent == "joint" else [r, r] for r in ranks]
     bar = tqdm(range(layers), desc="spectra for the rank plan", unit="layer", disable=not settings.progress)
     if settings.latent == "joint":
-        spectra = [_joint_factorize(*kv_weights(i), Cs[i], 0, settings).spectrum for i in bar]
+        spectra = []
+        for i in bar:
+            W_k, W_v, C, _ = _layer_inputs(i, kv_weights, stats, settings)
+            spectra.append(_joint_factorize(W_k, W_v, C, 0, settings).spectrum.cpu())
         return [[r] for r in choose_ranks(spectra, budget, settings)]
     spectra: dict[str, list[torch.Tensor]] = {"k": [], "v": []}
     for i in bar:
-        for name, W in zip(("k", "v"), kv_weights(i)):
-            spectra[name].append(_factorize(settings.method, W, Cs[i], abs_means[i], 0, settings).spectrum)
+        W_k, W_v, C, abs_mean = _layer_inputs(i, kv_weights, stats, settings)
+        for name, W in zip(("k", "v"), (W_k, W_v)):
+            spectra[name].append(_factorize(settings.method, W, C, abs_mean, 0, settings).spectrum.cpu())
     k, v = (choose_ranks(spectra[name], budget, settings) for name in ("k", "v"))
     return [list(pair) for pair in zip(k, v)]
 
 
 def layer_latent(i: int, ranks: list[int], kv_weights: KvWeights, stats: CalibrationStats,
                  settings: ConvertSettings) -> tuple[LayerLatent, dict]:
-    """Layer i's factors at `ranks` (from `plan_ranks`) and its row of the per-layer table (ranks, relative errors)."""
-    W_k, W_v = kv_weights(i)
-    C = stats.second_moments[i]
+    """Layer i's factors at `ranks` (from `plan_ranks`) and its row of the per-layer table (ranks, relative errors).
+
+    The factorization runs on the conversion's device (`_layer_inputs`); the factors are returned on the CPU.
+    """
+    W_k, W_v, C, abs_mean = _layer_inputs(i, kv_weights, stats, settings)
     if settings.latent == "joint":
         (r,) = ranks
         f = _joint_factorize(W_k, W_v, C, r, settings)
         W_hat, m_k = f.weight(), W_k.shape[1]
         row = {"layer": i, "kv_rank": r, "k_rel_error": _relative_error(W_k, W_hat[:, :m_k], C),
                "v_rel_error": _relative_error(W_v, W_hat[:, m_k:], C)}
-        return LayerLatent((f,)), row
-    fk, fv = (_factorize(settings.method, W, C, stats.abs_means[i], r, settings) for W, r in zip((W_k, W_v), ranks))
+        return LayerLatent((_to_cpu(f),)), row
+    fk, fv = (_factorize(settings.method, W, C, abs_mean, r, settings) for W, r in zip((W_k, W_v), ranks))
     row = {"layer": i, "k_rank": fk.rank, "v_rank": fv.rank, "k_rel_error": _relative_error(W_k, fk.weight(), C),
            "v_rel_error": _relative_error(W_v, fv.weight(), C)}
-    return LayerLatent((fk, fv)), row
+    return LayerLatent((_to_cpu(fk), _to_cpu(fv))), row
+
+
+def _layer_inputs(i: int, kv_weights: KvWeights, stats: CalibrationStats, settings: ConvertSettings):
+    """(W_k, W_v, C, mean |x|) of layer i on the conversion's device: a GPU factorizes there too (an SVD per
+    layer would otherwise cost more than the GPU's calibration pass); on the CPU nothing moves."""
+    device = resolve_device(settings.device)
+    W_k, W_v = kv_weights(i)
+    return (W_k.to(device), W_v.to(device), stats.second_moments[i].to(device), stats.abs_means[i].to(device))
+
+
+def _to_cpu(f: factorization.Factors) -> factorization.Factors:
+    return dataclasses.replace(f, down=f.down.cpu(), up=f.up.cpu(), spectrum=f.spectrum.cpu())
 
 
 def plan_latents(model, stats: CalibrationStats, settings: ConvertSettings) -> tuple[list[LayerLatent], list[dict]]:

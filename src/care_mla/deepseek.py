@@ -845,10 +845,13 @@ def plan_rope_split(model: nn.Module, stats: CalibrationStats | None, *, qk_rope
     layer_state = layer_state or module_layer_state(model)
     _check_stats(len(layers), stats, not exact or family.qk_norm_cls is not None)
     inv_freq, rope_scaling, src_rope = _source_rope(model)
+
     def attention(i: int) -> tuple:
         return _weights(layer_state(i), layers[i].self_attn, dims, family, _second_moment(stats, i))
 
-    first = attention(0)
+    _, bq, _, bk, _, bv, _, bo = attention(0)
+    biases = {"has_q_bias": bq is not None, "has_k_bias": bk is not None, "has_o_bias": bv is not None or bo is not None}
+    del bq, bk, bv, bo
     context = None
     if exact:
         plans = [identity_plan(dims.half, dims.kv_heads) for _ in layers]
@@ -858,7 +861,7 @@ def plan_rope_split(model: nn.Module, stats: CalibrationStats | None, *, qk_rope
         candidates = []
         for i in range(len(layers)):
             C = _second_moment(stats, i)
-            _, _, Wk, bk, *_ = first if i == 0 else attention(i)
+            _, _, Wk, bk, *_ = attention(i)
             bz = to_pairs(bk[None], dims.kv_heads)[0] if bk is not None else None
             mixing, energy = rope_components(key_pair_covariance(to_pairs(Wk, dims.kv_heads), C, bz), rope_strategy)
             candidates.append((mixing, energy, component_scores(energy, weight)))
@@ -867,12 +870,10 @@ def plan_rope_split(model: nn.Module, stats: CalibrationStats | None, *, qk_rope
         counts = portable_pair_counts(scores, pairs) if portable else global_pair_counts(scores, pairs)
         plans = [plan_rope(m, e, sc, counts) for m, e, sc in candidates]
     src_scaling = float(getattr(layers[0].self_attn, "scaling", dims.d**-0.5))
-    _, bq, _, bk, _, bv, _, bo = first
     return RopeSplit(layer_state=layer_state, attention=attention, num_layers=len(layers), plans=plans, stats=stats,
                      dims=dims, qk_rope_head_dim=qk_rope_head_dim, exact=exact, inv_freq=inv_freq,
                      rope_scaling=rope_scaling, source_rope=src_rope, src_scaling=src_scaling,
-                     rope_strategy=rope_strategy, rope_context=context, has_q_bias=bq is not None,
-                     has_k_bias=bk is not None, has_o_bias=bv is not None or bo is not None)
+                     rope_strategy=rope_strategy, rope_context=context, **biases)
 
 
 def latent_spectra(split: RopeSplit, *, whitening: str = "cholesky", damping: float = 1e-2,
