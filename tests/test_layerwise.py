@@ -270,3 +270,20 @@ def test_calibration_over_a_placement_matches_one_device(tiny_model_dir):
         assert all(p.is_meta for p in layers.parameters()) and not any(hasattr(m, "_hf_hook") for m in layers.modules())
     for a, b in zip(runs[0].second_moments, runs[1].second_moments):
         assert torch.equal(a, b)
+
+
+def test_max_memory_conversion_matches_the_default(tiny_model_dir, text_file, tmp_path):
+    """With --max-memory both paths (accelerate's device_map="auto" for the whole model) write the same model."""
+    folder = tiny_model_dir("llama")
+    api.convert(settings_for(folder, text_file, tmp_path, "default"))
+    for layerwise in (True, False):
+        name = f"budget-{layerwise}"
+        report = api.convert(settings_for(folder, text_file, tmp_path, name, layerwise=layerwise, device="cpu",
+                                          max_memory="cpu=1GiB", evaluate=True))
+        assert output_files(tmp_path / name) == output_files(tmp_path / "default")
+        assert report["ppl"]["converted"] > 1
+    from care_mla.layerwise import PlacementError
+
+    with pytest.raises(PlacementError, match="does not fit --max-memory"):
+        api.convert(settings_for(folder, text_file, tmp_path, "tiny-budget", device="cpu", max_memory="cpu=10KB"))
+    assert not (tmp_path / "tiny-budget").exists()

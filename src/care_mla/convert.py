@@ -643,8 +643,10 @@ def _decoupled_stream(config, reader: CheckpointReader, stats: CalibrationStats,
     from .mapping import decoupled_layer_state
     from .modeling_care_mla import CareMlaForCausalLM
 
-    split, ranks = plan_decoupled(skeleton(config), stats, settings, dtype=dtype,
-                                  layer_state=lambda i: reader.state(layer_prefix(i), dtype))
+    def attention_state(i: int) -> dict[str, torch.Tensor]:  # the RoPE and rank plans read attention only
+        return {"self_attn." + k: v for k, v in reader.state(layer_prefix(i) + "self_attn.", dtype).items()}
+
+    split, ranks = plan_decoupled(skeleton(config), stats, settings, dtype=dtype, layer_state=attention_state)
     target, fields = decoupled_target(config, split, ranks, settings)
     fields["layers"] = []
     deepseek_format = settings.format == "deepseek"
@@ -652,7 +654,7 @@ def _decoupled_stream(config, reader: CheckpointReader, stats: CalibrationStats,
     def layer(i: int) -> dict[str, torch.Tensor]:
         e, row = decoupled_layer(split, i, ranks[i], stats, settings)
         fields["layers"].append(row)
-        source = split.layer_state(i)
+        source = reader.state(layer_prefix(i), dtype)
         if deepseek_format:
             return deepseek.deepseek_layer_state(source, e, config, target)
         return decoupled_layer_state(source, e, qk_rope_head_dim=split.qk_rope_head_dim,

@@ -730,12 +730,11 @@ def _layer_layout(weights, plan: RopePlan, dims: _Dims, nope: int, kv_lora_rank:
 class RopeSplit:
     """A model's attention with the shared RoPE plan chosen: the stage before the latent ranks.
 
-    Made by `plan_rope_split`; holds no weights, only how to read them (`layer_state`), so a
+    Made by `plan_rope_split`; holds no weights, only how to read them (`attention`), so a
     model read layer by layer from its checkpoint is never in memory whole. `latent_spectra`
     gives what an allocation needs, `layer_layout` one layer's tensors at a chosen rank.
     """
 
-    layer_state: LayerState
     attention: Callable[[int], tuple]  # layer index → `_weights` of that layer
     num_layers: int
     plans: list[RopePlan]
@@ -870,7 +869,7 @@ def plan_rope_split(model: nn.Module, stats: CalibrationStats | None, *, qk_rope
         counts = portable_pair_counts(scores, pairs) if portable else global_pair_counts(scores, pairs)
         plans = [plan_rope(m, e, sc, counts) for m, e, sc in candidates]
     src_scaling = float(getattr(layers[0].self_attn, "scaling", dims.d**-0.5))
-    return RopeSplit(layer_state=layer_state, attention=attention, num_layers=len(layers), plans=plans, stats=stats,
+    return RopeSplit(attention=attention, num_layers=len(layers), plans=plans, stats=stats,
                      dims=dims, qk_rope_head_dim=qk_rope_head_dim, exact=exact, inv_freq=inv_freq,
                      rope_scaling=rope_scaling, source_rope=src_rope, src_scaling=src_scaling,
                      rope_strategy=rope_strategy, rope_context=context, **biases)
