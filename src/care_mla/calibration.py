@@ -22,8 +22,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .memory import trim_heap
-
 logger = logging.getLogger(__name__)
 
 
@@ -210,7 +208,6 @@ def collect_statistics(
         # 10⁵× below the relative damping (1e-2·mean diag C) every whitened factorization adds
         stats.append((moment.second_moment.float().cpu(), moment.abs_mean.float().cpu(), moment.count))
         del moment
-        trim_heap()
         bar.set_postfix_str(f"{tokens / (time.perf_counter() - t):,.0f} tok/s")
     model.train(was_training)
     return CalibrationStats(

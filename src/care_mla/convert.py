@@ -299,8 +299,8 @@ def layer_latent(i: int, ranks: list[int], kv_weights: KvWeights, stats: Calibra
 
 
 def _layer_inputs(i: int, kv_weights: KvWeights, stats: CalibrationStats, settings: ConvertSettings):
-    """(W_k, W_v, C, mean |x|) of layer i on the conversion's device: a GPU factorizes there too (an SVD per
-    layer would otherwise cost more than the GPU's calibration pass); on the CPU nothing moves."""
+    """(W_k, W_v, C, mean |x|) of layer i on the conversion's device, so a GPU run factorizes there too instead
+    of waiting on CPU SVDs (not timed: no GPU was available); on the CPU nothing moves."""
     device = resolve_device(settings.device)
     W_k, W_v = kv_weights(i)
     return (W_k.to(device), W_v.to(device), stats.second_moments[i].to(device), stats.abs_means[i].to(device))

@@ -25,10 +25,6 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from .calibration import CalibrationStats, collect_statistics
 from .checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader, ShardWriter
-from .configuration_care_mla import CareMlaConfig
-from .mapping import LayerLatent, latent_layer_state
-from .memory import trim_heap
-from .modeling_care_mla import CareMlaForCausalLM
 
 
 def skeleton(config, device: torch.device | str = "cpu") -> nn.Module:
@@ -155,7 +151,6 @@ def write_model(
                     if state:
                         raise RuntimeError(f"layer {current} made tensors the model has no place for: {sorted(state)}")
                     bar.update(current >= 0)
-                    trim_heap()
                     current, state = i, layer(i)
                 t = state.pop(name[len(layer_prefix(i)):])
             else:
@@ -170,14 +165,3 @@ def write_model(
     finally:
         bar.close()
 
-
-def write_latent_model(
-    folder: Path, reader: CheckpointReader, config: CareMlaConfig, layer_latent: Callable[[int], LayerLatent], *,
-    dtype: torch.dtype, **kw,
-) -> list[str]:
-    """Write the latent-cache model of `config` (separate or joint latents): every tensor from `reader` (in
-    `dtype`), layer i's K/V replaced by ``layer_latent(i)``, called once per layer, in order (see `write_model`)."""
-    return write_model(
-        folder, CareMlaForCausalLM, config, tensor=lambda name: reader.get(name, dtype),
-        layer=lambda i: latent_layer_state(reader.state(layer_prefix(i), dtype), layer_latent(i)), dtype=dtype, **kw,
-    )
