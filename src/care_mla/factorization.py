@@ -400,6 +400,19 @@ def svd_llm_factorize(
     return _factors(*_care(W, C, r, "cholesky", 1e-6, compute_dtype, warn=False))
 
 
+def _check_joint(W_k: Tensor, W_v: Tensor, C: Tensor, rank: int) -> tuple[int, int]:
+    """(m_k, rank) of a joint K/V factorization, after checking the shapes agree."""
+    _check_weight(W_k, "W_k")
+    _check_weight(W_v, "W_v")
+    if W_k.shape[0] != W_v.shape[0]:
+        raise ValueError(
+            f"W_k {tuple(W_k.shape)} and W_v {tuple(W_v.shape)} must have the same input width D"
+        )
+    _check_covariance(C, W_k.shape[0])
+    m_k = int(W_k.shape[1])
+    return m_k, _check_rank(rank, W_k.shape[0], m_k + W_v.shape[1])
+
+
 def joint_factorize(
     W_k: Tensor,
     W_v: Tensor,
@@ -419,15 +432,7 @@ def joint_factorize(
     ``factors.spectrum`` is the whitened spectrum of the *balanced* stack, whose tail is
     the error of the balanced objective ``‖S(W_k − Ŵ_k)‖²/α² + ‖S(W_v − Ŵ_v)‖²``.
     """
-    _check_weight(W_k, "W_k")
-    _check_weight(W_v, "W_v")
-    if W_k.shape[0] != W_v.shape[0]:
-        raise ValueError(
-            f"W_k {tuple(W_k.shape)} and W_v {tuple(W_v.shape)} must have the same input width D"
-        )
-    _check_covariance(C, W_k.shape[0])
-    m_k = int(W_k.shape[1])
-    r = _check_rank(rank, W_k.shape[0], m_k + W_v.shape[1])
+    m_k, r = _check_joint(W_k, W_v, C, rank)
     damping = _check_damping(damping)
     dtype = _compute_dtype(W_k.shape[0], compute_dtype)
     alpha = balance_scale(W_k, W_v, C) if balance else 1.0
@@ -516,15 +521,7 @@ def transmla_joint_factorize(
     the K and V output norms before its PCA), else 1; the K columns of ``up`` are multiplied
     back by α. Returns ``(factors, m_k)`` like :func:`joint_factorize`.
     """
-    _check_weight(W_k, "W_k")
-    _check_weight(W_v, "W_v")
-    if W_k.shape[0] != W_v.shape[0]:
-        raise ValueError(
-            f"W_k {tuple(W_k.shape)} and W_v {tuple(W_v.shape)} must have the same input width D"
-        )
-    _check_covariance(C, W_k.shape[0])
-    m_k = int(W_k.shape[1])
-    r = _check_rank(rank, W_k.shape[0], m_k + W_v.shape[1])
+    m_k, r = _check_joint(W_k, W_v, C, rank)
     dtype = _compute_dtype(W_k.shape[0], compute_dtype)
     alpha = balance_scale(W_k, W_v, C) if balance else 1.0
     stacked = torch.cat([W_k.to(dtype) / alpha, W_v.to(dtype)], dim=1)
