@@ -35,6 +35,7 @@ import care_mla  # noqa: F401  (registers the latent-cache model)
 from care_mla import assets
 from care_mla.convert import convert, resolve_model_path
 from care_mla.data import load_windows
+from care_mla.cache_api import cache_kwargs, returned_cache
 from care_mla.evaluation import cache_bytes
 from care_mla.settings import ConvertSettings
 
@@ -50,7 +51,7 @@ def decode_side_by_side(models: dict, prompt: torch.Tensor, new_tokens: int, rou
     for name, model in models.items():
         t = time.perf_counter()
         out = model(prompt, use_cache=True)
-        state[name] = {"cache": out.past_key_values, "token": out.logits[:, -1:].argmax(-1), "steps": [],
+        state[name] = {"cache": returned_cache(out), "token": out.logits[:, -1:].argmax(-1), "steps": [],
                        "prefill_s": time.perf_counter() - t}
     per_round = max(1, new_tokens // rounds)
     for _ in range(rounds):
@@ -58,7 +59,7 @@ def decode_side_by_side(models: dict, prompt: torch.Tensor, new_tokens: int, rou
             st = state[name]
             for _ in range(per_round):
                 t = time.perf_counter()
-                out = model(st["token"], past_key_values=st["cache"], use_cache=True)
+                out = model(st["token"], **cache_kwargs(st["cache"]), use_cache=True)
                 st["token"] = out.logits[:, -1:].argmax(-1)
                 st["steps"].append(time.perf_counter() - t)
     results = []

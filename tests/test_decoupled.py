@@ -17,6 +17,7 @@ from care_mla import convert as api
 from care_mla import deepseek as ds
 from care_mla.calibration import collect_statistics
 from care_mla.cli import main
+from care_mla.cache_api import returned_cache
 from care_mla.evaluation import cache_bytes
 from care_mla.mapping import build_decoupled_model
 from care_mla.modeling_care_mla import CareMlaForCausalLM
@@ -87,7 +88,7 @@ def test_absorbed_decode_gives_the_expanded_logits_and_tokens(family, calibrated
     out = mla.generate(prompt, return_dict_in_generate=True, **kw)
     assert torch.equal(out.sequences, reference)
     # the cache holds r_l + rope numbers per token and layer, nothing else
-    per_token = cache_bytes(out.past_key_values) / out.past_key_values.get_seq_length()
+    per_token = cache_bytes(returned_cache(out)) / returned_cache(out).get_seq_length()
     assert per_token == (10 + 30 + 16 + 3 * 8) * 4 == mla.config.kv_cache_width() * 4
 
 

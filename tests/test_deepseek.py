@@ -21,6 +21,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from care_mla import deepseek as ds
+from care_mla.cache_api import returned_cache
 from care_mla.calibration import collect_statistics
 from care_mla.families import UnsupportedModelError
 
@@ -300,7 +301,7 @@ def test_parity_export_is_exact_after_save_and_reload(case, tmp_path):
     assert cfg["q_lora_rank"] == (None if case in ("llama", "mistral") else 65)  # D + 1 carries the q bias
     assert cfg["attention_bias"] == (case != "llama" and case != "mistral")
     # transformers' DeepSeek cache holds the latent: kv_lora_rank + qk_rope_head_dim numbers per token
-    layer = out.past_key_values.layers[0]
+    layer = returned_cache(out).layers[0]
     assert layer.keys.shape[1] == layer.values.shape[1] == 1
     assert layer.keys.shape[-1] + layer.values.shape[-1] == PARITY
 

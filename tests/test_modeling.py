@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import care_mla  # noqa: F401  (registers model_type care_mla)
+from care_mla.cache_api import returned_cache
 from care_mla.evaluation import cache_bytes, kv_bytes_per_token, measured_kv_bytes_per_token
 from care_mla.factorization import Factors
 from care_mla.mapping import LayerLatent, build_latent_model
@@ -82,7 +83,7 @@ def test_generate_with_latent_cache_matches_uncached_forward(kv_latent, ranks):
             ids = torch.cat([ids, nxt], dim=1)
     assert torch.equal(seq, ids)
     # the cache holds latents only: exactly sum(ranks) numbers per token, fp32
-    cache = out.past_key_values
+    cache = returned_cache(out)
     tokens = cache.get_seq_length()
     assert tokens == 12 + 10 - 1
     assert cache_bytes(cache) == tokens * sum(map(sum, ranks)) * 4

@@ -10,6 +10,7 @@ import care_mla  # noqa: F401
 from care_mla import assets
 from care_mla.convert import convert
 from care_mla.data import load_windows
+from care_mla.cache_api import returned_cache
 from care_mla.evaluation import cache_bytes
 from care_mla.settings import ConvertSettings
 
@@ -81,7 +82,7 @@ def test_latent_cache_generate_on_smollm2(work):
         for _ in range(12):
             ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out.sequences, ids)
-    assert cache_bytes(out.past_key_values) == out.past_key_values.get_seq_length() * 30 * 192 * 4
+    assert cache_bytes(returned_cache(out)) == returned_cache(out).get_seq_length() * 30 * 192 * 4
 
 
 def test_deepseek_export_at_parity_keeps_smollm2_perplexity(work):

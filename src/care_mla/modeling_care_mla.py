@@ -24,6 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
 
+from .cache_api import cache_kwargs, output_kwargs, pick_cache, returned_cache
 from .configuration_care_mla import CareMlaConfig
 from .families import FAMILIES, head_dim
 
@@ -95,9 +96,10 @@ class CareMlaAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = pick_cache(cache, kwargs)  # `cache` or `past_key_values`, by transformers version
         B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
         if self.q_norm is not None:
@@ -105,8 +107,8 @@ class CareMlaAttention(nn.Module):
         q = q.transpose(1, 2)  # (B, h, T, d)
 
         c_a, c_b = self.latents(hidden_states)
-        if past_key_values is not None:
-            c_a, c_b = past_key_values.update(c_a, c_b, self.layer_idx)
+        if cache is not None:
+            c_a, c_b = cache.update(c_a, c_b, self.layer_idx)
             # Positions are cache indices: what matters to RoPE is j − i, which they preserve
             # (also for left-padded batches, where position_ids are shifted per row).
             S = c_a.shape[-2]
@@ -199,9 +201,10 @@ class CareMlaDecoupledAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = pick_cache(cache, kwargs)
         B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.nope + self.rope).transpose(1, 2)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # (B, h, T, ·)
@@ -217,8 +220,8 @@ class CareMlaDecoupledAttention(nn.Module):
         # The cache holds [c | k_pe] as one (B, 1, S, r + rope) tensor (its "values" are empty):
         # the absorbed path reads it as the shared key and its first r columns as the value.
         ckv = torch.cat([c, k_pe], dim=-1)
-        if past_key_values is not None:
-            ckv, _ = past_key_values.update(ckv, ckv[..., :0], self.layer_idx)
+        if cache is not None:
+            ckv, _ = cache.update(ckv, ckv[..., :0], self.layer_idx)
 
         absorbed = self.absorb == "always" or (self.absorb == "decode" and T == 1 and not self.training)
         if absorbed:
@@ -281,7 +284,7 @@ class CareMlaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_attention_backend = True
 
@@ -310,18 +313,19 @@ class CareMlaForCausalLM(CareMlaPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        cache = pick_cache(cache, kwargs)  # generate passes `cache` (transformers ≥ 5.2x) or `past_key_values`
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            **cache_kwargs(cache),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -333,5 +337,5 @@ class CareMlaForCausalLM(CareMlaPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **output_kwargs(returned_cache(outputs))
         )
