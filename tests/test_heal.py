@@ -16,6 +16,7 @@ from care_mla import heal as healing
 from care_mla import linear_norms
 from care_mla.cli import main
 from care_mla.data import load_windows, token_windows
+from care_mla.outputs import OutputError
 from care_mla.distillation import kd_loss
 from care_mla.heal_settings import HealSettings
 from care_mla.settings import ConvertSettings, SettingsError
@@ -364,7 +365,7 @@ def test_bad_inputs_give_clear_errors(converted, tiny_model_dir, text_file, tmp_
         healing.heal(heal_settings(tmp_path / "missing", teacher, text_file, tmp_path))
     with pytest.raises(api.ModelLoadError, match="convert it first"):
         healing.heal(heal_settings(teacher, teacher, text_file, tmp_path))
-    with pytest.raises(SettingsError, match="converted model's folder"):
+    with pytest.raises(OutputError, match="is the converted model itself"):
         healing.heal(heal_settings(src, teacher, text_file, tmp_path, out=str(src), overwrite=True))
     (tmp_path / "healed").mkdir()
     (tmp_path / "healed" / "keep.txt").write_text("mine")

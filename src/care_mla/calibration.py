@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -23,6 +24,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between two saves of the calibration's progress (hidden states + statistics so far).
+RESUME_INTERVAL_S = 60.0
+
+
+class CalibrationCacheError(ValueError):
+    """A cached statistics file that is corrupt or was computed for something else."""
 
 
 class SecondMoment:
@@ -67,33 +75,73 @@ class CalibrationStats:
     def num_layers(self) -> int:
         return len(self.second_moments)
 
-    def save(self, path: Path) -> None:
-        """Write atomically (temp file + rename), so a killed run leaves no partial file."""
+    def save(self, path: Path, *, key: str = "", extra: dict[str, torch.Tensor] | None = None) -> None:
+        """Write atomically (temp file + rename), so a killed run leaves no partial file; `key` (what the
+        statistics were computed from) is stored inside and checked by `load`."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {}
+        tensors = dict(extra or {})
         for i, (c, a) in enumerate(zip(self.second_moments, self.abs_means)):
             tensors[f"layers.{i}.second_moment"] = c.contiguous().cpu()
             tensors[f"layers.{i}.abs_mean"] = a.contiguous().cpu()
-        meta = {"num_tokens": str(self.num_tokens), "meta": json.dumps(self.meta, sort_keys=True)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        meta = {"num_tokens": str(self.num_tokens), "meta": json.dumps(self.meta, sort_keys=True), "key": key,
+                "layers": str(self.num_layers)}
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
-    def load(cls, path: Path) -> "CalibrationStats":
-        from safetensors import safe_open
+    def load(cls, path: Path, *, key: str | None = None, extra: bool = False):
+        """Statistics saved by `save`; raises `CalibrationCacheError` for a corrupt file or another `key`.
 
-        with safe_open(str(path), "pt") as f:
-            header = f.metadata()
-        tensors = load_file(str(path))
-        n = len([k for k in tensors if k.endswith(".second_moment")])
-        return cls(
-            second_moments=[tensors[f"layers.{i}.second_moment"] for i in range(n)],
-            abs_means=[tensors[f"layers.{i}.abs_mean"] for i in range(n)],
-            num_tokens=int(header["num_tokens"]),
-            meta=json.loads(header["meta"]),
-        )
+        With `extra`, returns ``(stats, other tensors of the file)``.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                header = f.metadata() or {}
+            tensors = load_file(str(path))
+            n = int(header["layers"]) if "layers" in header else len([k for k in tensors if k.endswith(".second_moment")])
+            stats = cls(
+                second_moments=[tensors.pop(f"layers.{i}.second_moment") for i in range(n)],
+                abs_means=[tensors.pop(f"layers.{i}.abs_mean") for i in range(n)],
+                num_tokens=int(header["num_tokens"]),
+                meta=json.loads(header["meta"]),
+            )
+        except (OSError, SafetensorError, KeyError, ValueError) as err:
+            raise CalibrationCacheError(f"{path} is unreadable ({type(err).__name__}: {err})") from err
+        if key is not None and header.get("key") != key:
+            raise CalibrationCacheError(f"{path} was computed for other inputs (its key does not match)")
+        bad = [i for i, c in enumerate(stats.second_moments) if not bool(torch.isfinite(c).all())]
+        if bad:
+            raise CalibrationCacheError(f"{path} holds non-finite statistics (layer {bad[0]})")
+        return (stats, tensors) if extra else stats
+
+
+def _save_progress(path: Path, key: str, stats: list, hidden: list[torch.Tensor]) -> None:
+    done = CalibrationStats([c for c, _, _ in stats], [a for _, a, _ in stats], stats[0][2], {})
+    extra = {f"hidden.{j}": h.detach().contiguous().cpu() for j, h in enumerate(hidden)}
+    done.save(path, key=key, extra=extra)
+
+
+def _load_progress(path: Path, key: str, hidden: list[torch.Tensor]):
+    """(per-layer stats rows, hidden states) saved by `_save_progress` for the same calibration, else None."""
+    try:
+        done, extra = CalibrationStats.load(path, key=key, extra=True)
+        restored = [extra[f"hidden.{j}"].to(device=h.device, dtype=h.dtype) for j, h in enumerate(hidden)]
+    except (CalibrationCacheError, KeyError) as err:
+        logger.warning("ignoring the calibration progress file: %s", err)
+        return None
+    if any(r.shape != h.shape for r, h in zip(restored, hidden)):
+        logger.warning("ignoring the calibration progress file %s: other shapes", path)
+        return None
+    rows = [(c, a, done.num_tokens) for c, a in zip(done.second_moments, done.abs_means)]
+    return rows, restored
 
 
 class _StopForward(Exception):
@@ -176,6 +224,8 @@ def collect_statistics(
     meta: dict | None = None,
     layer_weights: Callable[[int], dict[str, torch.Tensor]] | None = None,
     layer_placement: dict[str, int | str] | None = None,
+    resume: Path | None = None,
+    resume_interval_s: float | None = None,
 ) -> CalibrationStats:
     """Stream the attention-input statistics of every decoder layer over `input_ids` (N, T).
 
@@ -184,6 +234,11 @@ def collect_statistics(
     materialised from ``layer_weights(i)`` for its pass only (see `layerwise`): the weights of
     one layer are in memory at a time; `layer_placement` spreads that layer over several devices
     (`layerwise.layer_placement`) when it does not fit one.
+
+    With `resume`, the progress (the statistics of the layers done and the hidden states that
+    enter the next one) is saved there at most every `resume_interval_s` seconds, and a run that
+    finds a progress file of the same calibration (``meta["key"]``) continues after its last layer.
+    The caller removes the file once the statistics are saved.
     """
     was_training = model.training
     model.eval()
@@ -194,8 +249,21 @@ def collect_statistics(
     device = hidden[0].device
     tokens = input_ids.numel()
     stats = []
-    bar = tqdm(layers, desc="calibrating", unit="layer", disable=not progress)
-    for idx, layer in enumerate(bar):
+    key = (meta or {}).get("key", "")
+    start = 0
+    if resume is not None and Path(resume).is_file():
+        restored = _load_progress(Path(resume), key, hidden)
+        if restored is not None:
+            stats, hidden = restored
+            start = len(stats)
+            logger.info("resuming the calibration after layer %d of %d (%s)", start, len(layers), resume)
+    interval = RESUME_INTERVAL_S if resume_interval_s is None else resume_interval_s
+    last_save = time.perf_counter()
+    bar = tqdm(layers, desc="calibrating", unit="layer", disable=not progress, initial=start,
+               total=len(layers))
+    for idx, layer in enumerate(layers):
+        if idx < start:
+            continue
         t = time.perf_counter()
         with _materialised(layer, None if layer_weights is None else layer_weights(idx), device, layer_placement):
             moment = SecondMoment(layer.input_layernorm.weight.shape[0], device=device)
@@ -208,7 +276,12 @@ def collect_statistics(
         # 10⁵× below the relative damping (1e-2·mean diag C) every whitened factorization adds
         stats.append((moment.second_moment.float().cpu(), moment.abs_mean.float().cpu(), moment.count))
         del moment
+        bar.update(1)
         bar.set_postfix_str(f"{tokens / (time.perf_counter() - t):,.0f} tok/s")
+        if resume is not None and idx + 1 < len(layers) and time.perf_counter() - last_save >= interval:
+            _save_progress(Path(resume), key, stats, hidden)
+            last_save = time.perf_counter()
+    bar.close()
     model.train(was_training)
     return CalibrationStats(
         second_moments=[c for c, _, _ in stats],

@@ -29,6 +29,43 @@ class CheckpointFormatError(ValueError):
     """The folder holds no safetensors weights that can be read tensor by tensor; the message names the fix."""
 
 
+class CheckpointCorruptError(ValueError):
+    """A weight file that is truncated, empty or not safetensors, or a tensor holding NaN/Inf; names the file."""
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Refuse an empty, truncated or malformed safetensors file from its header alone (no tensor is read).
+
+    The format is an 8-byte little-endian header length, a JSON header whose entries give each
+    tensor's byte range, then the data: the file must be exactly as long as the last range ends.
+    """
+    fix = "re-download or re-save the model (save_pretrained)"
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("the file is empty or shorter than a safetensors header")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"its header claims {n} bytes but the file has {size}")
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        raise CheckpointCorruptError(f"{path} is not a readable safetensors file ({err}); {fix}") from None
+    if 8 + n + end != size:
+        raise CheckpointCorruptError(f"{path} is truncated or damaged: its header needs {8 + n + end} bytes, the file "
+                                     f"has {size}; {fix}")
+
+
+def check_finite(name: str, tensor: torch.Tensor, where: str = "") -> None:
+    """Refuse a floating-point weight holding NaN or Inf, naming it."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointCorruptError(f"weight {name} holds {bad} NaN/Inf value(s){where}; the model is damaged — "
+                                     "re-download or re-export it")
+
+
 class CheckpointReader:
     """Tensors of a safetensors model folder by name, each read from its memory-mapped file when asked for.
 
@@ -41,8 +78,13 @@ class CheckpointReader:
         folder = Path(folder)
         index = folder / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise CheckpointCorruptError(f"{index} is not a valid safetensors index ({err}); re-save the model "
+                                             "(save_pretrained)") from None
         elif (folder / SINGLE_FILE).is_file():
+            check_safetensors_file(folder / SINGLE_FILE)
             with safe_open(str(folder / SINGLE_FILE), "pt") as f:
                 weight_map = {k: SINGLE_FILE for k in f.keys()}
         else:
@@ -52,7 +94,10 @@ class CheckpointReader:
             )
         missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
         if missing:
-            raise CheckpointFormatError(f"{folder} lacks weight files its index names: {', '.join(missing)}")
+            raise CheckpointCorruptError(f"{folder} lacks weight files its index names: {', '.join(missing)}; "
+                                         "re-download or re-save the model")
+        for file in sorted(set(weight_map.values())):
+            check_safetensors_file(folder / file)
         self.folder = folder
         self.weight_map: dict[str, str] = dict(weight_map)
 
@@ -74,6 +119,7 @@ class CheckpointReader:
             with safe_open(str(self.folder / file), "pt") as f:
                 for k in keys:
                     t = f.get_tensor(k)
+                    check_finite(k, t, f" (in {self.folder / file})")
                     out[k] = t if dtype is None or t.dtype == dtype else t.to(dtype)
         return {n: out[n] for n in names}
 

@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from .settings import ALLOCATIONS, DEVICES, DTYPES, FORMATS, LATENTS, METHODS, ROPE_STRATEGIES, ConvertSettings
+from .settings import ALLOCATIONS, CALIB_DTYPES, DEVICES, DTYPES, FORMATS, LATENTS, METHODS, ROPE_STRATEGIES, ConvertSettings
 
 DEFAULTS = ConvertSettings()
 
@@ -24,8 +24,21 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="care-mla", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="CPU threads for torch (default: the physical cores this process may use)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert a GQA model to a latent-cache (MLA) model with CARE")
@@ -63,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-text", default=DEFAULTS.calib_text, help="calibration text: 'austen' or a UTF-8 file")
     c.add_argument("--calib-samples", type=int, default=DEFAULTS.calib_samples)
     c.add_argument("--calib-seq-len", type=int, default=DEFAULTS.calib_seq_len)
-    c.add_argument("--calib-dtype", choices=("same", "float32", "bfloat16", "float16"), default=DEFAULTS.calib_dtype,
-                   help="dtype of the calibration forward passes (statistics are accumulated in fp32/fp64)")
+    c.add_argument("--calib-dtype", choices=CALIB_DTYPES, default=DEFAULTS.calib_dtype,
+                   help="dtype of the calibration forward passes: auto (default) measures this machine and takes "
+                        "the fastest safe one (bf16 where native, else fp32); statistics are accumulated in fp32/fp64")
     c.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip perplexity and cache measurements")
     c.add_argument("--zero-shot-tasks", type=lambda text: [t for t in text.split(",") if t], default=[],
                    help="zero-shot accuracy (lm-eval) of the original and the converted model: lastword, nextsent "
@@ -97,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sweep_parser(sub)
     add_report_parser(sub)
+    for command in sub.choices.values():  # `care-mla convert ... --debug` works as well as `care-mla --debug convert`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        command.add_argument("--threads", type=_positive_int, default=argparse.SUPPRESS,
+                             help="CPU threads for torch (default: the physical cores this process may use)")
     return parser
 
 
@@ -140,83 +158,134 @@ def _add_heal_parser(sub) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """What bad input raises: one line and exit 2, before (or instead of) any work."""
     from .assets import AssetError
-    from .convert import ModelLoadError, OutputExistsError
+    from .checkpoint import CheckpointCorruptError
+    from .convert import ModelLoadError
     from .data import TextError
     from .deepseek import DeepseekExportError
     from .families import UnsupportedModelError
     from .layerwise import PlacementError
+    from .outputs import OutputError
+    from .report import ReportError
     from .settings import SettingsError
     from .zeroshot import ZeroShotError
 
-    return (AssetError, ModelLoadError, OutputExistsError, TextError, UnsupportedModelError, SettingsError,
-            DeepseekExportError, ZeroShotError, PlacementError)
+    return (AssetError, ModelLoadError, OutputError, TextError, UnsupportedModelError, SettingsError,
+            DeepseekExportError, ZeroShotError, PlacementError, CheckpointCorruptError, ReportError)
 
 
-def _raise_on_sigterm(signum, _frame):
-    """SIGTERM (kill, a batch scheduler's time limit) unwinds like Ctrl-C: staging folders are removed."""
+def _raise_on_signal(signum, _frame):
+    """SIGTERM (kill, a batch scheduler's limit) and SIGHUP (a closed terminal) unwind like Ctrl-C: staging folders
+    are removed, locks released."""
     raise SystemExit(128 + signum)
 
 
+_UNWIND_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI: 0 on success, 2 for a usage error or bad input, 1 for a failure at run time, 130 for Ctrl-C,
+    128 + N for signal N. Errors are one line on stderr; ``--debug`` shows the traceback as well."""
     args = build_parser().parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
-        try:
-            return _run(args)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-    return _run(args)
+    if threading.current_thread() is not threading.main_thread():
+        return _guarded(args)
+    previous = {sig: signal.signal(sig, _raise_on_signal) for sig in _UNWIND_SIGNALS}
+    try:
+        return _guarded(args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _guarded(args: argparse.Namespace) -> int:
+    debug = getattr(args, "debug", False)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("care-mla: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as err:
+        if debug:
+            raise
+        print(f"care-mla: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 — the last line of defence: one line, not a traceback
+        if debug:
+            raise
+        print(f"care-mla: error: {_runtime_message(err)} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _runtime_message(err: BaseException) -> str:
+    """A run-time failure in one line, with the fix where the cause is known."""
+    import errno
+
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" while writing {err.filename}" if err.filename else ""
+        return f"disk full{where}: free some space (or choose another --out / --cache-dir) and run again"
+    if isinstance(err, MemoryError):
+        return "out of memory: use a smaller --batch-size, --calib-samples or --eval-samples"
+    from .convert import EvaluationError
+
+    if isinstance(err, EvaluationError):
+        return _one_line(err)
+    return f"{type(err).__name__}: {_one_line(err)}"
 
 
 def _run(args: argparse.Namespace) -> int:
-    USER_ERRORS = _user_errors()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
 
     from . import convert as api  # import torch/transformers only once the arguments are valid
+    from .hardware import configure_threads
 
+    configure_threads(args.threads)  # logs how many
     if args.quiet:
         hf_logging.disable_progress_bar()
 
-    try:
-        if args.command == "convert":
-            fields = {k: v for k, v in vars(args).items() if k not in ("command", "quiet")}
-            settings = ConvertSettings.from_dict({**fields, "progress": not args.quiet})
-            report = api.convert(settings)
-            summary = {k: report[k] for k in ("ppl", "kv_bytes_per_token") if k in report}
-            if "zero_shot" in report:
-                summary["zero_shot_average"] = {m: z["average_acc"] for m, z in report["zero_shot"].items()}
-            print(json.dumps({"out": settings.out, **summary}, indent=2))
-        elif args.command == "heal":
-            from .heal import heal
-            from .heal_settings import HealSettings
+    if args.command == "convert":
+        fields = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "debug", "threads")}
+        settings = ConvertSettings.from_dict({**fields, "progress": not args.quiet})
+        report = api.convert(settings)
+        summary = {k: report[k] for k in ("ppl", "kv_bytes_per_token") if k in report}
+        if "zero_shot" in report:
+            summary["zero_shot_average"] = {m: z["average_acc"] for m, z in report["zero_shot"].items()}
+        print(json.dumps({"out": settings.out, **summary}, indent=2))
+    elif args.command == "heal":
+        from .heal import heal
+        from .heal_settings import HealSettings
 
-            fields = {k: v for k, v in vars(args).items() if k not in ("command", "quiet")}
-            report = heal(HealSettings.from_dict({**fields, "progress": not args.quiet}))
-            summary = {k: report[k] for k in ("ppl", "tokens_seen", "wall_time_s", "tokens_per_s")}
-            print(json.dumps({"out": args.out, **summary}, indent=2))
-        elif args.command == "sweep":
-            from .sweep import run_sweep_command
+        fields = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "debug", "threads")}
+        report = heal(HealSettings.from_dict({**fields, "progress": not args.quiet}))
+        summary = {k: report[k] for k in ("ppl", "tokens_seen", "wall_time_s", "tokens_per_s")}
+        print(json.dumps({"out": args.out, **summary}, indent=2))
+    elif args.command == "sweep":
+        from .sweep import run_sweep_command
 
-            return run_sweep_command(args)
-        elif args.command == "report":
-            from .report import run_report_command
+        return run_sweep_command(args)
+    elif args.command == "report":
+        from .report import run_report_command
 
-            return run_report_command(args)
-        elif args.command == "demo":
-            from .demo import run_demo
+        return run_report_command(args)
+    elif args.command == "demo":
+        from .demo import run_demo
 
-            print(run_demo(args.out, kv_fraction=args.kv_fraction, overwrite=args.overwrite, progress=not args.quiet))
-        else:
-            report = api.evaluate_folder(
-                args.model, eval_text=args.eval_text, eval_samples=args.eval_samples, eval_seq_len=args.eval_seq_len,
-                dtype=args.dtype, device=args.device, batch_size=args.batch_size, progress=not args.quiet,
-            )
-            print(json.dumps(report, indent=2))
-    except USER_ERRORS as err:
-        print(f"care-mla: error: {err}", file=sys.stderr)
-        return 2
+        print(run_demo(args.out, kv_fraction=args.kv_fraction, overwrite=args.overwrite, progress=not args.quiet))
+    else:
+        report = api.evaluate_folder(
+            args.model, eval_text=args.eval_text, eval_samples=args.eval_samples, eval_seq_len=args.eval_seq_len,
+            dtype=args.dtype, device=args.device, batch_size=args.batch_size, progress=not args.quiet,
+        )
+        print(json.dumps(report, indent=2, allow_nan=False))
     return 0
 
 

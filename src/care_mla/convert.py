@@ -14,10 +14,8 @@ import logging
 import math
 import os
 import resource
-import shutil
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,20 +24,23 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from . import allocation, assets, deepseek, factorization
-from .calibration import CalibrationStats, collect_statistics
-from .checkpoint import CheckpointFormatError, CheckpointReader
+from .calibration import CalibrationCacheError, CalibrationStats, collect_statistics
+from .checkpoint import CheckpointFormatError, CheckpointReader, check_finite
 from .data import load_windows, resolve_text
-from .evaluation import kv_bytes_per_token, kv_cache_width, measured_kv_bytes_per_token, perplexity
+from .evaluation import check_finite_ppl, kv_bytes_per_token, kv_cache_width, measured_kv_bytes_per_token, perplexity
 from .families import get_family, gqa_kv_width, head_dim
 from .configuration_care_mla import CareMlaConfig
+from .fingerprint import model_digest
 from .mapping import LayerLatent, build_decoupled_model, build_latent_model, decoupled_config
+from .data import check_text_file
+from .outputs import OutputExistsError, OutputFolder, write_text_atomic  # noqa: F401  (OutputExistsError: API)
 from .settings import ConvertSettings, SettingsError
 
 logger = logging.getLogger(__name__)
 
 SETTINGS_FILE = "care_mla_settings.json"
-#: Version of the cached statistics (2: second moments stored in float32); part of the cache key.
-STATS_FORMAT = 2
+#: Version of the cached statistics (2: second moments stored in float32; 3: keyed by content); part of the key.
+STATS_FORMAT = 3
 REPORT_FILE = "report.json"
 
 
@@ -47,8 +48,8 @@ class ModelLoadError(RuntimeError):
     """The model could not be found or loaded; the message names the fix."""
 
 
-class OutputExistsError(FileExistsError):
-    """The output folder exists and --overwrite was not given."""
+class EvaluationError(RuntimeError):
+    """The converted model was written but its evaluation failed; the message says how to re-run it alone."""
 
 
 # ----------------------------------------------------------------------------- loading
@@ -70,9 +71,36 @@ def resolve_model_path(spec: str) -> str:
 
 
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A dtype name as torch's; "auto" is the fastest numerically safe dtype of `device` for evaluation (measured
+    on CPUs, `hardware.resolve_auto_dtype`; bf16 on CUDA where supported, else fp16)."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cpu" else torch.float16
+        return auto_dtype(device, "evaluation")[0]
     return getattr(torch, name)
+
+
+def auto_dtype(device: torch.device, step: str, config=None, *, tokens: int = 512,
+               cache_dir: str | None = None) -> tuple[torch.dtype, dict]:
+    """(dtype, what it was chosen from) for the forward passes of `step` on `device`: a GEMM probe at the shapes
+    of `config`'s decoder layer (default shapes without one), cached per machine and torch version."""
+    from . import hardware
+
+    shapes = hardware.DEFAULT_SHAPES
+    if config is not None:
+        kv = config.num_key_value_heads * head_dim(config)
+        shapes = hardware.gemm_shapes(config.hidden_size, kv, config.intermediate_size, tokens=min(512, tokens))
+    return hardware.resolve_auto_dtype(device, shapes=shapes, cache_dir=assets.resolve_cache_dir(cache_dir),
+                                       step=step)
+
+
+def calib_dtype(settings: ConvertSettings, config, device: torch.device,
+                model_dtype: torch.dtype) -> tuple[torch.dtype, dict | None]:
+    """The dtype of the calibration forward passes, and the hardware facts behind an "auto" choice."""
+    if settings.calib_dtype == "same":
+        return model_dtype, None
+    if settings.calib_dtype == "auto":
+        return auto_dtype(device, "calibration", config, tokens=settings.batch_size * settings.calib_seq_len,
+                          cache_dir=settings.cache_dir)
+    return getattr(torch, settings.calib_dtype), None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,49 +136,60 @@ def _from_pretrained(path, dtype: torch.dtype, device: torch.device, max_memory:
 # ----------------------------------------------------------------------------- calibration
 
 
-def _model_fingerprint(model_path: str) -> bytes:
-    """Identity of a model folder: its config and the names, sizes and times of its weight files."""
-    h = hashlib.sha256(model_path.encode())
-    mp = Path(model_path)
-    if mp.is_dir():
-        for f in sorted(mp.iterdir()):
-            if f.suffix in (".json", ".safetensors", ".bin"):
-                h.update(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}".encode())
-        h.update((mp / "config.json").read_bytes())
-    return h.digest()
+def _model_fingerprint(model_path: str, cache_root: Path) -> bytes:
+    """Identity of a model folder by content (`fingerprint.model_digest`, digests remembered per file)."""
+    return bytes.fromhex(model_digest(model_path, cache_root / "hashes"))
 
 
-def _fingerprint(model_path: str, text_path: Path, settings: ConvertSettings, dtype: torch.dtype) -> str:
-    """Key of the calibration cache: model files, text content and calibration shape."""
-    h = hashlib.sha256(_model_fingerprint(model_path))
+def _fingerprint(model_path: str, text_path: Path, settings: ConvertSettings, dtype: torch.dtype,
+                 cache_root: Path) -> str:
+    """Key of the calibration cache: content of the model files and of the text, calibration shape and dtype."""
+    h = hashlib.sha256(_model_fingerprint(model_path, cache_root))
     h.update(hashlib.sha256(text_path.read_bytes()).digest())
     h.update(f"{settings.calib_samples}x{settings.calib_seq_len}:{dtype}:{STATS_FORMAT}".encode())
-    return h.hexdigest()[:20]
+    return h.hexdigest()
 
 
 def calibrate(model, tokenizer, model_path: str, settings: ConvertSettings, *,
               reader: CheckpointReader | None = None) -> CalibrationStats:
     """Statistics from the cache when this model, text and shape were calibrated before, else collected.
 
-    The forward passes run in `settings.calib_dtype` (bf16 by default: 2–3× faster on CPU, and the
-    statistics are accumulated in fp32/fp64 either way). With a `reader` (`model` is then None)
+    The forward passes run in `settings.calib_dtype` ("auto" by default: the fastest numerically safe
+    dtype of this machine, measured — bf16 where native, fp32 on AVX2-only CPUs; the statistics are
+    accumulated in fp32/fp64 either way). With a `reader` (`model` is then None)
     the layers are read from the checkpoint one at a time in that dtype; otherwise a second copy
     of the model is loaded in it when it differs from the model's.
     """
     if reader is not None:
         device = resolve_device(settings.device)
         model_dtype = torch_dtype(settings.dtype, device)
+        config = AutoConfig.from_pretrained(model_path)
     else:
         device, model_dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    dtype = model_dtype if settings.calib_dtype == "same" else getattr(torch, settings.calib_dtype)
+        config = model.config
+    dtype, hardware_info = calib_dtype(settings, config, device, model_dtype)
+    stats = _calibrate(model, tokenizer, model_path, settings, reader, device, dtype, config, model_dtype)
+    stats.meta["hardware"] = hardware_info or {"step": "calibration", "dtype": str(dtype).removeprefix("torch."),
+                                               "reason": f"--calib-dtype {settings.calib_dtype}"}
+    stats.meta["hardware"]["threads"] = torch.get_num_threads()
+    return stats
+
+
+def _calibrate(model, tokenizer, model_path: str, settings: ConvertSettings, reader, device, dtype,
+               config, model_dtype) -> CalibrationStats:
     cache_root = assets.resolve_cache_dir(settings.cache_dir)
     text_path = resolve_text(settings.calib_text, "calibration")
-    cache = cache_root / "calibration" / f"{_fingerprint(model_path, text_path, settings, dtype)}.safetensors"
+    key = _fingerprint(model_path, text_path, settings, dtype, cache_root)
+    cache = cache_root / "calibration" / f"{key[:20]}.safetensors"
     if cache.is_file():  # checked before tokenising: the statistics are all that is needed
-        logger.info("calibration statistics from %s", cache)
-        stats = CalibrationStats.load(cache)
-        stats.meta["cache_file"] = str(cache)
-        return stats
+        try:
+            stats = CalibrationStats.load(cache, key=key)
+        except CalibrationCacheError as err:
+            logger.warning("ignoring the cached calibration statistics: %s; calibrating again", err)
+        else:
+            logger.info("calibration statistics from %s", cache)
+            stats.meta["cache_file"] = str(cache)
+            return stats
     windows, _ = load_windows(
         tokenizer, settings.calib_text, "calibration", settings.calib_samples, settings.calib_seq_len, cache_root
     )
@@ -160,20 +199,23 @@ def calibrate(model, tokenizer, model_path: str, settings: ConvertSettings, *,
         "samples": settings.calib_samples,
         "seq_len": settings.calib_seq_len,
         "dtype": str(dtype).removeprefix("torch."),
+        "key": key,
     }
+    resume = cache.with_name(cache.stem + ".partial.safetensors")  # layers done so far, if a run was killed
     if reader is not None:
         from .layerwise import collect_statistics_layerwise
 
-        stats = collect_statistics_layerwise(reader, AutoConfig.from_pretrained(model_path), windows, dtype=dtype,
+        stats = collect_statistics_layerwise(reader, config, windows, dtype=dtype,
                                              device=device, batch_size=settings.batch_size,
                                              progress=settings.progress, meta=meta,
-                                             max_memory=settings.max_memory_map)
+                                             max_memory=settings.max_memory_map, resume=resume)
     else:
         runner = model if dtype == model_dtype else load_model(model_path, dtype, device, settings.max_memory_map)[0]
         stats = collect_statistics(runner, windows, batch_size=settings.batch_size, progress=settings.progress,
-                                   meta=meta)
+                                   meta=meta, resume=resume)
         del runner
-    stats.save(cache)
+    stats.save(cache, key=key)
+    resume.unlink(missing_ok=True)
     stats.meta["cache_file"] = str(cache)
     return stats
 
@@ -413,32 +455,21 @@ def format_layer_table(table: list[dict]) -> str:
 # ----------------------------------------------------------------------------- output
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {out} exists; pass --overwrite to replace it")
+def output_folder(settings: ConvertSettings) -> OutputFolder:
+    """The output of a conversion, checked against every input it reads (model, texts, cache)."""
+    inputs = input_paths(settings.model, settings.calib_text, settings.eval_text, settings.cache_dir)
+    return OutputFolder(settings.out, overwrite=settings.overwrite, inputs=inputs)
 
 
-@contextmanager
-def atomic_output(out: Path, overwrite: bool):
-    """Yield a temporary folder beside `out`; on success it replaces `out`, on failure it is removed."""
-    out = Path(out)
-    check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def input_paths(model: str, calib_text: str, eval_text: str, cache_dir: str | None) -> dict[str, str | None]:
+    """What a conversion or sweep reads, by name, as paths (None: nothing on disk the user gave)."""
+    def text(spec: str) -> str | None:
+        return None if spec == assets.DEFAULT_TEXT else spec
+
+    model_path = (str(assets.resolve_cache_dir() / "models" / assets._MODEL_FOLDER) if model == assets.DEFAULT_MODEL
+                  else model)
+    return {"input model": model_path, "calibration text": text(calib_text), "evaluation text": text(eval_text),
+            "cache folder": cache_dir}
 
 
 def peak_rss_mb() -> float:
@@ -450,12 +481,17 @@ def peak_rss_mb() -> float:
 
 def original_perplexity(model, model_path: str, windows: torch.Tensor, settings: ConvertSettings, dtype) -> float:
     """Perplexity of the unconverted model, remembered per (model, windows, dtype) in the cache folder."""
-    h = hashlib.sha256(_model_fingerprint(model_path))
+    cache_root = assets.resolve_cache_dir(settings.cache_dir)
+    h = hashlib.sha256(_model_fingerprint(model_path, cache_root))
     h.update(windows.numpy().tobytes())
     h.update(str(dtype).encode())
-    memo = assets.resolve_cache_dir(settings.cache_dir) / "ppl" / f"{h.hexdigest()[:20]}.json"
-    if memo.is_file():
-        return json.loads(memo.read_text())["ppl"]
+    memo = cache_root / "ppl" / f"{h.hexdigest()[:20]}.json"
+    try:
+        return float(json.loads(memo.read_text())["ppl"])
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        logger.warning("ignoring the unreadable remembered perplexity %s (%s); measuring again", memo, err)
     ppl = perplexity(model, windows, batch_size=settings.batch_size, progress=settings.progress)
     memo.parent.mkdir(parents=True, exist_ok=True)
     tmp = memo.with_suffix(f".tmp-{os.getpid()}")
@@ -500,28 +536,52 @@ def zero_shot_pair(original, converted, tokenizer, settings: ConvertSettings) ->
 def convert(settings: ConvertSettings) -> dict:
     """Convert `settings.model` and write the latent-cache model with its report to `settings.out`.
 
-    Returns the report (also written as report.json). The input model is never modified.
-    A safetensors checkpoint is converted layer by layer (`layerwise`: every latent and format,
-    the same bytes) unless ``settings.layerwise`` is False; `.bin` checkpoints and hub ids are
-    loaded whole.
+    Returns the report (also written as report.json). The input model is never modified; the
+    output is checked against every input and for writability before any work, locked for the
+    run, and written atomically (`outputs.OutputFolder`). The model is written before it is
+    evaluated: an evaluation that fails keeps it, records the error in report.json and raises
+    `EvaluationError`. A safetensors checkpoint is converted layer by layer (`layerwise`: every
+    latent and format, the same bytes) unless ``settings.layerwise`` is False; `.bin`
+    checkpoints and hub ids are loaded whole.
     """
-    out = Path(settings.out)
-    check_output(out, settings.overwrite)  # fail before any work
-    if settings.evaluate and settings.zero_shot_tasks:
-        from .zeroshot import _import_lm_eval
-
-        _import_lm_eval()  # a missing lm-eval is said now, not after the conversion
+    folder = output_folder(settings)
+    folder.check()  # fail before any work
+    check_inputs(settings)
     device = resolve_device(settings.device)
     dtype = torch_dtype(settings.dtype, device)
-    if settings.layerwise:
-        reader = _checkpoint_reader(settings.model)
+    with folder:
+        reader = _checkpoint_reader(settings.model) if settings.layerwise else None
         if reader is not None:
-            return _convert_layerwise(settings, reader, device, dtype)
-    timings: dict[str, float] = {}
+            return _convert_layerwise(settings, reader, device, dtype, folder)
+        return _convert_whole(settings, device, dtype, folder)
 
+
+def check_finite_weights(named_tensors) -> None:
+    """Refuse a loaded model holding NaN/Inf weights, naming the first such tensor."""
+    for name, tensor in named_tensors:
+        check_finite(name, tensor.detach())
+
+
+def check_inputs(settings: ConvertSettings) -> None:
+    """What can be checked of the inputs before any work: texts readable, zero-shot tasks known, model present."""
+    for spec, split in ((settings.calib_text, "calibration"), (settings.eval_text, "evaluation")):
+        if spec != "austen" and (split == "calibration" or settings.evaluate):
+            check_text_file(spec, split)
+    if settings.evaluate and settings.zero_shot_tasks:
+        from .zeroshot import check_tasks
+
+        check_tasks(settings.zero_shot_tasks, settings.eval_text)  # a missing lm-eval or an unknown task: now
+    if settings.model != assets.DEFAULT_MODEL:
+        resolve_model_path(settings.model)
+
+
+def _convert_whole(settings: ConvertSettings, device: torch.device, dtype: torch.dtype,
+                   folder: OutputFolder) -> dict:
+    timings: dict[str, float] = {}
     t = time.perf_counter()
     model, tokenizer, model_path = load_model(settings.model, dtype, device, settings.max_memory_map)
     get_family(model.config)
+    check_finite_weights(model.named_parameters())
     timings["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -534,19 +594,43 @@ def convert(settings: ConvertSettings) -> dict:
 
     report = _report_head(model_path, model.config, converted.config, type(converted).__name__, fields, stats,
                           settings, dtype, device, loading="whole")
-    if settings.evaluate:
-        _evaluate_into(report, timings, model, converted, tokenizer, model_path, settings, dtype)
-
     t = time.perf_counter()
-    with atomic_output(out, settings.overwrite) as tmp:
+    with folder.staging() as tmp:
         from .layerwise import save_model
 
         save_model(tmp, converted)  # the same files the layer-by-layer path streams
         tokenizer.save_pretrained(tmp)
         settings.save(tmp / SETTINGS_FILE)
         timings["save"] = time.perf_counter() - t
-        _finish_report(report, timings, tmp)
+        _finish_report(report, timings, tmp, pending=settings.evaluate)
+    if settings.evaluate:
+        _evaluate_saved(report, timings, folder, lambda: (model, converted), tokenizer, model_path, settings, dtype)
     return report
+
+
+def _evaluate_saved(report: dict, timings: dict, folder: OutputFolder, models: Callable, tokenizer, model_path: str,
+                    settings: ConvertSettings, dtype) -> None:
+    """Evaluate the written model (``models()`` → original, converted) and rewrite its report.
+
+    Whatever goes wrong (an error, Ctrl-C), the model stays written and report.json says what
+    happened; an error is re-raised as `EvaluationError` naming the command that re-runs the
+    evaluation alone.
+    """
+    try:
+        original, converted = models()
+        _evaluate_into(report, timings, original, converted, tokenizer, model_path, settings, dtype)
+    except BaseException as err:
+        reason = "interrupted" if isinstance(err, (KeyboardInterrupt, SystemExit)) else f"{type(err).__name__}: {err}"
+        report["evaluation_status"] = f"failed: {reason}"
+        _finish_report(report, timings, folder.out)
+        if isinstance(err, Exception):
+            raise EvaluationError(
+                f"the converted model was written to {folder.out}, but its evaluation failed ({reason}); re-run only "
+                f"the evaluation with: care-mla eval {folder.out}"
+            ) from err
+        raise
+    report["evaluation_status"] = "done"
+    _finish_report(report, timings, folder.out)
 
 
 def _checkpoint_reader(spec: str) -> CheckpointReader | None:
@@ -563,7 +647,7 @@ def _checkpoint_reader(spec: str) -> CheckpointReader | None:
 
 
 def _convert_layerwise(settings: ConvertSettings, reader: CheckpointReader, device: torch.device,
-                       dtype: torch.dtype) -> dict:
+                       dtype: torch.dtype, folder: OutputFolder) -> dict:
     """`convert` with one decoder layer in memory at a time: statistics, rank plan and output streamed."""
     from .layerwise import write_model
 
@@ -586,8 +670,7 @@ def _convert_layerwise(settings: ConvertSettings, reader: CheckpointReader, devi
     t = time.perf_counter()
     plan = (_decoupled_stream if settings.latent == "decoupled" else _latent_stream)(config, reader, stats, settings,
                                                                                      dtype)
-    out = Path(settings.out)
-    with atomic_output(out, settings.overwrite) as tmp:
+    with folder.staging() as tmp:
         write_model(tmp, plan.model_class, plan.config, tensor=plan.tensor, layer=plan.layer, dtype=dtype,
                     generation_config=generation_config, progress=settings.progress)
         tokenizer.save_pretrained(tmp)
@@ -597,12 +680,13 @@ def _convert_layerwise(settings: ConvertSettings, reader: CheckpointReader, devi
         report = _report_head(model_path, config, plan.config, plan.model_class.__name__, plan.fields, stats, settings,
                               dtype, device, loading="layerwise")
         report["peak_rss_mb_conversion"] = round(peak_rss_mb(), 1)
-        if settings.evaluate:
-            original = load_model(model_path, dtype, device, settings.max_memory_map)[0]
-            converted = _from_pretrained(tmp, dtype, device, settings.max_memory_map)
-            _evaluate_into(report, timings, original, converted, tokenizer, model_path, settings, dtype)
-            del original, converted
-        _finish_report(report, timings, tmp)
+        _finish_report(report, timings, tmp, pending=settings.evaluate)
+    if settings.evaluate:
+        def models():
+            return (load_model(model_path, dtype, device, settings.max_memory_map)[0],
+                    _from_pretrained(str(folder.out), dtype, device, settings.max_memory_map))
+
+        _evaluate_saved(report, timings, folder, models, tokenizer, model_path, settings, dtype)
     return report
 
 
@@ -701,6 +785,7 @@ def _report_head(model_path: str, config, converted_config, architecture: str, f
             "dtype": stats.meta.get("dtype"),
             "statistics": stats.meta.get("cache_file"),
         },
+        "hardware": stats.meta.get("hardware"),
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
         "loading": loading,
@@ -710,7 +795,10 @@ def _report_head(model_path: str, config, converted_config, architecture: str, f
 def _evaluate_into(report: dict, timings: dict, original, converted, tokenizer, model_path: str,
                    settings: ConvertSettings, dtype) -> None:
     t = time.perf_counter()
-    report.update(evaluate_pair(original, converted, tokenizer, model_path, settings, dtype))
+    pair = evaluate_pair(original, converted, tokenizer, model_path, settings, dtype)
+    for name, value in pair["ppl"].items():  # report.json never holds NaN (it would not be JSON)
+        check_finite_ppl(value, f"the {name} model's perplexity")
+    report.update(pair)
     report["ppl"]["ratio"] = report["ppl"]["converted"] / report["ppl"]["original"]
     timings["evaluate"] = time.perf_counter() - t
     if settings.zero_shot_tasks:
@@ -719,10 +807,13 @@ def _evaluate_into(report: dict, timings: dict, original, converted, tokenizer, 
         timings["zero_shot"] = time.perf_counter() - t
 
 
-def _finish_report(report: dict, timings: dict, folder: Path) -> None:
+def _finish_report(report: dict, timings: dict, folder: Path, *, pending: bool = False) -> None:
+    """Write report.json (atomically) into `folder`; `pending`: the evaluation is still to come."""
+    if pending:
+        report["evaluation_status"] = "pending"
     report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(Path(folder) / REPORT_FILE, json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
 def evaluate_folder(path: str, *, eval_text: str = "austen", eval_samples: int = 64, eval_seq_len: int = 256,
@@ -730,11 +821,14 @@ def evaluate_folder(path: str, *, eval_text: str = "austen", eval_samples: int =
     """Held-out perplexity and KV bytes per token of a saved model (converted or original)."""
     dev = resolve_device(device)
     dt = torch_dtype(dtype, dev)
+    if eval_text != "austen":
+        check_text_file(eval_text, "evaluation")
     model, tokenizer, model_path = load_model(path, dt, dev)
     windows, text_path = load_windows(tokenizer, eval_text, "evaluation", eval_samples, eval_seq_len)
+    ppl = check_finite_ppl(perplexity(model, windows, batch_size=batch_size, progress=progress))
     return {
         "model": model_path,
-        "ppl": perplexity(model, windows, batch_size=batch_size, progress=progress),
+        "ppl": ppl,
         "kv_bytes_per_token": kv_bytes_per_token(model.config, dt),
         "kv_bytes_per_token_measured": measured_kv_bytes_per_token(model, windows[:1, :32]),
         "evaluation": {"text": str(text_path), "samples": eval_samples, "seq_len": eval_seq_len},

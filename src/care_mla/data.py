@@ -9,6 +9,7 @@ deterministic and cover all of it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -31,6 +32,29 @@ def resolve_text(spec: str, split: str) -> Path:
         raise TextError(
             f"text file not found: {spec} (give a UTF-8 text file, or {assets.DEFAULT_TEXT!r} for the embedded corpus)"
         )
+    return path
+
+
+def check_text_file(spec: str, split: str) -> Path:
+    """A user's text file, refused up front (`TextError`) when missing, empty or not UTF-8."""
+    import codecs
+
+    path = resolve_text(spec, split)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    seen = 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                decoder.decode(chunk)
+                seen += len(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as err:
+        raise TextError(f"{spec} is not UTF-8 text (bad byte at offset {seen + err.start}); convert it first, e.g. "
+                        f"iconv -f latin1 -t utf-8") from None
+    except OSError as err:
+        raise TextError(f"cannot read the {split} text {spec}: {err.strerror}") from None
+    if seen == 0:
+        raise TextError(f"the {split} text {spec} is empty; give a UTF-8 text file with enough tokens")
     return path
 
 
@@ -79,10 +103,18 @@ def tokenize_file(tokenizer, path: Path, cache_dir: Path | None = None) -> torch
         h = hashlib.sha256(backend.to_str().encode())
         h.update(hashlib.sha256(path.read_bytes()).digest())
         file = Path(cache_dir) / "tokens" / f"{h.hexdigest()[:24]}.safetensors"
+    ids = None
     if file is not None and file.is_file():
-        ids = load_file(str(file))["ids"].long()
-    else:
-        ids = _tokenize(tokenizer, path.read_text(encoding="utf-8"))
+        try:
+            ids = load_file(str(file))["ids"].long()
+        except Exception as err:  # a damaged cache entry is only a cost: tokenise again
+            logging.getLogger(__name__).warning("ignoring the damaged token cache %s (%s)", file, err)
+    if ids is None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise TextError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it first") from None
+        ids = _tokenize(tokenizer, text)
         if file is not None:
             file.parent.mkdir(parents=True, exist_ok=True)
             tmp = file.with_name(f"{file.name}.tmp-{os.getpid()}")

@@ -15,6 +15,7 @@ import transformers
 from torch import nn
 from tqdm.auto import tqdm
 
+from .transformers_api import returned_cache
 from .configuration_care_mla import CareMlaConfig
 from .families import gqa_kv_width
 
@@ -185,12 +186,12 @@ def measured_kv_bytes_per_token(model: nn.Module, input_ids: torch.Tensor, *, ma
         return_dict_in_generate=True,
         pad_token_id=getattr(model.generation_config, "pad_token_id", None) or 0,
     )
-    cache = out.past_key_values
+    cache = returned_cache(out)
     length = cache.get_seq_length() if cache is not None else 0
     if length == 0:
         raise CacheNotUsedError(
             f"{type(model).__name__}.generate returned an empty KV cache: the model's attention did not use the "
-            f"cache, likely a transformers version mismatch (installed {transformers.__version__}; this project "
-            "pins transformers>=5.0,<6)"
+            f"cache, likely a transformers version outside the tested range (installed {transformers.__version__}; "
+            "see pyproject.toml and constraints.txt)"
         )
     return cache_bytes(cache) / (length * input_ids.shape[0])

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
+import contextlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,17 +38,9 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import linear_norms
-from .convert import (
-    ModelLoadError,
-    OutputExistsError,
-    atomic_output,
-    check_output,
-    load_model,
-    peak_rss_mb,
-    resolve_device,
-    resolve_model_path,
-)
-from .data import TextError, load_windows, resolve_text, token_windows, tokenize_file
+from .convert import ModelLoadError, load_model, peak_rss_mb, resolve_device, resolve_model_path
+from .outputs import OutputError, OutputExistsError, OutputFolder, check_no_overlap, mark, owner, remove_owned
+from .data import TextError, check_text_file, load_windows, resolve_text, token_windows, tokenize_file
 from .distillation import kd_loss
 from .evaluation import perplexity
 from .heal_settings import HealSettings
@@ -212,17 +204,23 @@ def work_dir(out: Path) -> Path:
     return out.parent / f"{out.name}.work"
 
 
-def _check_paths(settings: HealSettings, out: Path) -> None:
-    for name in ("converted", "teacher"):
-        given = Path(getattr(settings, name)).expanduser()
-        if given.exists() and given.resolve() in (out.resolve(), work_dir(out).resolve()):
-            raise SettingsError(f"--out {out} is the {name} model's folder; write the healed model elsewhere")
-    check_output(out, settings.overwrite)
+def output_folder(settings: HealSettings) -> OutputFolder:
+    """The healed model's folder, checked against every input (and its work folder too)."""
+    inputs = {"converted model": settings.converted, "teacher model": settings.teacher,
+              "training text": None if settings.train_text == "austen" else settings.train_text,
+              "evaluation text": None if settings.eval_text == "austen" else settings.eval_text}
+    folder = OutputFolder(settings.out, overwrite=settings.overwrite, inputs=inputs, purpose="heal")
+    folder.check()
+    check_no_overlap(work_dir(Path(settings.out)), inputs, flag="--out's work folder")
+    return folder
 
 
 def _prepare_work(settings: HealSettings, work: Path) -> None:
     """Start, restart or continue the work folder of `settings.out` (main process only)."""
     saved = work / HEAL_SETTINGS_FILE
+    if work.exists() and owner(work) is None:
+        raise OutputError(f"{work} exists and was not made by care-mla heal; care-mla keeps its checkpoints there: "
+                          "move that folder away, or choose another --out")
     if work.exists() and settings.resume and saved.is_file():
         previous = HealSettings.from_dict(json.loads(saved.read_text()))
         changed = previous.differences(settings)
@@ -239,10 +237,11 @@ def _prepare_work(settings: HealSettings, work: Path) -> None:
                 f"{work} holds the checkpoints of an interrupted heal of {settings.out}; pass --resume to continue "
                 "it, or --overwrite to start over"
             )
-        shutil.rmtree(work)  # nothing trained yet, or --overwrite
+        remove_owned(work)  # nothing trained yet, or --overwrite
     if not work.exists() and settings.resume:
         logger.warning("nothing to resume in %s; starting from the converted model", work)
     work.mkdir(parents=True, exist_ok=True)
+    mark(work, "heal work folder")
     settings.save(saved)
 
 
@@ -302,12 +301,22 @@ def heal(settings: HealSettings, *, callbacks: Sequence[TrainerCallback] = ()) -
     """
     t_start = time.perf_counter()
     out = Path(settings.out)
-    _check_paths(settings, out)  # fail before any work
+    folder = output_folder(settings)  # fail before any work
+    for spec, split in ((settings.train_text, "training"), (settings.eval_text, "evaluation")):
+        if spec != "austen":
+            check_text_file(spec, split)
     resolve_device(settings.device)  # names the fix when CUDA is asked for and absent
     converted_path, fmt = converted_format(settings.converted)
     resolve_model_path(settings.teacher)
     work = work_dir(out)
     args = training_arguments(settings, work)
+    main_process = args.process_index == 0
+    with folder if main_process else contextlib.nullcontext():  # the lock, held by the main process
+        return _heal_locked(settings, args, folder, work, converted_path, fmt, callbacks, t_start)
+
+
+def _heal_locked(settings: HealSettings, args: TrainingArguments, folder: OutputFolder, work: Path,
+                 converted_path: str, fmt: str, callbacks, t_start: float) -> dict:
     with args.main_process_first(desc="work folder"):
         if args.process_index == 0:
             _prepare_work(settings, work)
@@ -316,14 +325,14 @@ def heal(settings: HealSettings, *, callbacks: Sequence[TrainerCallback] = ()) -
     except BaseException:
         if args.process_index == 0:
             if not work.is_dir() or get_last_checkpoint(str(work)) is None:
-                shutil.rmtree(work, ignore_errors=True)  # nothing to resume
+                remove_owned(work)  # nothing to resume
             else:
                 logger.warning("healing stopped; its checkpoints are in %s: rerun with --resume to continue", work)
         raise
     report["wall_time_s"] = round(time.perf_counter() - t_start, 3)
     if args.process_index == 0:
         t = time.perf_counter()
-        with atomic_output(out, settings.overwrite) as tmp:
+        with folder.staging() as tmp:
             healed.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             settings.save(tmp / HEAL_SETTINGS_FILE)
@@ -333,7 +342,7 @@ def heal(settings: HealSettings, *, callbacks: Sequence[TrainerCallback] = ()) -
             report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
             report["peak_rss_mb"] = round(peak_rss_mb(), 1)
             (tmp / HEAL_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        shutil.rmtree(work, ignore_errors=True)
+        remove_owned(work)
     return report
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .settings import DEVICES, SettingsError, _one_of
+from .settings import DEVICES, SettingsError, _one_of, check_finite_numbers
 
 # float16 weights cannot be trained with Adam without loss scaling, and they cannot hold the
 # ~1e-7 pre-norm latents of a DeepSeek export; bfloat16 and float32 can.
@@ -57,6 +57,7 @@ class HealSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_finite_numbers(self)
         for name in ("converted", "teacher", "out"):
             if not getattr(self, name):
                 raise SettingsError(f"{name} must be given")

@@ -70,7 +70,7 @@ def layer_placement(config, max_memory: dict[int | str, int | str], dtype: torch
 def collect_statistics_layerwise(
     reader: CheckpointReader, config, input_ids: torch.Tensor, *, dtype: torch.dtype, device: torch.device,
     batch_size: int = 8, progress: bool = True, meta: dict | None = None,
-    max_memory: dict[int | str, int | str] | None = None,
+    max_memory: dict[int | str, int | str] | None = None, resume: Path | None = None,
 ) -> CalibrationStats:
     """`collect_statistics` over the checkpoint of `reader`, one decoder layer in memory (in `dtype`) at a time,
     on `device`, or spread over the devices of `max_memory` when it does not fit the first (`layer_placement`)."""
@@ -80,7 +80,7 @@ def collect_statistics_layerwise(
     embed.load_state_dict({"weight": reader.get("model.embed_tokens.weight", dtype).to(device)}, assign=True)
     stats = collect_statistics(
         model, input_ids, batch_size=batch_size, progress=progress, meta=meta,
-        layer_weights=lambda i: reader.state(layer_prefix(i), dtype), layer_placement=placement,
+        layer_weights=lambda i: reader.state(layer_prefix(i), dtype), layer_placement=placement, resume=resume,
     )
     del model, embed
     return stats

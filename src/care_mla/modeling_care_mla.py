@@ -21,10 +21,9 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
 
-from .cache_api import cache_kwargs, output_kwargs, pick_cache, returned_cache
+from .transformers_api import attention_interface, cache_kwargs, output_kwargs, pick_cache, returned_cache
 from .configuration_care_mla import CareMlaConfig
 from .families import FAMILIES, head_dim
 
@@ -123,10 +122,8 @@ class CareMlaAttention(nn.Module):
             k = self.k_norm(k.transpose(1, 2)).transpose(1, 2)
         q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos_k, sin_k)
 
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        out, weights = attention_interface(
+        kernel = attention_interface(self.config._attn_implementation, eager_attention_forward)
+        out, weights = kernel(
             self,
             q,
             k,
@@ -242,10 +239,8 @@ class CareMlaDecoupledAttention(nn.Module):
             # torch's fused SDPA kernels want one head width for q/k and v; the fallback for
             # unequal widths is ~4× slower on CPU (SmolLM2 layer, 2K tokens: 300 vs 79 ms)
             v = nn.functional.pad(v, (0, pad))
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        out, weights = attention_interface(
+        kernel = attention_interface(self.config._attn_implementation, eager_attention_forward)
+        out, weights = kernel(
             self, q, k, v, attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
         )
@@ -320,7 +315,7 @@ class CareMlaForCausalLM(CareMlaPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        cache = pick_cache(cache, kwargs)  # generate passes `cache` (transformers ≥ 5.2x) or `past_key_values`
+        cache = pick_cache(cache, kwargs)  # generate passes `cache` (transformers ≥ 5.24) or `past_key_values`
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -111,6 +111,9 @@ def _convert_section(folder: Path, r: dict) -> list[str]:
                      _num(ppl.get("converted")) + (f" ({ratio:.3f}×)" if ratio is not None else "")])
     if rows:
         lines += _table(["", "original", "converted"], rows)
+    status = r.get("evaluation_status")
+    if status and status != "done":
+        lines += ["", f"**Evaluation {status}**" + (" — re-run it with `care-mla eval`." if status != "pending" else ".")]
     lines += _zero_shot_lines(r.get("zero_shot"))
     cal = r.get("calibration")
     if cal:
@@ -227,9 +230,15 @@ def report(folder: str | Path) -> str:
     for name in found:
         try:
             data = json.loads((folder / name).read_text())
-        except ValueError as err:
+        except (ValueError, OSError) as err:
             raise ReportError(f"{folder / name} is not valid JSON ({err}); was the run interrupted?") from err
-        section = _SECTIONS[name](folder, data)
+        if not isinstance(data, dict):
+            raise ReportError(f"{folder / name} is not a care-mla report (a JSON object was expected)")
+        try:
+            section = _SECTIONS[name](folder, data)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+            raise ReportError(f"{folder / name} is not a complete care-mla report ({type(err).__name__}: {err}); "
+                              "re-run the command that wrote it") from err
         embedded |= {line.split("](", 1)[1].rstrip(")") for line in section if line.startswith("![")}
         lines += ([""] if lines else []) + section
     rest = _images(folder, sorted(p.name for p in folder.glob("*.png") if p.name not in embedded))

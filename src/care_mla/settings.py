@@ -16,6 +16,8 @@ LATENTS = ("separate", "joint", "decoupled")
 FORMATS = ("care_mla", "deepseek")
 ROPE_STRATEGIES = ("pca", "partial")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: Dtypes of the calibration forward passes: "auto" measures (`hardware`), "same" follows --dtype.
+CALIB_DTYPES = ("auto", "same", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -34,6 +36,18 @@ def method_latent_error(method: str, latent: str) -> str | None:
         return ("--method mha2mla is the weight SVD of the stacked [W_k W_v], one joint latent: use --latent joint "
                 "(with separate latents it is --method svd)")
     return None
+
+
+def check_finite_numbers(settings) -> None:
+    """Refuse NaN or infinite numbers in any field of a settings dataclass (``--damping nan`` passes every
+    comparison-based range check, since NaN compares false)."""
+    import math
+
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        for x in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(x, float) and not math.isfinite(x):
+                raise SettingsError(f"{f.name} must be a finite number; got {x}")
 
 
 def _one_of(name: str, value, allowed) -> None:
@@ -76,7 +90,9 @@ class ConvertSettings:
     batch_size: int = 8
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # factors, output and evaluation
-    calib_dtype: Literal["same", "float32", "bfloat16", "float16"] = "bfloat16"  # forward passes of calibration
+    # forward passes of calibration; "auto": the fastest numerically safe dtype of this machine, measured
+    # (`hardware.resolve_auto_dtype`: bf16 where it is native, fp32 on AVX2-only CPUs where bf16 is ~47x slower)
+    calib_dtype: Literal["auto", "same", "float32", "bfloat16", "float16"] = "auto"
     evaluate: bool = True
     zero_shot_tasks: tuple[str, ...] = ()  # lm-eval tasks for original and converted (lastword, nextsent, arc_easy…)
     zero_shot_limit: int | None = 500  # items per zero-shot task (None: all)
@@ -89,6 +105,7 @@ class ConvertSettings:
     max_memory: str | None = None
 
     def __post_init__(self) -> None:
+        check_finite_numbers(self)
         _one_of("format", self.format, FORMATS)
         deepseek = self.format == "deepseek"
         if self.latent is None:
@@ -132,7 +149,7 @@ class ConvertSettings:
         _one_of("whitening", self.whitening, ("cholesky", "sqrt"))
         _one_of("device", self.device, DEVICES)
         _one_of("dtype", self.dtype, DTYPES)
-        _one_of("calib_dtype", self.calib_dtype, ("same",) + DTYPES[1:])
+        _one_of("calib_dtype", self.calib_dtype, CALIB_DTYPES)
         latent_error = method_latent_error(self.method, self.latent)
         if latent_error:
             raise SettingsError(latent_error)

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import assets
-from .settings import ALLOCATIONS, DEVICES, DTYPES, METHODS, ConvertSettings, SettingsError, method_latent_error
+from .settings import (ALLOCATIONS, CALIB_DTYPES, DEVICES, DTYPES, METHODS, ConvertSettings, SettingsError, check_finite_numbers,
+                       method_latent_error)
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class SweepSettings:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        check_finite_numbers(self)
         for name, allowed in (("kv_fractions", None), ("methods", METHODS), ("allocations", ALLOCATIONS),
                               ("latents", SWEEP_LATENTS), ("zero_shot_tasks", None)):
             value = getattr(self, name)
@@ -306,19 +308,31 @@ def _whitened_spectra(model, stats, s: SweepSettings) -> dict:
 
 def sweep(settings: SweepSettings) -> dict:
     """Run the sweep of `settings` and write its folder; returns what sweep.json holds."""
+    from .convert import input_paths
+    from .data import check_text_file
+    from .outputs import OutputFolder
 
+    s = settings
+    inputs = input_paths(s.model, s.calib_text, s.eval_text, s.cache_dir)
+    folder = OutputFolder(s.out, overwrite=s.overwrite, purpose="sweep", inputs=inputs)
+    folder.check()  # fail before any work
+    for spec, split in ((s.calib_text, "calibration"), (s.eval_text, "evaluation")):
+        if spec != "austen":
+            check_text_file(spec, split)
+    if s.zero_shot:
+        from .zeroshot import check_tasks
+
+        check_tasks(s.zero_shot_tasks, s.eval_text)  # a missing lm-eval or an unknown task is said now
+    with folder:
+        return _sweep(s, folder)
+
+
+def _sweep(s: SweepSettings, folder) -> dict:
     from . import convert as cv
     from .data import load_windows
     from .evaluation import kv_bytes_per_token, kv_cache_width, perplexity
     from .families import get_family, gqa_kv_width
 
-    s = settings
-    out = Path(s.out)
-    cv.check_output(out, s.overwrite)  # fail before any work
-    if s.zero_shot:
-        from .zeroshot import _import_lm_eval
-
-        _import_lm_eval()  # a missing lm-eval is said now, not after calibration
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     device = cv.resolve_device(s.device)
@@ -362,7 +376,7 @@ def sweep(settings: SweepSettings) -> dict:
     grid.sort(key=lambda g: g[3] != 1.0 or (g[0], g[1]) != reps[g[2]])  # (stable) exact cells' model first
     # the folder is staged from the start, so kept models go to disk at once (not all held in memory);
     # it replaces OUT only when the sweep is complete
-    with cv.atomic_output(out, s.overwrite) as tmp:
+    with folder.staging() as tmp:
         cells: list[dict] = []
         done: dict[str, dict] = {}
         t = time.perf_counter()
@@ -524,7 +538,7 @@ def add_sweep_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--calib-text", default=D.calib_text, help="calibration text: 'austen' or a UTF-8 file")
     p.add_argument("--calib-samples", type=int, default=D.calib_samples)
     p.add_argument("--calib-seq-len", type=int, default=D.calib_seq_len)
-    p.add_argument("--calib-dtype", choices=("same", "float32", "bfloat16", "float16"), default=D.calib_dtype)
+    p.add_argument("--calib-dtype", choices=CALIB_DTYPES, default=D.calib_dtype)
     p.add_argument("--eval-text", default=D.eval_text, help="held-out text (also the zero-shot tasks' source)")
     p.add_argument("--eval-samples", type=int, default=D.eval_samples)
     p.add_argument("--eval-seq-len", type=int, default=D.eval_seq_len)
@@ -543,7 +557,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
     from .zeroshot import ZeroShotError
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "quiet")}
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "debug", "threads")}
     try:
         result = sweep(SweepSettings.from_dict({**fields, "progress": not args.quiet}))
     except ZeroShotError as err:

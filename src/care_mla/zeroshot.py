@@ -390,6 +390,32 @@ def _task_manager(TaskManager, include_path: Path | None, *, include_defaults: b
     return _MANAGERS[key]
 
 
+def check_tasks(tasks: Sequence[str], text: str | Path = assets.DEFAULT_TEXT) -> None:
+    """Refuse (`ZeroShotError`) a missing lm-eval or a task name it does not know, before any work is done.
+
+    The offline tasks are known without building them; a standard name needs lm-eval's catalogue
+    (indexed once per process, ~10 s).
+    """
+    lm_eval, _, TaskManager = _import_lm_eval()
+    if not hasattr(TaskManager, "load"):
+        raise ZeroShotError(f"lm-eval {lm_eval.__version__} is too old; run `pip install 'lm-eval>=0.4.13'`")
+    names = list(dict.fromkeys(resolve_task_names(tasks, text)))
+    rest = [n for n in names if n not in set(offline_task_names(text))]
+    if not rest:
+        return
+    manager = _task_manager(TaskManager, None, include_defaults=True)
+    _check_known(rest, set(manager.all_tasks) | set(manager.all_groups) | set(manager.all_tags))
+
+
+def _check_known(names: Sequence[str], known: set[str]) -> None:
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ZeroShotError(
+            f"unknown zero-shot task(s) {', '.join(unknown)}; use lastword, nextsent (built offline from the "
+            f"evaluation text) or lm-eval task names such as {', '.join(STANDARD_TASKS)}"
+        )
+
+
 def evaluate_zero_shot(
     model,
     tokenizer,
@@ -418,13 +444,7 @@ def evaluate_zero_shot(
     offline = prepare_tasks(text, cache_dir=cache_dir) if set(names) & ours else None
     manager = _task_manager(TaskManager, offline.directory if offline else None, include_defaults=not set(names) <= ours)
 
-    known = set(manager.all_tasks) | set(manager.all_groups) | set(manager.all_tags)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ZeroShotError(
-            f"unknown zero-shot task(s) {', '.join(unknown)}; use lastword, nextsent (built offline from the "
-            f"evaluation text) or lm-eval task names such as {', '.join(STANDARD_TASKS)}"
-        )
+    _check_known(names, set(manager.all_tasks) | set(manager.all_groups) | set(manager.all_tags))
     results: dict[str, dict] = {}  # in the order asked; a group adds its tasks
     loaded = []  # Task objects: loading them once here also fetches their data
     for name in names:

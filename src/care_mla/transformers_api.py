@@ -1,12 +1,15 @@
-"""The one place that knows how the installed transformers hands the KV cache around.
+"""The parts of transformers' API that differ between the versions care-mla supports (pyproject's range).
 
-transformers renamed the cache argument of every model, decoder layer and attention forward,
-and the field of their outputs, from ``past_key_values`` to ``cache`` (5.2x; the old name is a
+The KV cache: transformers renamed the cache argument of every model, decoder layer and attention forward,
+and the field of their outputs, from ``past_key_values`` to ``cache`` (in 5.24; the old name is a
 deprecated alias until 5.40/6.0). A custom attention module that reads only one of the two
 names silently runs *without a cache* under the other: decode then recomputes nothing and
 the cache stays empty. Everything in care-mla that passes, receives or reads a cache goes
 through these helpers, which look at the installed version's own signatures (no version
 parsing), so both conventions work.
+
+Attention kernels: `attention_interface` looks a kernel up in `ALL_ATTENTION_FUNCTIONS`, whose
+`get_interface` method exists only in newer 5.x releases.
 """
 
 from __future__ import annotations
@@ -14,11 +17,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+from collections.abc import Callable, Mapping
 
 from transformers.cache_utils import Cache
 
 #: Names a cache may arrive under, newest first.
 CACHE_NAMES = ("cache", "past_key_values")
+
+
+def attention_interface(implementation: str | None, eager: Callable) -> Callable:
+    """The attention kernel registered for `implementation` (``config._attn_implementation``), `eager` for "eager"."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+    if implementation in (None, "eager"):
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
 @functools.cache
@@ -59,9 +74,10 @@ def output_kwargs(cache: Cache | None) -> dict:
 
 
 def returned_cache(output) -> Cache | None:
-    """The cache of a model or `generate` output (a `ModelOutput`, i.e. a dict of its set fields), under either
-    field name and without the deprecation warning of the old attribute."""
+    """The cache of a model or `generate` output under either field name (a `ModelOutput` is read as the dict of
+    its set fields, which avoids the deprecation warning of the old attribute)."""
     for name in CACHE_NAMES:
-        if output.get(name) is not None:
-            return output[name]
+        value = output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
+        if value is not None:
+            return value
     return None
