@@ -35,7 +35,7 @@ import care_mla  # noqa: F401  (registers the latent-cache model)
 from care_mla import assets
 from care_mla.convert import convert, resolve_model_path
 from care_mla.data import load_windows
-from care_mla.cache_api import cache_kwargs, returned_cache
+from care_mla.transformers_api import cache_kwargs, returned_cache
 from care_mla.evaluation import cache_bytes
 from care_mla.settings import ConvertSettings
 

@@ -17,7 +17,7 @@ from care_mla import convert as api
 from care_mla import deepseek as ds
 from care_mla.calibration import collect_statistics
 from care_mla.cli import main
-from care_mla.cache_api import returned_cache
+from care_mla.transformers_api import returned_cache
 from care_mla.evaluation import cache_bytes
 from care_mla.mapping import build_decoupled_model
 from care_mla.modeling_care_mla import CareMlaForCausalLM

@@ -21,7 +21,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from care_mla import deepseek as ds
-from care_mla.cache_api import returned_cache
+from care_mla.transformers_api import returned_cache
 from care_mla.calibration import collect_statistics
 from care_mla.families import UnsupportedModelError
 

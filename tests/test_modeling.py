@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import care_mla  # noqa: F401  (registers model_type care_mla)
-from care_mla.cache_api import returned_cache
+from care_mla.transformers_api import returned_cache
 from care_mla.evaluation import cache_bytes, kv_bytes_per_token, measured_kv_bytes_per_token
 from care_mla.factorization import Factors
 from care_mla.mapping import LayerLatent, build_latent_model

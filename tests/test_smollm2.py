@@ -10,7 +10,7 @@ import care_mla  # noqa: F401
 from care_mla import assets
 from care_mla.convert import convert
 from care_mla.data import load_windows
-from care_mla.cache_api import returned_cache
+from care_mla.transformers_api import returned_cache
 from care_mla.evaluation import cache_bytes
 from care_mla.settings import ConvertSettings
 
