@@ -3,5 +3,6 @@
 # KV cache with CARE (adjusted ranks) and with the weight-SVD baseline, print one table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export VENV=${VENV:-.venv}
 bash scripts/install.sh
-exec care-mla demo --out "${1:-runs/demo}" --overwrite
+exec "$VENV/bin/care-mla" demo --out "${1:-runs/demo}" --overwrite
