@@ -29,11 +29,17 @@ def peak_gpu_mb():
 
 FORWARD = PEAK_RSS + """
 import json, sys, time, torch
-from care_mla.convert import load_model
+from transformers import AutoConfig
+from care_mla.convert import calib_dtype, load_model, resolve_model_path
 from care_mla.data import load_windows
+from care_mla.settings import ConvertSettings
 args = json.loads(sys.argv[1])
 device = torch.device(args["device"])
-model, tok, _ = load_model(args["model"], getattr(torch, args["calib_dtype"]), device)
+# the dtype the conversion's calibration uses ("auto": this machine's fastest safe one, same probe and cache)
+settings = ConvertSettings(calib_dtype=args["calib_dtype"], calib_seq_len=args["seq_len"], batch_size=args["batch_size"],
+                           cache_dir=args["cache"])
+dtype, _ = calib_dtype(settings, AutoConfig.from_pretrained(resolve_model_path(args["model"])), device, torch.float32)
+model, tok, _ = load_model(args["model"], dtype, device)
 ids, _ = load_windows(tok, "austen", "calibration", args["samples"], args["seq_len"])
 t = time.perf_counter()
 with torch.no_grad():
@@ -42,7 +48,8 @@ with torch.no_grad():
         model.model(ids[start:start + args["batch_size"]].to(device), use_cache=False)
 if device.type == "cuda":
     torch.cuda.synchronize()
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb()}))
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(),
+                  "dtype": str(dtype).removeprefix("torch.")}))
 """
 
 CONVERT = PEAK_RSS + """
@@ -56,7 +63,7 @@ report = convert(ConvertSettings(model=args["model"], out=args["out"], kv_fracti
                                  evaluate=False, progress=False, cache_dir=args["cache"], layerwise=args["layerwise"],
                                  overwrite=True, device=args["device"], format=args["format"]))
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(),
-                  "timings_s": report["timings_s"]}))
+                  "timings_s": report["timings_s"], "calibration_dtype": report["calibration"]["dtype"]}))
 """
 
 
@@ -71,7 +78,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--calib-dtype", default="bfloat16")
+    p.add_argument("--calib-dtype", default="auto",
+                   help="forward dtype of both sides: auto (default) = the conversion's own choice for this machine")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--format", default="care_mla", choices=["care_mla", "deepseek"])
     p.add_argument("--compare-whole", action="store_true", help="also time the conversion with the whole model loaded")
@@ -86,8 +94,11 @@ def main() -> None:
         whole = run(CONVERT, {**args, "layerwise": False, "cache": f"{tmp}/cache-whole"}) if a.compare_whole else None
         total = time.perf_counter() - t
     tokens = a.samples * a.seq_len
-    print(f"model {a.model}, {a.samples} x {a.seq_len} = {tokens:,} calibration tokens, forward dtype {a.calib_dtype}, "
-          f"device {a.device}, format {a.format}")
+    from hardware_probe import probe_summary  # benchmarks/ is on the path of a script run from it
+
+    print("hardware:", json.dumps(probe_summary(device=a.device)))
+    print(f"model {a.model}, {a.samples} x {a.seq_len} = {tokens:,} calibration tokens, forward dtype {fwd['dtype']} "
+          f"(conversion: {conv['calibration_dtype']}), device {a.device}, format {a.format}")
     gpu = a.device == "cuda"
     print(f"{'':44s}{'wall s':>10s}{'peak RSS MB':>14s}" + (f"{'peak GPU MB':>14s}" if gpu else ""))
     for name, r in (("plain forward (decoder stack)", fwd), ("conversion, layer by layer (default)", conv),

@@ -227,6 +227,7 @@ def test_demo_table_compares_care_with_weight_svd(tiny_model_dir, text_file, tmp
     fields = {k: v for k, v in s.to_dict().items() if k not in ("out", "kv_fraction", "overwrite", "method", "allocation")}
     table = run_demo(tmp_path / "demo", kv_fraction=0.5, **fields)
     lines = table.splitlines()
-    assert len(lines) == 5 and "original (GQA)" in lines[2] and "CARE" in lines[3] and "weight SVD" in lines[4]
+    assert len(lines) == 7 and "original (GQA)" in lines[2] and "CARE" in lines[3] and "weight SVD" in lines[4]
+    assert lines[6].startswith("SmolLM2-135M-Instruct, calibration 8 x 32 tokens, held-out 4 x 32 tokens")
     assert "| 64 | 768 |" in lines[2], lines and "| 32 | 384 |" in lines[3]  # width per layer, fp32 bytes per token
     assert (tmp_path / "demo" / "demo.md").read_text().strip() == table

@@ -28,7 +28,7 @@ def run(work, name: str, **kw) -> dict:
     fields = dict(
         model=assets.DEFAULT_MODEL,
         out=str(work / name),
-        calib_samples=256,
+        calib_samples=64,  # 16K tokens: minutes on a 2-core AVX2 CPU in fp32; the full 256 x 256 is `slow`
         calib_seq_len=256,
         eval_samples=16,
         eval_seq_len=256,
@@ -59,7 +59,7 @@ def test_care_keeps_quality_where_weight_svd_breaks(work):
     half = run(work, "care-u-0.5", kv_fraction=0.5, allocation="uniform")
     quarter = run(work, "care-u-0.25", kv_fraction=0.25, allocation="uniform")
     svd = run(work, "svd-u-0.5", kv_fraction=0.5, method="svd", allocation="uniform")
-    assert half["calibration"]["tokens"] == 256 * 256
+    assert half["calibration"]["tokens"] == 64 * 256
     assert half["ppl"]["ratio"] <= 1.4, half["ppl"]
     assert quarter["ppl"]["ratio"] <= 2.0, quarter["ppl"]
     assert svd["ppl"]["ratio"] >= 10 * half["ppl"]["ratio"], svd["ppl"]
@@ -67,6 +67,17 @@ def test_care_keeps_quality_where_weight_svd_breaks(work):
     assert half["kv_bytes_per_token"]["original_measured"] == 30 * 384 * 4
     assert half["kv_bytes_per_token"]["converted_measured"] == 30 * 192 * 4
     assert quarter["kv_bytes_per_token"]["converted_measured"] == 30 * 96 * 4
+
+
+@pytest.mark.slow
+def test_readme_protocol_reproduces_the_measured_table(work):
+    """The README's protocol (256 x 256 calibration, 64 x 256 held out): CARE uniform 1.342 / 1.718 there."""
+    kw = dict(calib_samples=256, eval_samples=64, allocation="uniform", cache_dir=str(work / "cache-full"))
+    half = run(work, "full-0.5", kv_fraction=0.5, **kw)
+    quarter = run(work, "full-0.25", kv_fraction=0.25, **kw)
+    assert half["calibration"]["tokens"] == 256 * 256
+    assert half["ppl"]["original"] == pytest.approx(40.28, rel=2e-3)
+    assert half["ppl"]["ratio"] <= 1.36 and quarter["ppl"]["ratio"] <= 1.74, (half["ppl"], quarter["ppl"])
 
 
 def test_latent_cache_generate_on_smollm2(work):

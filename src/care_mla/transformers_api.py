@@ -74,10 +74,12 @@ def output_kwargs(cache: Cache | None) -> dict:
 
 
 def returned_cache(output) -> Cache | None:
-    """The cache of a model or `generate` output under either field name (a `ModelOutput` is read as the dict of
-    its set fields, which avoids the deprecation warning of the old attribute)."""
+    """The cache of a model or `generate` output, read from the field that output class has (reading the other,
+    deprecated name would log a deprecation warning)."""
+    fields = getattr(output, "__dataclass_fields__", None)
     for name in CACHE_NAMES:
-        value = output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
-        if value is not None:
-            return value
+        if fields is None or name in fields:
+            value = output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
+            if value is not None or fields is not None:
+                return value
     return None
