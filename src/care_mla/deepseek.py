@@ -63,7 +63,7 @@ output of ``input_layernorm``), so ``‖c‖ ≤ √D·σ_max(diag(w_ln)·A)``. 
 transformers builds ``kv_a_layernorm`` with ε = 1e-6 while vLLM/SGLang use
 ``config.rms_norm_eps``; the export therefore sets ``rms_norm_eps = 1e-6`` and, when the source
 used another ε, rescales the residual stream by ``k = √(1e-6/ε)`` (embeddings, ``o_proj``,
-``down_proj``; the final norm weight by 1/k when embeddings are tied), which leaves every
+``down_proj``; the export is always untied, its ``lm_head`` the unscaled head), which leaves every
 RMSNorm's output unchanged exactly. Works in float32 and bfloat16 (values ~1e-7 are normal
 numbers there); float16 would underflow and is refused.
 
@@ -951,7 +951,9 @@ def deepseek_config(source_config, split: RopeSplit, kv_lora_rank: int, *, porta
         pad_token_id=source_config.pad_token_id,
         bos_token_id=source_config.bos_token_id,
         eos_token_id=source_config.eos_token_id,
-        tie_word_embeddings=bool(source_config.tie_word_embeddings),
+        # always untied: vLLM's DeepSeek model never ties lm_head to the embedding (a tied export generates token 0
+        # forever there), and the embedding is rescaled by the residual scale while the head is not
+        tie_word_embeddings=False,
         rope_parameters=rope_params,
         rope_interleave=True,
         attention_bias=split.has_q_bias or split.has_k_bias or split.has_o_bias,
@@ -1114,13 +1116,12 @@ def deepseek_global_tensor(name: str, get: Callable[[str], Tensor], source_confi
                            config: DeepseekV3Config) -> Tensor:
     """One of the export's tensors outside the decoder layers, from the source's (``get(name)``, in its dtype)."""
     k_res = residual_scale(source_config)
-    tied = bool(config.tie_word_embeddings)
-    if name == "model.embed_tokens.weight" or (tied and name == "lm_head.weight"):
-        return _scaled(get("model.embed_tokens.weight"), k_res)
+    if name == "model.embed_tokens.weight":
+        return _scaled(get(name), k_res)
     if name == "model.norm.weight":
-        return _scaled(get(name), 1 / k_res) if tied else get(name)
-    if name == "lm_head.weight":
         return get(name)
+    if name == "lm_head.weight":  # the export is untied (`deepseek_config`): a tied source's head is its embedding
+        return get("model.embed_tokens.weight" if source_config.tie_word_embeddings else name)
     raise KeyError(f"{name} is not a tensor of the DeepSeek-V3 export outside its decoder layers")
 
 
