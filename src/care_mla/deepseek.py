@@ -459,9 +459,12 @@ def default_rope_theta(freqs: Tensor, rtol: float = 1e-6) -> float | None:
         return None
     if n == 1:
         return 10000.0  # a single pair of frequency 1: any θ
-    if not 0 < float(f[1]) < 1:
+    if not bool(((f[1:] > 0) & (f[1:] < 1)).all()):
         return None
-    theta = math.exp(-n * math.log(float(f[1])))
+    # least squares on log f_i = −(i/n)·log θ over every i: fitting on f[1] alone amplifies its float32
+    # rounding n-fold (θ = f[1]^−n), which failed the check for 32 pairs of a d_h = 128 model
+    i = torch.arange(n, dtype=torch.float64)
+    theta = math.exp(-n * float((i * f.log()).sum() / (i * i).sum()))
     want = theta ** (-torch.arange(n, dtype=torch.float64) / n)
     return theta if float(((want - f).abs() / f).max()) <= rtol else None
 
@@ -533,27 +536,92 @@ def qk_norm_scale(W: Tensor, C: Tensor, eps: float, bias: Tensor | None = None) 
 # ============================================================================ runtime support
 
 
+#: MLA cache geometries ``(kv_lora_rank, qk_rope_head_dim)`` each serving engine runs. vLLM (0.32 installed and
+#: run, 0.33 read): every MLA backend asserts ``kv_lora_rank + qk_rope_head_dim`` ∈ {320, 512, 576}, DeepSeek's
+#: own kernels (FlashMLA) and vLLM's CPU decode kernel only 512 + 64. SGLang: DeepSeek's kernels (not verified).
+ENGINE_GEOMETRIES: dict[str, tuple[tuple[int, int], ...]] = {
+    "vllm": ((512, 64), (448, 64), (256, 64)),
+    "vllm-cpu": ((512, 64),),
+    "sglang": ((512, 64),),
+}
+#: What was run for each engine (README, "Serving"); anything else about it is not verified.
+ENGINE_VERIFIED = {
+    "vllm": "not verified on a GPU (no GPU was lent)",
+    "vllm-cpu": "not verified yet",
+    "sglang": "not verified (not installable here)",
+}
+ENGINES = tuple(ENGINE_GEOMETRIES)
+
+
 @dataclass(frozen=True)
 class RuntimeSupport:
-    """Which stock runtimes reproduce an exported config (from the config alone)."""
+    """Which stock runtimes run an exported config (from the config alone), with the rule checked for each.
+
+    ``engines[name]`` is ``{"ok": bool, "rule": str, "reasons": [...], "verified": str}``.
+    """
 
     transformers: bool
     vllm_sglang: bool
     reasons: tuple[str, ...] = field(default_factory=tuple)
+    engines: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"transformers": self.transformers, "vllm_sglang": self.vllm_sglang, "reasons": list(self.reasons),
+                "engines": self.engines}
+
+
+def _geometry_text(geometries) -> str:
+    return ", ".join(f"{r} + {p} = {r + p}" for r, p in geometries)
 
 
 def runtime_support(config: DeepseekV3Config) -> RuntimeSupport:
-    """vLLM and SGLang build DeepSeek attention without biases, with interleaved default/yarn RoPE."""
-    reasons = []
+    """Per engine, whether it runs `config`: vLLM and SGLang build DeepSeek attention without biases, with
+    interleaved default/yarn RoPE, an untied head, and only the MLA widths of `ENGINE_GEOMETRIES`."""
+    layout = []
     if config.attention_bias:
-        reasons.append("attention biases (vLLM/SGLang DeepSeek layers have none)")
+        layout.append("attention biases (vLLM/SGLang DeepSeek layers have none)")
     if config.rope_parameters.get("rope_type") != "default":
-        reasons.append(f"rope_type {config.rope_parameters.get('rope_type')!r} (vLLM maps any non-default type to yarn)")
+        layout.append(f"rope_type {config.rope_parameters.get('rope_type')!r} (vLLM maps any non-default type to yarn)")
     if not config.rope_interleave:
-        reasons.append("rope_interleave=False (vLLM always interleaves)")
+        layout.append("rope_interleave=False (vLLM always interleaves)")
     if config.qk_nope_head_dim == 0:
-        reasons.append("qk_nope_head_dim=0 (not exercised by vLLM/SGLang MLA kernels)")
-    return RuntimeSupport(transformers=True, vllm_sglang=not reasons, reasons=tuple(reasons))
+        layout.append("qk_nope_head_dim=0 (not exercised by vLLM/SGLang MLA kernels)")
+    if config.tie_word_embeddings:
+        layout.append("tied lm_head (vLLM's DeepSeek model never ties it)")
+    geometry = (config.kv_lora_rank, config.qk_rope_head_dim)
+    engines = {}
+    for engine, allowed in ENGINE_GEOMETRIES.items():
+        reasons = list(layout)
+        if geometry not in allowed:
+            reasons.append(f"MLA cache {geometry[0]} + {geometry[1]} = {sum(geometry)} (runs: {_geometry_text(allowed)})")
+        engines[engine] = {"ok": not reasons, "reasons": reasons, "verified": ENGINE_VERIFIED[engine],
+                           "rule": f"kv_lora_rank + qk_rope_head_dim in {{{_geometry_text(allowed)}}}; default "
+                                   "interleaved RoPE; no attention biases; untied lm_head; qk_nope_head_dim > 0"}
+    engines["transformers"] = {"ok": True, "reasons": [], "verified": "transformers 5.15-5.24 (tests)",
+                               "rule": "DeepseekV3ForCausalLM: any widths, biases through the q-LoRA path"}
+    return RuntimeSupport(transformers=True, vllm_sglang=engines["vllm"]["ok"] and engines["sglang"]["ok"],
+                          reasons=tuple(dict.fromkeys(engines["vllm"]["reasons"] + engines["sglang"]["reasons"])),
+                          engines=engines)
+
+
+def engine_geometry(config, engine: str, kv_fraction: float) -> tuple[int, int]:
+    """``(kv_lora_rank, qk_rope_head_dim)`` for `engine`: of the geometries it runs that cache less than the
+    model's GQA cache, the one nearest to ``kv_fraction`` of it (ties: the smaller). Refuses, naming the
+    geometries and their fractions, when every geometry the engine runs is as large as the GQA cache."""
+    if engine not in ENGINE_GEOMETRIES:
+        raise DeepseekExportError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+    parity = 2 * config.num_key_value_heads * head_dim(config)
+    allowed = ENGINE_GEOMETRIES[engine]
+    smaller = [(r, p) for r, p in allowed if r + p < parity and r <= config.hidden_size]
+    if not smaller:
+        options = "; ".join(f"{r} + {p} = {r + p} (F = {(r + p) / parity:.3g})" for r, p in allowed)
+        raise DeepseekExportError(
+            f"{engine} runs MLA caches of {options} numbers per token and layer, but this model's GQA cache is "
+            f"already {parity}: an export for {engine} would cache more than the original. Export without --engine "
+            "(transformers and llama.cpp run any width)"
+        )
+    target = kv_fraction * parity
+    return min(smaller, key=lambda g: (abs(sum(g) - target), sum(g)))
 
 
 # ============================================================================ orchestration

@@ -129,7 +129,12 @@ def _convert_section(folder: Path, r: dict) -> list[str]:
         lines += ["", "## Per-layer ranks and relative activation errors", ""]
         lines += _table(["layer"] + keys, [[row.get("layer")] + [row.get(k) for k in keys] for row in layers])
     support = r.get("runtime_support")
-    if support:
+    if support and support.get("engines"):
+        lines += ["", "## Runtime support", ""]
+        lines += _table(["engine", "runs it", "rule checked", "why not", "verified"],
+                        [[name, "yes" if e.get("ok") else "no", e.get("rule"), "; ".join(e.get("reasons") or []) or "—",
+                          e.get("verified")] for name, e in support["engines"].items()])
+    elif support:
         lines += ["", f"Runtime support: transformers {support.get('transformers')}, "
                       f"vLLM/SGLang {support.get('vllm_sglang')}"
                       + (f" ({'; '.join(support.get('reasons') or [])})" if support.get("reasons") else "") + "."]

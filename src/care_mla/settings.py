@@ -14,6 +14,8 @@ JOINT_METHODS = ("care", "mha2mla", "transmla")
 ALLOCATIONS = ("uniform", "adjusted")
 LATENTS = ("separate", "joint", "decoupled")
 FORMATS = ("care_mla", "deepseek")
+#: Serving engines an export can be shaped for (`deepseek.ENGINE_GEOMETRIES`).
+ENGINES = ("vllm", "vllm-cpu", "sglang")
 ROPE_STRATEGIES = ("pca", "partial")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: Dtypes of the calibration forward passes: "auto" measures (`hardware`), "same" follows --dtype.
@@ -76,6 +78,9 @@ class ConvertSettings:
     rope_strategy: Literal["pca", "partial"] = "pca"  # decoupled: how RoPE components are chosen
     rope_context: int | None = None  # decoupled: relative distance the RoPE choice is judged over
     portable: bool = False  # deepseek: only what vLLM/SGLang run (default RoPE, no biases)
+    # shape the export for a serving engine: implies format deepseek + portable and picks the engine's MLA
+    # geometry nearest to kv_fraction (`deepseek.engine_geometry`; resolved by `convert.resolve_engine`)
+    engine: Literal["vllm", "vllm-cpu", "sglang"] | None = None
     balance_kv: bool = True  # joint latent of care/transmla: scale K against V first (mha2mla never does)
     whitening: Literal["cholesky", "sqrt"] = "cholesky"
     damping: float = 1e-2
@@ -106,6 +111,10 @@ class ConvertSettings:
 
     def __post_init__(self) -> None:
         check_finite_numbers(self)
+        if self.engine is not None:
+            _one_of("engine", self.engine, ENGINES)
+            object.__setattr__(self, "format", "deepseek")
+            object.__setattr__(self, "portable", True)
         _one_of("format", self.format, FORMATS)
         deepseek = self.format == "deepseek"
         if self.latent is None:
