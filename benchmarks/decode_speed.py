@@ -16,7 +16,7 @@ background load hits them alike (median step time); cache bytes are read from th
 tensors after decoding. Usage:
 
     python benchmarks/decode_speed.py [--contexts 2048,8192] [--new-tokens 32] [--kv-fraction 0.5]
-        [--dtype bfloat16] [--threads 2] [--json out.json]
+        [--dtype auto] [--threads 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -89,14 +89,17 @@ def main() -> None:
     p.add_argument("--contexts", default="2048,8192", help="prompt lengths (tokens)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--kv-fraction", type=float, default=0.5)
-    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="auto: this machine's fastest safe dtype, measured (care_mla.hardware)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--skip-expanded", action="store_true", help="do not time the non-absorbed MLA decode")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    dtype = getattr(torch, a.dtype)
+    from care_mla.convert import torch_dtype
+
+    dtype = torch_dtype(a.dtype, torch.device("cpu"))
     path = resolve_model_path(a.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     contexts = [int(c) for c in a.contexts.split(",")]
@@ -129,7 +132,7 @@ def main() -> None:
                   f"({r['ms_per_token']:7.2f} ms/token)  cache {r['cache_bytes'] / 2**20:7.2f} MiB "
                   f"({r['cache_bytes_per_token']:.0f} B/token)  prefill {r['prefill_s']:.2f} s", flush=True)
 
-    print(f"\n{a.dtype}, {torch.get_num_threads()} threads, {a.new_tokens} decode steps after the prompt, "
+    print(f"\n{str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, {a.new_tokens} decode steps after the prompt, "
           f"kv_fraction {a.kv_fraction}\n")
     print("| context | model | decode tok/s | ms/token | KV cache | bytes/token | speed vs original | cache vs original |")
     print("|---|---|---|---|---|---|---|---|")
