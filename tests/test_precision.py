@@ -24,26 +24,35 @@ def _args(tiny_model_dir, text_file, tmp_path, *extra):
             "--cache-dir", str(tmp_path / "cache"), "--quiet", *extra]
 
 
-@pytest.mark.parametrize("figures, expected", [
-    ({"float32": 44.0, "bfloat16": 0.94}, "float32"),  # an AVX2-only EPYC: bf16 GEMM 47x slower
-    ({"float32": 160.0, "bfloat16": 400.0}, "bfloat16"),  # native bf16 (AVX512-BF16 / AMX)
+_AVX2_EPYC = ["avx", "avx2", "f16c", "fma"]
+_AMX_XEON = ["amx_bf16", "amx_tile", "avx", "avx2", "avx512_bf16", "avx512f", "fma"]
+
+
+@pytest.mark.parametrize("cpu, flags, figures, expected, probed", [
+    ("AMD EPYC 7B13", _AVX2_EPYC, {"float32": 44.0, "bfloat16": 0.94}, "float32", ["float32"]),  # bf16 emulated
+    ("Intel Xeon 8481C", _AMX_XEON, {"float32": 160.0, "bfloat16": 400.0}, "bfloat16", ["float32", "bfloat16"]),
+    ("Neoverse-V1", [], {"float32": 44.0, "bfloat16": 0.94}, "float32", ["float32", "bfloat16"]),  # measured
+    ("Neoverse-V2", [], {"float32": 100.0, "bfloat16": 250.0}, "bfloat16", ["float32", "bfloat16"]),
 ])
-def test_default_calibration_dtype_follows_the_probe(tiny_model_dir, text_file, tmp_path, monkeypatch, figures,
-                                                    expected):
+def test_default_calibration_dtype_follows_the_machine(tiny_model_dir, text_file, tmp_path, monkeypatch, cpu, flags,
+                                                       figures, expected, probed):
     asked = []
 
     def probe(names, shapes, device):
         asked.append(list(names))
         return {n: figures[n] for n in names if n in figures}
 
+    arch = "aarch64" if not flags else "x86_64"
+    monkeypatch.setattr(hardware, "cpu_info", lambda: {"model": cpu, "arch": arch, "flags": flags,
+                                                       "physical_cores": 2, "logical_cores": 2})
     monkeypatch.setattr(hardware, "probe_dtypes", probe)
     assert main(_args(tiny_model_dir, text_file, tmp_path)) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["calibration"]["dtype"] == expected
     hw = report["hardware"]
-    assert hw["dtype"] == expected and hw["step"] == "calibration" and hw["threads"] >= 1
-    assert hw["probe_gflops"]["float32"] == figures["float32"] and "measured" in hw["reason"]
-    assert asked and "float32" in asked[0]
+    assert hw["dtype"] == expected and hw["step"] == "calibration" and hw["threads"] >= 1 and hw["cpu_model"] == cpu
+    assert hw["probe_gflops"]["float32"] == figures["float32"]
+    assert asked == [probed]
     # a second conversion takes the figures from the hardware cache: no probe
     asked.clear()
     assert main(_args(tiny_model_dir, text_file, tmp_path, "--overwrite")) == 0

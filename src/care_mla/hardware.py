@@ -287,7 +287,7 @@ def dtypes_to_probe(*, device_type: str, cpu_flags: set[str], step: str,
 
     On x86 without native bf16 (AVX2-only, AVX512 before Cooper Lake) bf16 is emulated and not
     timed; on CUDA bf16 is timed where the GPU supports it. With native bf16 flags it is still
-    timed (a few ms, cached): the measurement, not the flag, decides.
+    timed (a few ms, cached) for the report, though on x86 the flags decide (`choose_dtype`).
     """
     _check_step(step)
     names = ["float32"]
@@ -310,10 +310,12 @@ def choose_dtype(probe: dict[str, float], *, device_type: str, cpu_flags: set[st
 
     * CUDA: bfloat16 where supported (`cuda_bf16_supported`, from ``torch.cuda.is_bf16_supported()``);
       else float16 for fp16-tolerant steps, float32 otherwise (see `FP16_TOLERANT_STEPS`).
-    * CPU, measured: the fastest of bf16 (and fp16, for tolerant steps) if at least
-      `SPEEDUP_THRESHOLD` x fp32, else float32. A measurement overrides the flags.
-    * CPU, not measured: bfloat16 if the flags show native bf16 (avx512_bf16, amx_bf16), float32
-      if they show an x86 CPU without it, float32 if nothing is known.
+    * x86 CPU: the flags are unambiguous and decide — bfloat16 with native bf16 (avx512_bf16,
+      amx_bf16), float32 without (bf16 is emulated there: 47x slower on an AVX2-only EPYC). A timing
+      taken on a busy machine can swing 10x, and a choice that flips between runs would change the
+      statistics and so the converted model; the probe's figures are reported alongside.
+    * other CPUs, measured: the fastest of bf16 (and fp16, for tolerant steps) if at least
+      `SPEEDUP_THRESHOLD` x fp32, else float32; not measured: float32.
     """
     _check_step(step)
     fp16_ok = step in FP16_TOLERANT_STEPS
@@ -326,6 +328,13 @@ def choose_dtype(probe: dict[str, float], *, device_type: str, cpu_flags: set[st
     if device_type != "cpu":
         return "float32", f"{device_type}: no rule, float32"
     fp32 = probe.get("float32")
+    native = sorted(cpu_flags & X86_BF16_FLAGS)
+    timed = ", ".join(f"{n} {v:.1f}" for n, v in probe.items() if _finite(v))
+    timed = f"; probe: {timed} GFLOPS" if timed else ""
+    if native:
+        return "bfloat16", f"from flags: native bf16 ({', '.join(native)}){timed}"
+    if _is_x86(cpu_flags):
+        return "float32", f"from flags: no native bf16 (avx512_bf16/amx_bf16 absent), bf16 would be emulated{timed}"
     candidates = ["bfloat16"] + (["float16"] if fp16_ok else [])
     measured = {n: probe[n] for n in candidates if n in probe and _finite(probe[n])}
     if fp32 and _finite(fp32) and measured:
@@ -336,11 +345,6 @@ def choose_dtype(probe: dict[str, float], *, device_type: str, cpu_flags: set[st
             return best, f"measured: {best} {ratio:.2f}x fp32 ({figures} GFLOPS)"
         return "float32", (f"measured: {best} only {ratio:.2f}x fp32 (< {SPEEDUP_THRESHOLD}x; "
                            f"{figures} GFLOPS)")
-    native = sorted(cpu_flags & X86_BF16_FLAGS)
-    if native:
-        return "bfloat16", f"from flags: native bf16 ({', '.join(native)}), not measured"
-    if _is_x86(cpu_flags):
-        return "float32", "from flags: no native bf16 (avx512_bf16/amx_bf16 absent), bf16 would be emulated"
     return "float32", "not measured, flags unknown: float32"
 
 
