@@ -134,8 +134,12 @@ def test_mha2mla_ignores_activations_so_output_pca_wins_on_them(data):
 
 def test_settings_for_joint_capable_methods():
     assert ConvertSettings(method="mha2mla").latent == "joint"  # the only latent it builds
-    assert ConvertSettings(method="transmla").latent == "separate"
-    assert ConvertSettings(method="transmla", latent="joint").latent == "joint"
+    # the best measured layout is every joint-capable method's default; the others build separate latents
+    assert ConvertSettings().latent == ConvertSettings(method="transmla").latent == "joint"
+    assert ConvertSettings().allocation == "uniform"  # the joint latent's measured numbers are uniform
+    assert ConvertSettings(method="svd").latent == ConvertSettings(method="svd-llm").latent == "separate"
+    assert ConvertSettings(method="svd").allocation == "adjusted"
+    assert ConvertSettings(method="transmla", latent="separate").latent == "separate"
     with pytest.raises(SettingsError, match="--latent joint"):
         ConvertSettings(method="mha2mla", latent="separate")
     with pytest.raises(SettingsError, match="care, mha2mla, transmla"):

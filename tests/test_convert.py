@@ -224,7 +224,7 @@ def test_demo_table_compares_care_with_weight_svd(tiny_model_dir, text_file, tmp
     from care_mla.demo import run_demo
 
     s = settings_for(tiny_model_dir("llama"), text_file, tmp_path)
-    fields = {k: v for k, v in s.to_dict().items() if k not in ("out", "kv_fraction", "overwrite", "method", "allocation")}
+    fields = {k: v for k, v in s.to_dict().items() if k not in ("out", "kv_fraction", "overwrite", "method", "allocation", "latent")}
     table = run_demo(tmp_path / "demo", kv_fraction=0.5, **fields)
     lines = table.splitlines()
     assert len(lines) == 7 and "original (GQA)" in lines[2] and "CARE" in lines[3] and "weight SVD" in lines[4]
