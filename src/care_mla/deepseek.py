@@ -546,8 +546,9 @@ ENGINE_GEOMETRIES: dict[str, tuple[tuple[int, int], ...]] = {
 }
 #: What was run for each engine (README, "Serving"); anything else about it is not verified.
 ENGINE_VERIFIED = {
-    "vllm": "not verified on a GPU (no GPU was lent)",
-    "vllm-cpu": "not verified yet",
+    "vllm": "GPU backends not verified (no GPU was lent); the 512 + 64 geometry ran on vLLM 0.32.0's CPU backend",
+    "vllm-cpu": "vllm-cpu 0.32.0: greedy tokens equal to transformers on 6/6 prompts (fp32), 4,608 vs 16,384 KV "
+                "bytes per token (scripts/serving_check.py)",
     "sglang": "not verified (not installable here)",
 }
 ENGINES = tuple(ENGINE_GEOMETRIES)
@@ -599,6 +600,14 @@ def runtime_support(config: DeepseekV3Config) -> RuntimeSupport:
                                    "interleaved RoPE; no attention biases; untied lm_head; qk_nope_head_dim > 0"}
     engines["transformers"] = {"ok": True, "reasons": [], "verified": "transformers 5.15-5.24 (tests)",
                                "rule": "DeepseekV3ForCausalLM: any widths, biases through the q-LoRA path"}
+    llama = [r for r in layout if "qk_nope" in r or "rope_type" in r or "biases" in r]
+    engines["llamacpp"] = {
+        "ok": not llama,
+        "reasons": ["attention biases (not verified in llama.cpp)" if "biases" in r else r.replace("vLLM/SGLang", "llama.cpp")
+                    .replace("vLLM maps any non-default type to yarn", "llama.cpp drops RoPE factors") for r in llama],
+        "verified": "llama-cpp-python 0.3.36: greedy tokens equal to transformers (f32 GGUF) on 5/5 prompts at "
+                    "F = 1.0 / 0.5 / 0.25 of portable exports (scripts/llamacpp_check.py, scripts/gguf_export.py)",
+        "rule": "deepseek2: any widths; qk_nope_head_dim >= 1; plain RoPE (no longrope); biases not verified"}
     return RuntimeSupport(transformers=True, vllm_sglang=engines["vllm"]["ok"] and engines["sglang"]["ok"],
                           reasons=tuple(dict.fromkeys(engines["vllm"]["reasons"] + engines["sglang"]["reasons"])),
                           engines=engines)
