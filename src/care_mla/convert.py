@@ -26,13 +26,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from . import allocation, assets, deepseek, factorization
 from .calibration import CalibrationCacheError, CalibrationStats, collect_statistics
 from .checkpoint import CheckpointFormatError, CheckpointReader, check_finite
-from .data import load_windows, resolve_text
+from .data import check_text_file, load_windows, resolve_text, user_text
 from .evaluation import check_finite_ppl, kv_bytes_per_token, kv_cache_width, measured_kv_bytes_per_token, perplexity
 from .families import get_family, gqa_kv_width, head_dim
 from .configuration_care_mla import CareMlaConfig
 from .fingerprint import model_digest
 from .mapping import LayerLatent, build_decoupled_model, build_latent_model, decoupled_config
-from .data import check_text_file
 from .outputs import OutputExistsError, OutputFolder, write_text_atomic  # noqa: F401  (OutputExistsError: API)
 from .settings import ConvertSettings, SettingsError
 
@@ -461,13 +460,9 @@ def output_folder(settings: ConvertSettings) -> OutputFolder:
 
 def input_paths(model: str, calib_text: str, eval_text: str, cache_dir: str | None) -> dict[str, str | None]:
     """What a conversion or sweep reads, by name, as paths (None: nothing on disk the user gave)."""
-    def text(spec: str) -> str | None:
-        return None if spec == assets.DEFAULT_TEXT else spec
-
-    model_path = (str(assets.resolve_cache_dir() / "models" / assets._MODEL_FOLDER) if model == assets.DEFAULT_MODEL
-                  else model)
-    return {"input model": model_path, "calibration text": text(calib_text), "evaluation text": text(eval_text),
-            "cache folder": cache_dir}
+    model_path = str(assets.default_model_location()) if model == assets.DEFAULT_MODEL else model
+    return {"input model": model_path, "calibration text": user_text(calib_text),
+            "evaluation text": user_text(eval_text), "cache folder": cache_dir}
 
 
 def peak_rss_mb() -> float:
@@ -578,9 +573,9 @@ def resolve_engine(settings: ConvertSettings) -> ConvertSettings:
 
 def check_inputs(settings: ConvertSettings) -> None:
     """What can be checked of the inputs before any work: texts readable, zero-shot tasks known, model present."""
-    for spec, split in ((settings.calib_text, "calibration"), (settings.eval_text, "evaluation")):
-        if spec != "austen" and (split == "calibration" or settings.evaluate):
-            check_text_file(spec, split)
+    check_text_file(settings.calib_text, "calibration")
+    if settings.evaluate:
+        check_text_file(settings.eval_text, "evaluation")
     if settings.evaluate and settings.zero_shot_tasks:
         from .zeroshot import check_tasks
 
@@ -835,8 +830,7 @@ def evaluate_folder(path: str, *, eval_text: str = "austen", eval_samples: int =
     """Held-out perplexity and KV bytes per token of a saved model (converted or original)."""
     dev = resolve_device(device)
     dt = torch_dtype(dtype, dev)
-    if eval_text != "austen":
-        check_text_file(eval_text, "evaluation")
+    check_text_file(eval_text, "evaluation")
     model, tokenizer, model_path = load_model(path, dt, dev)
     windows, text_path = load_windows(tokenizer, eval_text, "evaluation", eval_samples, eval_seq_len)
     ppl = check_finite_ppl(perplexity(model, windows, batch_size=batch_size, progress=progress))

@@ -35,10 +35,18 @@ def resolve_text(spec: str, split: str) -> Path:
     return path
 
 
-def check_text_file(spec: str, split: str) -> Path:
-    """A user's text file, refused up front (`TextError`) when missing, empty or not UTF-8."""
+def user_text(spec: str) -> str | None:
+    """The path of a user's text file, None for the embedded corpus (nothing on disk the user gave)."""
+    return None if spec == assets.DEFAULT_TEXT else spec
+
+
+def check_text_file(spec: str, split: str) -> Path | None:
+    """A user's text file, refused up front (`TextError`) when missing, empty or not UTF-8; the embedded corpus
+    needs no check (None: it is prepared and verified by `assets`)."""
     import codecs
 
+    if user_text(spec) is None:
+        return None
     path = resolve_text(spec, split)
     decoder = codecs.getincrementaldecoder("utf-8")()
     seen = 0

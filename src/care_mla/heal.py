@@ -40,7 +40,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from . import linear_norms
 from .convert import ModelLoadError, load_model, peak_rss_mb, resolve_device, resolve_model_path
 from .outputs import OutputError, OutputExistsError, OutputFolder, check_no_overlap, mark, owner, remove_owned
-from .data import TextError, check_text_file, load_windows, resolve_text, token_windows, tokenize_file
+from .data import TextError, check_text_file, load_windows, resolve_text, token_windows, tokenize_file, user_text
 from .distillation import kd_loss
 from .evaluation import perplexity
 from .heal_settings import HealSettings
@@ -207,8 +207,7 @@ def work_dir(out: Path) -> Path:
 def output_folder(settings: HealSettings) -> OutputFolder:
     """The healed model's folder, checked against every input (and its work folder too)."""
     inputs = {"converted model": settings.converted, "teacher model": settings.teacher,
-              "training text": None if settings.train_text == "austen" else settings.train_text,
-              "evaluation text": None if settings.eval_text == "austen" else settings.eval_text}
+              "training text": user_text(settings.train_text), "evaluation text": user_text(settings.eval_text)}
     folder = OutputFolder(settings.out, overwrite=settings.overwrite, inputs=inputs, purpose="heal")
     folder.check()
     check_no_overlap(work_dir(Path(settings.out)), inputs, flag="--out's work folder")
@@ -302,9 +301,8 @@ def heal(settings: HealSettings, *, callbacks: Sequence[TrainerCallback] = ()) -
     t_start = time.perf_counter()
     out = Path(settings.out)
     folder = output_folder(settings)  # fail before any work
-    for spec, split in ((settings.train_text, "training"), (settings.eval_text, "evaluation")):
-        if spec != "austen":
-            check_text_file(spec, split)
+    check_text_file(settings.train_text, "training")
+    check_text_file(settings.eval_text, "evaluation")
     resolve_device(settings.device)  # names the fix when CUDA is asked for and absent
     converted_path, fmt = converted_format(settings.converted)
     resolve_model_path(settings.teacher)

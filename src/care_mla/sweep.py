@@ -316,9 +316,8 @@ def sweep(settings: SweepSettings) -> dict:
     inputs = input_paths(s.model, s.calib_text, s.eval_text, s.cache_dir)
     folder = OutputFolder(s.out, overwrite=s.overwrite, purpose="sweep", inputs=inputs)
     folder.check()  # fail before any work
-    for spec, split in ((s.calib_text, "calibration"), (s.eval_text, "evaluation")):
-        if spec != "austen":
-            check_text_file(spec, split)
+    check_text_file(s.calib_text, "calibration")
+    check_text_file(s.eval_text, "evaluation")
     if s.zero_shot:
         from .zeroshot import check_tasks
 
