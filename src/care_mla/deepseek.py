@@ -536,9 +536,9 @@ def qk_norm_scale(W: Tensor, C: Tensor, eps: float, bias: Tensor | None = None) 
 # ============================================================================ runtime support
 
 
-#: MLA cache geometries ``(kv_lora_rank, qk_rope_head_dim)`` each serving engine runs. vLLM (0.32 installed and
-#: run, 0.33 read): every MLA backend asserts ``kv_lora_rank + qk_rope_head_dim`` ∈ {320, 512, 576}, DeepSeek's
-#: own kernels (FlashMLA) and vLLM's CPU decode kernel only 512 + 64. SGLang: DeepSeek's kernels (not verified).
+#: MLA cache geometries ``(kv_lora_rank, qk_rope_head_dim)`` each serving engine runs. vLLM 0.32 (installed and
+#: run; mla_attention.py asserts it): every MLA backend takes ``kv_lora_rank + qk_rope_head_dim`` ∈ {320, 512,
+#: 576}, its CPU decode kernel only 512 + 64. SGLang: assumed DeepSeek's kernels' 512 + 64 (not verified).
 ENGINE_GEOMETRIES: dict[str, tuple[tuple[int, int], ...]] = {
     "vllm": ((512, 64), (448, 64), (256, 64)),
     "vllm-cpu": ((512, 64),),
