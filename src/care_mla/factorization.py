@@ -29,8 +29,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .objectives import Weighting
+
 __all__ = [
     "Factors",
+    "Weighting",
     "whitening",
     "care_factorize",
     "svd_factorize",
@@ -212,22 +215,30 @@ def _sqrt_factor(C: Tensor, damping: float) -> tuple[Tensor, Tensor]:
     return (S + S.mT) / 2, (S_inv + S_inv.mT) / 2
 
 
-def _whiten(
+def _whiten_damped(
     C: Tensor, method: str, damping: float, dtype: torch.dtype, *, warn: bool = True
-) -> tuple[Tensor, Tensor | None]:
-    """Whitening factor S (SᵀS = damped C) in ``dtype``, and S⁻¹ for the symmetric root.
+) -> tuple[Tensor, Tensor | None, float]:
+    """Whitening factor S (SᵀS = C + δ·mean(diag C)·I) in ``dtype``, S⁻¹ for the symmetric root, and δ·mean(diag C).
 
     For Cholesky the second item is None: S is upper triangular and S⁻¹ is applied by a
-    triangular solve (more accurate than forming the inverse).
+    triangular solve (more accurate than forming the inverse). δ is `damping`, or the larger
+    one a failing Cholesky needed.
     """
     Cc = C.to(dtype)
     Cc = (Cc + Cc.mT) / 2
     if method == "cholesky":
-        S, _ = _cholesky_upper(Cc, damping, warn=warn)
-        return S, None
+        S, d = _cholesky_upper(Cc, damping, warn=warn)
+        return S, None, d * _damping_scale(Cc)
     if method == "sqrt":
-        return _sqrt_factor(Cc, damping)
+        return (*_sqrt_factor(Cc, damping), damping * _damping_scale(Cc))
     raise ValueError(f"unknown whitening method {method!r}; use 'cholesky' or 'sqrt'")
+
+
+def _whiten(
+    C: Tensor, method: str, damping: float, dtype: torch.dtype, *, warn: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """`_whiten_damped` without the damping."""
+    return _whiten_damped(C, method, damping, dtype, warn=warn)[:2]
 
 
 def whitening(
@@ -299,12 +310,29 @@ def _care(
     compute_dtype: torch.dtype | None,
     *,
     warn: bool = True,
+    cross: Tensor | None = None,
+    right: Weighting | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """CARE on validated inputs: SVD of S·W, down = S⁻¹U_rΣ_r, up = V_rᵀ (compute dtype)."""
+    """CARE on validated inputs: SVD of S·W, down = S⁻¹U_rΣ_r, up = V_rᵀ (compute dtype).
+
+    With `cross` (X = X̃ᵀX/N): SVD of S⁻ᵀ(X + δI)W instead of S·W (`care_factorize`); with a
+    `right` weighting T: of (…)·T, and up = V_rᵀT⁻¹.
+    """
     dtype = _compute_dtype(W.shape[0], compute_dtype)
-    S, S_inv = _whiten(C, method, damping, dtype, warn=warn)
-    U, sigma, Vh = _fixed_sign_svd(S @ W.to(dtype))
+    S, S_inv, delta = _whiten_damped(C, method, damping, dtype, warn=warn)
+    Wd = W.to(dtype)
+    if cross is None:
+        target = S @ Wd
+    else:
+        Xd = cross.to(dtype)
+        B = Xd @ Wd + delta * Wd
+        target = torch.linalg.solve_triangular(S.mT, B, upper=False) if S_inv is None else S_inv @ B
+    if right is not None:
+        target = target @ right.matrix.to(dtype)
+    U, sigma, Vh = _fixed_sign_svd(target)
     left, up = _truncate(U, sigma, Vh, rank)
+    if right is not None:
+        up = up @ right.inverse.to(dtype)
     if S_inv is None:
         down = torch.linalg.solve_triangular(S, left, upper=True)
     else:
@@ -315,6 +343,21 @@ def _care(
 # --------------------------------------------------------------------------- factorizations
 
 
+def _check_cross(cross: Tensor | None, dim: int) -> None:
+    if cross is None:
+        return
+    if not isinstance(cross, Tensor) or cross.shape != (dim, dim):
+        raise ValueError(f"cross must be a ({dim}, {dim}) tensor X̃ᵀX/N, got "
+                         f"{tuple(cross.shape) if isinstance(cross, Tensor) else type(cross).__name__}")
+    if not bool(torch.isfinite(cross).all()):
+        raise ValueError("cross contains NaN or Inf")
+
+
+def _check_weighting(weighting: Weighting | None, width: int, name: str) -> None:
+    if weighting is not None and weighting.width != width:
+        raise ValueError(f"{name} is {weighting.width} wide but the projection has {width} output columns")
+
+
 def care_factorize(
     W: Tensor,
     C: Tensor,
@@ -323,17 +366,30 @@ def care_factorize(
     method: WhiteningMethod = "cholesky",
     damping: float = 1e-2,
     compute_dtype: torch.dtype | None = None,
+    cross: Tensor | None = None,
+    weighting: Weighting | None = None,
 ) -> Factors:
     """CARE: the rank-r ``Ŵ`` minimising ``‖S(W − Ŵ)‖_F`` with ``SᵀS = C + damping·mean(diag C)·I``.
 
     SVD ``S·W = UΣVᵀ``; ``down = S⁻¹U_rΣ_r`` (D, r), ``up = V_rᵀ`` (r, m). Cholesky and the
     symmetric square root reach the same optimum (S differs by an orthogonal factor);
     with ``damping=0`` and full-rank C the activation error equals the spectrum's tail.
+
+    Error compensation (`cross`): when the converted model's layer sees inputs X̃ (second moment
+    C = X̃ᵀX̃/N) instead of the original X, pass ``cross = X̃ᵀX/N``; the factors then minimise
+    ``(1/N)‖X̃Ŵ − XW‖² + δ‖S₀(Ŵ − W)‖²``-style error to the *original* outputs, in closed form: the
+    SVD of ``S⁻ᵀ(X + δ·mean(diag C)·I)W``. With ``cross = C`` (an exact upstream) it is plain CARE.
+
+    Attention-aware objective (`weighting`, from `objectives`): minimise ``‖S(W − Ŵ)T‖_F``;
+    SVD of ``S·W·T``, ``up = V_rᵀT⁻¹``. The spectrum is then that of the weighted matrix, whose
+    tail is the weighted error (`objectives.weighted_error`).
     """
     _check_weight(W)
     _check_covariance(C, W.shape[0])
+    _check_cross(cross, W.shape[0])
+    _check_weighting(weighting, W.shape[1], "weighting")
     r = _check_rank(rank, *W.shape)
-    return _factors(*_care(W, C, r, method, _check_damping(damping), compute_dtype))
+    return _factors(*_care(W, C, r, method, _check_damping(damping), compute_dtype, cross=cross, right=weighting))
 
 
 def svd_factorize(W: Tensor, rank: int, *, compute_dtype: torch.dtype | None = None) -> Factors:
@@ -423,23 +479,46 @@ def joint_factorize(
     method: WhiteningMethod = "cholesky",
     damping: float = 1e-2,
     compute_dtype: torch.dtype | None = None,
+    key_weight: Weighting | None = None,
+    value_weight: Weighting | None = None,
+    key_emphasis: float = 1.0,
+    cross: Tensor | None = None,
 ) -> tuple[Factors, int]:
-    """One latent for K and V (DeepSeek's c_KV): CARE of ``[W_k/α, W_v]``.
+    """One latent for K and V (DeepSeek's c_KV): CARE of ``[W_k·T_k/α, W_v·T_v]``.
 
-    ``α = balance_scale(W_k, W_v, C)`` when ``balance`` (else 1). The first ``m_k`` columns of
-    ``up`` are multiplied back by α, so ``latent @ up ≈ [x W_k, x W_v]``. Returns
+    ``T_k``, ``T_v`` are the attention-aware weightings (`objectives`; identity when None).
+    ``α = balance_scale(W_k·T_k, W_v·T_v, C) / key_emphasis`` when ``balance``, else
+    ``1 / key_emphasis``: balanced, K and V enter with equal (weighted) output energy, and
+    `key_emphasis` > 1 weighs K's error more. ``up``'s first ``m_k`` columns are mapped back
+    (``·T_k⁻¹·α``, V's by ``T_v⁻¹``), so ``latent @ up ≈ [x W_k, x W_v]``. Returns
     ``(factors, m_k)``; split with ``up[:, :m_k]`` (K) and ``up[:, m_k:]`` (V).
-    ``factors.spectrum`` is the whitened spectrum of the *balanced* stack, whose tail is
-    the error of the balanced objective ``‖S(W_k − Ŵ_k)‖²/α² + ‖S(W_v − Ŵ_v)‖²``.
+    ``factors.spectrum`` is the whitened spectrum of the weighted, balanced stack, whose tail
+    is the error of its objective ``‖S(W_k − Ŵ_k)T_k‖²/α² + ‖S(W_v − Ŵ_v)T_v‖²``.
+    `cross` compensates upstream error as in `care_factorize`.
     """
     m_k, r = _check_joint(W_k, W_v, C, rank)
     damping = _check_damping(damping)
+    _check_cross(cross, W_k.shape[0])
+    _check_weighting(key_weight, m_k, "key_weight")
+    _check_weighting(value_weight, W_v.shape[1], "value_weight")
+    emphasis = float(key_emphasis)
+    if not math.isfinite(emphasis) or emphasis <= 0:
+        raise ValueError(f"key_emphasis must be a finite number > 0, got {key_emphasis}")
     dtype = _compute_dtype(W_k.shape[0], compute_dtype)
-    alpha = balance_scale(W_k, W_v, C) if balance else 1.0
-    stacked = torch.cat([W_k.to(dtype) / alpha, W_v.to(dtype)], dim=1)
-    down, up, sigma = _care(stacked, C, r, method, damping, compute_dtype)
-    up = torch.cat([up[:, :m_k] * alpha, up[:, m_k:]], dim=1)
-    return _factors(down, up, sigma), m_k
+    A_k, A_v = W_k.to(dtype), W_v.to(dtype)
+    if key_weight is not None:
+        A_k = A_k @ key_weight.matrix.to(dtype)
+    if value_weight is not None:
+        A_v = A_v @ value_weight.matrix.to(dtype)
+    alpha = (balance_scale(A_k, A_v, C) if balance else 1.0) / emphasis
+    down, up, sigma = _care(torch.cat([A_k / alpha, A_v], dim=1), C, r, method, damping, compute_dtype,
+                            cross=cross)
+    up_k, up_v = up[:, :m_k] * alpha, up[:, m_k:]
+    if key_weight is not None:
+        up_k = up_k @ key_weight.inverse.to(dtype)
+    if value_weight is not None:
+        up_v = up_v @ value_weight.inverse.to(dtype)
+    return _factors(down, torch.cat([up_k, up_v], dim=1), sigma), m_k
 
 
 def mha2mla_factorize(
