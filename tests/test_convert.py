@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import dataclasses
 import json
 
 import pytest
@@ -75,7 +76,15 @@ def test_budget_is_met_exactly_and_measured(latent, allocation, tiny_model_dir, 
     for key in ("ppl", "kv_bytes_per_token", "ranks", "calibration", "timings_s", "peak_rss_mb"):
         assert key in saved
     assert saved["calibration"]["tokens"] == 8 * 32
-    assert ConvertSettings.from_dict(json.loads((tmp_path / "out" / api.SETTINGS_FILE).read_text())) == s
+    # the settings written are the ones that built the model: an "auto" objective is stored as chosen
+    choice = report.get("objective_choice")
+    assert (choice is not None) == (latent == "joint")  # the paper's separate latents keep the activation objective
+    expected = s if choice is None else dataclasses.replace(s, objective=choice["objective"],
+                                                            key_emphasis=choice["key_emphasis"])
+    if choice is not None:
+        assert len(choice["calibration_loss"]) == 6 and choice["chosen"] == min(
+            choice["calibration_loss"], key=choice["calibration_loss"].get)
+    assert ConvertSettings.from_dict(json.loads((tmp_path / "out" / api.SETTINGS_FILE).read_text())) == expected
 
 
 def test_care_has_lower_activation_error_than_weight_svd(tiny_model_dir, text_file, tmp_path):
@@ -224,7 +233,8 @@ def test_demo_table_compares_care_with_weight_svd(tiny_model_dir, text_file, tmp
     from care_mla.demo import run_demo
 
     s = settings_for(tiny_model_dir("llama"), text_file, tmp_path)
-    fields = {k: v for k, v in s.to_dict().items() if k not in ("out", "kv_fraction", "overwrite", "method", "allocation", "latent")}
+    fields = {k: v for k, v in s.to_dict().items() if k not in ("out", "kv_fraction", "overwrite", "method", "allocation", "latent",
+                                                                 "objective", "key_emphasis")}
     table = run_demo(tmp_path / "demo", kv_fraction=0.5, **fields)
     lines = table.splitlines()
     assert len(lines) == 7 and "original (GQA)" in lines[2] and "CARE" in lines[3] and "weight SVD" in lines[4]

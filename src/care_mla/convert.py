@@ -222,9 +222,10 @@ def _calibrate(model, tokenizer, model_path: str, settings: ConvertSettings, rea
 # ----------------------------------------------------------------------------- ranks and factors
 
 
-def _factorize(method: str, W, C, abs_mean, rank: int, s: ConvertSettings) -> factorization.Factors:
+def _factorize(method: str, W, C, abs_mean, rank: int, s: ConvertSettings,
+               weighting: factorization.Weighting | None = None) -> factorization.Factors:
     if method == "care":
-        return factorization.care_factorize(W, C, rank, method=s.whitening, damping=s.damping)
+        return factorization.care_factorize(W, C, rank, method=s.whitening, damping=s.damping, weighting=weighting)
     if method == "svd":
         return factorization.svd_factorize(W, rank)
     if method == "asvd":
@@ -236,11 +237,13 @@ def _factorize(method: str, W, C, abs_mean, rank: int, s: ConvertSettings) -> fa
     raise SettingsError(f"--method {method} builds no separate K and V latents")
 
 
-def _joint_factorize(W_k, W_v, C, rank: int, s: ConvertSettings) -> factorization.Factors:
-    """One K/V latent of rank `rank` (K columns of `up` first) by the joint-capable `s.method`."""
+def _joint_factorize(W_k, W_v, C, rank: int, s: ConvertSettings, weights: dict | None = None) -> factorization.Factors:
+    """One K/V latent of rank `rank` (K columns of `up` first) by the joint-capable `s.method`; `weights`: the
+    attention-aware weightings of care (`attention_weights`)."""
     if s.method == "care":
         return factorization.joint_factorize(
-            W_k, W_v, C, rank, balance=s.balance_kv, method=s.whitening, damping=s.damping
+            W_k, W_v, C, rank, balance=s.balance_kv, method=s.whitening, damping=s.damping,
+            key_emphasis=s.key_emphasis, **(weights or {}),
         )[0]
     if s.method == "mha2mla":
         return factorization.mha2mla_factorize(W_k, W_v, rank)[0]
@@ -252,6 +255,30 @@ def _joint_factorize(W_k, W_v, C, rank: int, s: ConvertSettings) -> factorizatio
 def _kv_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
     attn = layer.self_attn
     return attn.k_proj.weight.detach().T.float().cpu(), attn.v_proj.weight.detach().T.float().cpu()
+
+
+def _qo_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_q (D, n·d), W_o (n·d, D)) of a decoder layer, float32 on the CPU: what the attention objective reads."""
+    attn = layer.self_attn
+    return attn.q_proj.weight.detach().T.float().cpu(), attn.o_proj.weight.detach().T.float().cpu()
+
+
+def attention_weights(config, qo_weights: QoWeights | None, i: int, C: torch.Tensor,
+                      settings: ConvertSettings) -> dict:
+    """The weightings of `settings.objective` for one layer (`objectives`): ``{"key_weight", "value_weight"}``
+    for "attention", ``{"value_weight"}`` for "value", {} for "activation"."""
+    if settings.objective == "activation":
+        return {}
+    if settings.objective == "auto" or settings.key_emphasis == "auto":
+        raise ValueError("resolve the 'auto' objective first (objective_candidates / choose_objective_*)")
+    if qo_weights is None:
+        raise ValueError("the attention objective needs the layer's q_proj and o_proj weights")
+    from .objectives import attention_weightings
+
+    W_q, W_o = (w.to(C.device) for w in qo_weights(i))
+    k, v = attention_weightings(W_q, W_o, C, num_heads=config.num_attention_heads,
+                                num_kv_heads=config.num_key_value_heads, head_dim=head_dim(config))
+    return {"key_weight": k, "value_weight": v} if settings.objective == "attention" else {"value_weight": v}
 
 
 def rank_budget(config, settings: ConvertSettings) -> dict:
@@ -291,9 +318,11 @@ def _relative_error(W, W_hat, C) -> float:
 
 
 KvWeights = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # layer index → (W_k, W_v), (D, m) float32
+QoWeights = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # layer index → (W_q (D, n·d), W_o (n·d, D))
 
 
-def plan_ranks(config, kv_weights: KvWeights, stats: CalibrationStats, settings: ConvertSettings) -> list[list[int]]:
+def plan_ranks(config, kv_weights: KvWeights, stats: CalibrationStats, settings: ConvertSettings,
+               qo_weights: QoWeights | None = None) -> list[list[int]]:
     """Per-layer latent ranks at the asked budget: ``[k, v]`` per layer for separate latents, ``[kv]`` for joint.
 
     Uniform needs no weights; adjusted reads each layer's K/V weights once for its spectrum.
@@ -308,32 +337,42 @@ def plan_ranks(config, kv_weights: KvWeights, stats: CalibrationStats, settings:
         spectra = []
         for i in bar:
             W_k, W_v, C, _ = _layer_inputs(i, kv_weights, stats, settings)
-            spectra.append(_joint_factorize(W_k, W_v, C, 0, settings).spectrum.cpu())
+            weights = attention_weights(config, qo_weights, i, C, settings)
+            spectra.append(_joint_factorize(W_k, W_v, C, 0, settings, weights).spectrum.cpu())
         return [[r] for r in choose_ranks(spectra, budget, settings)]
     spectra: dict[str, list[torch.Tensor]] = {"k": [], "v": []}
     for i in bar:
         W_k, W_v, C, abs_mean = _layer_inputs(i, kv_weights, stats, settings)
+        weights = attention_weights(config, qo_weights, i, C, settings)
         for name, W in zip(("k", "v"), (W_k, W_v)):
-            spectra[name].append(_factorize(settings.method, W, C, abs_mean, 0, settings).spectrum.cpu())
+            f = _factorize(settings.method, W, C, abs_mean, 0, settings, weights.get(f"{_BRANCH[name]}_weight"))
+            spectra[name].append(f.spectrum.cpu())
     k, v = (choose_ranks(spectra[name], budget, settings) for name in ("k", "v"))
     return [list(pair) for pair in zip(k, v)]
 
 
+_BRANCH = {"k": "key", "v": "value"}
+
+
 def layer_latent(i: int, ranks: list[int], kv_weights: KvWeights, stats: CalibrationStats,
-                 settings: ConvertSettings) -> tuple[LayerLatent, dict]:
+                 settings: ConvertSettings, qo_weights: QoWeights | None = None,
+                 config=None) -> tuple[LayerLatent, dict]:
     """Layer i's factors at `ranks` (from `plan_ranks`) and its row of the per-layer table (ranks, relative errors).
 
     The factorization runs on the conversion's device (`_layer_inputs`); the factors are returned on the CPU.
+    The attention objective needs `qo_weights` and the model's `config`.
     """
     W_k, W_v, C, abs_mean = _layer_inputs(i, kv_weights, stats, settings)
+    weights = attention_weights(config, qo_weights, i, C, settings)
     if settings.latent == "joint":
         (r,) = ranks
-        f = _joint_factorize(W_k, W_v, C, r, settings)
+        f = _joint_factorize(W_k, W_v, C, r, settings, weights)
         W_hat, m_k = f.weight(), W_k.shape[1]
         row = {"layer": i, "kv_rank": r, "k_rel_error": _relative_error(W_k, W_hat[:, :m_k], C),
                "v_rel_error": _relative_error(W_v, W_hat[:, m_k:], C)}
         return LayerLatent((_to_cpu(f),)), row
-    fk, fv = (_factorize(settings.method, W, C, abs_mean, r, settings) for W, r in zip((W_k, W_v), ranks))
+    fk, fv = (_factorize(settings.method, W, C, abs_mean, r, settings, weights.get(f"{_BRANCH[b]}_weight"))
+              for b, W, r in zip("kv", (W_k, W_v), ranks))
     row = {"layer": i, "k_rank": fk.rank, "v_rank": fv.rank, "k_rel_error": _relative_error(W_k, fk.weight(), C),
            "v_rel_error": _relative_error(W_v, fv.weight(), C)}
     return LayerLatent((_to_cpu(fk), _to_cpu(fv))), row
@@ -354,14 +393,16 @@ def _to_cpu(f: factorization.Factors) -> factorization.Factors:
 def plan_latents(model, stats: CalibrationStats, settings: ConvertSettings) -> tuple[list[LayerLatent], list[dict]]:
     """Factors of every layer of an in-memory `model` at the budgeted ranks, and the per-layer table."""
     weights = [_kv_weights(layer) for layer in model.model.layers]
-    ranks = plan_ranks(model.config, weights.__getitem__, stats, settings)
-    planned = [layer_latent(i, r, weights.__getitem__, stats, settings) for i, r in enumerate(ranks)]
+    qo = [_qo_weights(layer) for layer in model.model.layers]
+    ranks = plan_ranks(model.config, weights.__getitem__, stats, settings, qo.__getitem__)
+    planned = [layer_latent(i, r, weights.__getitem__, stats, settings, qo.__getitem__, model.config)
+               for i, r in enumerate(ranks)]
     return [p[0] for p in planned], [p[1] for p in planned]
 
 
 def plan_decoupled(model, stats: CalibrationStats, settings: ConvertSettings, *,
-                   layer_state: "deepseek.LayerState | None" = None,
-                   dtype: torch.dtype | None = None) -> tuple[deepseek.RopeSplit, list[int]]:
+                   layer_state: "deepseek.LayerState | None" = None, dtype: torch.dtype | None = None,
+                   split: deepseek.RopeSplit | None = None) -> tuple[deepseek.RopeSplit, list[int]]:
     """(RopeSplit, per-layer latent ranks) of the decoupled-RoPE layout at the asked budget.
 
     The cache per token and layer is ``round(kv_fraction·2·g·d)``: ``qk_rope_head_dim`` RoPE
@@ -376,10 +417,11 @@ def plan_decoupled(model, stats: CalibrationStats, settings: ConvertSettings, *,
                                                        kv_fraction=settings.kv_fraction, portable=settings.portable)
     if settings.portable:
         deepseek.check_portable(config)
-    split = deepseek.plan_rope_split(
-        model, stats, qk_rope_head_dim=rope, exact=exact, rope_strategy=settings.rope_strategy,
-        rope_context=settings.rope_context, portable=settings.portable, layer_state=layer_state, dtype=dtype,
-    )
+    if split is None:  # given: the candidates of an objective choice share one (it does not depend on the objective)
+        split = deepseek.plan_rope_split(
+            model, stats, qk_rope_head_dim=rope, exact=exact, rope_strategy=settings.rope_strategy,
+            rope_context=settings.rope_context, portable=settings.portable, layer_state=layer_state, dtype=dtype,
+        )
     layers = config.num_hidden_layers
     if exact or settings.allocation == "uniform":
         return split, [kv_lora_rank] * layers
@@ -394,7 +436,8 @@ def plan_decoupled(model, stats: CalibrationStats, settings: ConvertSettings, *,
 
 
 def _decoupled_kw(settings: ConvertSettings) -> dict:
-    return {"whitening": settings.whitening, "damping": settings.damping, "balance_kv": settings.balance_kv}
+    return {"whitening": settings.whitening, "damping": settings.damping, "balance_kv": settings.balance_kv,
+            "objective": settings.objective, "key_emphasis": settings.key_emphasis}
 
 
 def decoupled_layer(split: deepseek.RopeSplit, i: int, rank: int, stats: CalibrationStats | None,
@@ -437,6 +480,84 @@ def build_converted(model, stats: CalibrationStats, settings: ConvertSettings) -
     latents, table = plan_latents(model, stats, settings)
     logger.info("per-layer ranks and relative activation errors:\n%s", format_layer_table(table))
     return build_latent_model(model, latents), {"ranks": [l.ranks for l in latents], "layers": table}
+
+
+# ----------------------------------------------------------------------------- choices by calibration loss
+
+
+def selection_windows(tokenizer, settings: ConvertSettings) -> torch.Tensor:
+    """`selection.SELECTION_WINDOWS` calibration windows, evenly spaced over the calibration set (held-in)."""
+    from .selection import SELECTION_WINDOWS
+
+    windows, _ = load_windows(tokenizer, settings.calib_text, "calibration", settings.calib_samples,
+                              settings.calib_seq_len, assets.resolve_cache_dir(settings.cache_dir))
+    step = max(1, windows.shape[0] // SELECTION_WINDOWS)
+    return windows[::step][:SELECTION_WINDOWS]
+
+
+def objective_candidates(settings: ConvertSettings) -> list[ConvertSettings]:
+    """The settings to choose from by calibration loss: every "auto" objective and key_emphasis spelled out
+    (`selection.OBJECTIVE_CHOICES` × `selection.KEY_EMPHASIS_GRID`); one entry when nothing is left to choose."""
+    from .selection import KEY_EMPHASIS_GRID, OBJECTIVE_CHOICES
+
+    objectives = OBJECTIVE_CHOICES if settings.objective == "auto" else (settings.objective,)
+    out = []
+    for objective in objectives:
+        emphases = (settings.key_emphasis,)
+        if settings.key_emphasis == "auto":
+            emphases = (1.0,) if objective == "activation" else KEY_EMPHASIS_GRID
+        out += [dataclasses.replace(settings, objective=objective, key_emphasis=e) for e in emphases]
+    return out
+
+
+def _choice(candidates: list[ConvertSettings], losses: list[float]) -> tuple[ConvertSettings, dict]:
+    from .selection import best
+
+    names = [f"{c.objective}, key_emphasis {c.key_emphasis:g}" for c in candidates]
+    name, info = best(names, losses, "objective")
+    chosen = candidates[names.index(name)]
+    info.update(objective=chosen.objective, key_emphasis=chosen.key_emphasis)
+    return chosen, {"objective_choice": info}
+
+
+def choose_objective_whole(model, tokenizer, stats: CalibrationStats,
+                           settings: ConvertSettings) -> tuple[ConvertSettings, dict]:
+    """`settings` with an "auto" objective and key_emphasis resolved by calibration loss (each candidate built in
+    memory), and the report field ``{"objective_choice": …}`` ({} when there was nothing to choose)."""
+    candidates = objective_candidates(settings)
+    if len(candidates) == 1:
+        return candidates[0], {}
+    windows = selection_windows(tokenizer, settings)
+    losses = []
+    for candidate in candidates:
+        converted, _ = build_converted(model, stats, candidate)
+        losses.append(math.log(perplexity(converted, windows, batch_size=settings.batch_size)))
+        del converted
+    return _choice(candidates, losses)
+
+
+def choose_objective_layerwise(config, reader: CheckpointReader, tokenizer, stats: CalibrationStats,
+                               settings: ConvertSettings, dtype: torch.dtype,
+                               device: torch.device) -> tuple[ConvertSettings, dict]:
+    """`choose_objective_whole` with one decoder layer of one candidate in memory at a time
+    (`selection.streamed_losses`)."""
+    from .selection import streamed_losses
+
+    candidates = objective_candidates(settings)
+    if len(candidates) == 1:
+        return candidates[0], {}
+    from .layerwise import LayerMemo
+
+    make = _decoupled_stream if settings.latent == "decoupled" else _latent_stream
+    memo = LayerMemo(reader)
+    streams = [make(config, memo, stats, candidates[0], dtype)]
+    shared = {"split": streams[0].split} if settings.latent == "decoupled" else {}
+    streams += [make(config, memo, stats, c, dtype, **shared) for c in candidates[1:]]
+    first = streams[0]
+    losses = streamed_losses(first.model_class, first.tensor, [(p.config, p.layer) for p in streams],
+                             selection_windows(tokenizer, settings), dtype=dtype, device=device,
+                             batch_size=settings.batch_size)
+    return _choice(candidates, losses)
 
 
 def format_layer_table(table: list[dict]) -> str:
@@ -598,7 +719,9 @@ def _convert_whole(settings: ConvertSettings, device: torch.device, dtype: torch
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    settings, choice = choose_objective_whole(model, tokenizer, stats, settings)
     converted, fields = build_converted(model, stats, settings)
+    fields.update(choice)
     timings["factorize_and_build"] = time.perf_counter() - t
 
     report = _report_head(model_path, model.config, converted.config, type(converted).__name__, fields, stats,
@@ -677,8 +800,13 @@ def _convert_layerwise(settings: ConvertSettings, reader: CheckpointReader, devi
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    settings, choice = choose_objective_layerwise(config, reader, tokenizer, stats, settings, dtype, device)
+    if choice:
+        timings["choose_objective"] = time.perf_counter() - t
+        t = time.perf_counter()
     plan = (_decoupled_stream if settings.latent == "decoupled" else _latent_stream)(config, reader, stats, settings,
                                                                                      dtype)
+    plan.fields.update(choice)
     with folder.staging() as tmp:
         write_model(tmp, plan.model_class, plan.config, tensor=plan.tensor, layer=plan.layer, dtype=dtype,
                     generation_config=generation_config, progress=settings.progress)
@@ -709,20 +837,22 @@ class _Stream:
     tensor: Callable[[str], torch.Tensor]
     layer: Callable[[int], dict[str, torch.Tensor]]
     fields: dict
+    split: deepseek.RopeSplit | None = None  # decoupled layouts: the shared RoPE plan
 
 
 def _latent_stream(config, reader: CheckpointReader, stats: CalibrationStats, settings: ConvertSettings,
                    dtype: torch.dtype) -> _Stream:
-    from .layerwise import kv_weights_reader, layer_prefix
+    from .layerwise import kv_weights_reader, layer_prefix, qo_weights_reader
     from .mapping import latent_layer_state
     from .modeling_care_mla import CareMlaForCausalLM
 
     kv_weights = kv_weights_reader(reader, dtype)
-    ranks = plan_ranks(config, kv_weights, stats, settings)
+    qo_weights = qo_weights_reader(reader, dtype)
+    ranks = plan_ranks(config, kv_weights, stats, settings, qo_weights)
     fields = {"ranks": ranks, "layers": []}
 
     def layer(i: int) -> dict[str, torch.Tensor]:
-        latent, row = layer_latent(i, ranks[i], kv_weights, stats, settings)
+        latent, row = layer_latent(i, ranks[i], kv_weights, stats, settings, qo_weights, config)
         fields["layers"].append(row)
         return latent_layer_state(reader.state(layer_prefix(i), dtype), latent)
 
@@ -731,7 +861,7 @@ def _latent_stream(config, reader: CheckpointReader, stats: CalibrationStats, se
 
 
 def _decoupled_stream(config, reader: CheckpointReader, stats: CalibrationStats, settings: ConvertSettings,
-                      dtype: torch.dtype) -> _Stream:
+                      dtype: torch.dtype, split: deepseek.RopeSplit | None = None) -> _Stream:
     from .layerwise import layer_prefix, skeleton
     from .mapping import decoupled_layer_state
     from .modeling_care_mla import CareMlaForCausalLM
@@ -739,7 +869,8 @@ def _decoupled_stream(config, reader: CheckpointReader, stats: CalibrationStats,
     def attention_state(i: int) -> dict[str, torch.Tensor]:  # the RoPE and rank plans read attention only
         return {"self_attn." + k: v for k, v in reader.state(layer_prefix(i) + "self_attn.", dtype).items()}
 
-    split, ranks = plan_decoupled(skeleton(config), stats, settings, dtype=dtype, layer_state=attention_state)
+    split, ranks = plan_decoupled(skeleton(config), stats, settings, dtype=dtype, layer_state=attention_state,
+                                  split=split)
     target, fields = decoupled_target(config, split, ranks, settings)
     fields["layers"] = []
     deepseek_format = settings.format == "deepseek"
@@ -759,8 +890,8 @@ def _decoupled_stream(config, reader: CheckpointReader, stats: CalibrationStats,
         def tensor(name: str) -> torch.Tensor:
             return deepseek.deepseek_global_tensor(name, lambda n: reader.get(n, dtype), config, target)
 
-        return _Stream(DeepseekV3ForCausalLM, target, tensor, layer, fields)
-    return _Stream(CareMlaForCausalLM, target, lambda name: reader.get(name, dtype), layer, fields)
+        return _Stream(DeepseekV3ForCausalLM, target, tensor, layer, fields, split)
+    return _Stream(CareMlaForCausalLM, target, lambda name: reader.get(name, dtype), layer, fields, split)
 
 
 def _generation_config(model_path: str) -> GenerationConfig | None:

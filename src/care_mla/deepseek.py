@@ -116,6 +116,7 @@ from transformers.initialization import no_init_weights
 
 from .calibration import CalibrationStats
 from .factorization import joint_factorize
+from .objectives import attention_weightings
 from .families import get_family, head_dim
 
 __all__ = [
@@ -761,8 +762,27 @@ class MlaLayout:
         return [layer.rank for layer in self.layers]
 
 
+def _latent_weightings(weights, dims: _Dims, C: Tensor, objective: str) -> dict:
+    """The weightings of the [K left out of RoPE, V] latent for `objective` (`objectives`), none for "activation".
+
+    The un-rotated key part is read by the whole query (no RoPE on it): its key weight is the full
+    query Gram (``rotary=False``).
+    """
+    if objective == "activation":
+        return {}
+    if objective not in ("value", "attention"):
+        raise DeepseekExportError(f"unknown objective {objective!r}; use 'activation', 'value' or 'attention'")
+    Wq, Wo = weights[0], weights[6]
+    key_weight, value_weight = attention_weightings(Wq, Wo.T, C, num_heads=dims.heads, num_kv_heads=dims.kv_heads,
+                                                    head_dim=dims.d, rotary=False)
+    if objective == "value":
+        return {"value_weight": value_weight}
+    return {"key_weight": key_weight, "value_weight": value_weight}
+
+
 def _layer_layout(weights, plan: RopePlan, dims: _Dims, nope: int, kv_lora_rank: int, C: Tensor | None,
-                  q_scale: float, whitening: str, damping: float, balance_kv: bool) -> LayerLayout:
+                  q_scale: float, whitening: str, damping: float, balance_kv: bool, objective: str = "activation",
+                  key_emphasis: float = 1.0) -> LayerLayout:
     """The decoupled-RoPE tensors of one layer (float64), from its weights and RoPE plan."""
     Wq, bq, Wk, bk, Wv, bv, Wo, bo = weights
     D, R = dims.hidden, dims.hidden + 1
@@ -794,7 +814,8 @@ def _layer_layout(weights, plan: RopePlan, dims: _Dims, nope: int, kv_lora_rank:
     else:
         k_rest = from_pairs(rest_key(Zk[:D], plan))  # (D, g·d)
         factors, m_k = joint_factorize(k_rest, Wv, C, kv_lora_rank, balance=balance_kv, method=whitening,
-                                       damping=damping, compute_dtype=torch.float64)
+                                       damping=damping, compute_dtype=torch.float64, key_emphasis=key_emphasis,
+                                       **_latent_weightings(weights, dims, C, objective))
         down = factors.down.double()
         up_k, up_v = factors.up.double()[:, :m_k], factors.up.double()[:, m_k:]
     r = kv_lora_rank
@@ -953,13 +974,15 @@ def plan_rope_split(model: nn.Module, stats: CalibrationStats | None, *, qk_rope
 
 
 def latent_spectra(split: RopeSplit, *, whitening: str = "cholesky", damping: float = 1e-2,
-                   balance_kv: bool = True, progress: bool = False) -> list[Tensor]:
+                   balance_kv: bool = True, progress: bool = False, objective: str = "activation",
+                   key_emphasis: float = 1.0) -> list[Tensor]:
     """Per layer, the whitened singular values of the joint [K left out of RoPE, V] latent (for allocation)."""
     spectra = []
     for i in tqdm(range(split.num_layers), desc="spectra for the rank plan", unit="layer", disable=not progress):
         w = split.weights(i)
         f, _ = joint_factorize(split.rest_key(i, w), w[4], split.C(i), 0, balance=balance_kv, method=whitening,
-                               damping=damping, compute_dtype=torch.float64)
+                               damping=damping, compute_dtype=torch.float64, key_emphasis=key_emphasis,
+                               **_latent_weightings(w, split.dims, split.C(i), objective))
         spectra.append(f.spectrum)
     return spectra
 
@@ -971,22 +994,24 @@ def _check_rank(split: RopeSplit, rank: int) -> None:
 
 @torch.no_grad()
 def layer_layout(split: RopeSplit, i: int, kv_lora_rank: int, *, whitening: str = "cholesky", damping: float = 1e-2,
-                 balance_kv: bool = True, weights: tuple | None = None) -> LayerLayout:
+                 balance_kv: bool = True, weights: tuple | None = None, objective: str = "activation",
+                 key_emphasis: float = 1.0) -> LayerLayout:
     """Layer i's decoupled-RoPE tensors at latent rank `kv_lora_rank` (its weights read now unless given)."""
     _check_rank(split, kv_lora_rank)
     return _layer_layout(weights or split.weights(i), split.plans[i], split.dims, split.nope, kv_lora_rank,
-                         split.C(i), split.q_scale, whitening, damping, balance_kv)
+                         split.C(i), split.q_scale, whitening, damping, balance_kv, objective, key_emphasis)
 
 
 @torch.no_grad()
 def mla_layout(split: RopeSplit, kv_lora_ranks: list[int], *, whitening: str = "cholesky", damping: float = 1e-2,
-               balance_kv: bool = True) -> MlaLayout:
+               balance_kv: bool = True, objective: str = "activation", key_emphasis: float = 1.0) -> MlaLayout:
     """The decoupled-RoPE tensors of every layer at the given latent ranks (one per layer), in memory."""
     if len(kv_lora_ranks) != split.num_layers:
         raise DeepseekExportError(f"need one kv_lora_rank per layer ({split.num_layers}), got {len(kv_lora_ranks)}")
     for r in kv_lora_ranks:
         _check_rank(split, r)
-    kw = {"whitening": whitening, "damping": damping, "balance_kv": balance_kv}
+    kw = {"whitening": whitening, "damping": damping, "balance_kv": balance_kv, "objective": objective,
+          "key_emphasis": key_emphasis}
     return assemble_layout(split, [layer_layout(split, i, r, **kw) for i, r in enumerate(kv_lora_ranks)])
 
 

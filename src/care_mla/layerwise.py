@@ -96,6 +96,50 @@ def kv_weights_reader(reader: CheckpointReader, dtype: torch.dtype) -> Callable[
     return kv_weights
 
 
+def qo_weights_reader(reader: CheckpointReader, dtype: torch.dtype) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """Layer index → (W_q (D, n·d), W_o (n·d, D)) float32, rounded through `dtype` like `kv_weights_reader`."""
+
+    def qo_weights(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        p = layer_prefix(i) + "self_attn."
+        return tuple(reader.get(p + f"{b}_proj.weight", dtype).T.float() for b in ("q", "o"))
+
+    return qo_weights
+
+
+class LayerMemo:
+    """A `CheckpointReader` that keeps what it read of the decoder layer read last: candidates of a choice
+    (`convert.choose_objective_layerwise`) read the same layer one after another, from disk once.
+
+    Tensors outside the decoder layers are read through; every result is a copy the caller owns.
+    """
+
+    def __init__(self, reader: CheckpointReader):
+        self.reader = reader
+        self._layer: str | None = None
+        self._kept: dict = {}
+
+    def __getattr__(self, name: str):
+        return getattr(self.reader, name)
+
+    def _cached(self, name: str, dtype, read: Callable):
+        parts = name.split(".")
+        if name.startswith("model.layers.") and len(parts) > 2:
+            layer = parts[2]
+            if layer != self._layer:
+                self._layer, self._kept = layer, {}
+            if (name, dtype) not in self._kept:
+                self._kept[(name, dtype)] = read()
+            return self._kept[(name, dtype)]
+        return read()
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self._cached(name, dtype, lambda: self.reader.get(name, dtype)).clone()
+
+    def state(self, prefix: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        kept = self._cached(prefix, dtype, lambda: self.reader.state(prefix, dtype))
+        return {k: v.clone() for k, v in kept.items()}
+
+
 def save_config(folder: Path, config, generation_config: GenerationConfig | None, architecture: str,
                 dtype: torch.dtype) -> None:
     """config.json (and generation_config.json) as `save_pretrained` writes them for a model of `architecture`."""

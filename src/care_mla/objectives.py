@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Weighting", "key_query_gram", "value_output_gram", "block_weighting", "weighted_error"]
+__all__ = ["Weighting", "attention_weightings", "block_weighting", "key_query_gram", "value_output_gram",
+           "weighted_error"]
 
 #: Each block's eigenvalues are floored at this fraction of their mean (T must be invertible:
 #: directions no query or output head reads would otherwise get weight 0 and an infinite inverse).
@@ -135,3 +136,12 @@ def weighted_error(W: Tensor, W_hat: Tensor, C: Tensor, weighting: Weighting | N
     if weighting is not None:
         E = E @ weighting.matrix.double()
     return float(((C.double() @ E) * E).sum())
+
+
+def attention_weightings(W_q: Tensor, W_o: Tensor, C: Tensor, *, num_heads: int, num_kv_heads: int,
+                         head_dim: int, rotary: bool = True, interleaved: bool = False) -> tuple[Weighting, Weighting]:
+    """(key weighting, value weighting) of one attention layer: `key_query_gram` and `value_output_gram`
+    as `block_weighting` s. ``W_q`` is (D, n·d) (``q_proj.weight.T``), ``W_o`` (n·d, D) (``o_proj.weight.T``)."""
+    heads = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    return (block_weighting(key_query_gram(W_q, C, rotary=rotary, interleaved=interleaved, **heads)),
+            block_weighting(value_output_gram(W_o, **heads)))

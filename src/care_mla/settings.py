@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -13,6 +14,7 @@ METHODS = ("care", "svd", "asvd", "svd-llm", "mha2mla", "transmla")
 JOINT_METHODS = ("care", "mha2mla", "transmla")
 ALLOCATIONS = ("uniform", "adjusted")
 LATENTS = ("separate", "joint", "decoupled")
+OBJECTIVES = ("activation", "value", "attention")
 FORMATS = ("care_mla", "deepseek")
 #: Serving engines an export can be shaped for (`deepseek.ENGINE_GEOMETRIES`).
 ENGINES = ("vllm", "vllm-cpu", "sglang")
@@ -82,6 +84,15 @@ class ConvertSettings:
     # geometry nearest to kv_fraction (`deepseek.engine_geometry`; resolved by `convert.resolve_engine`)
     engine: Literal["vllm", "vllm-cpu", "sglang"] | None = None
     balance_kv: bool = True  # joint latent of care/transmla: scale K against V first (mha2mla never does)
+    # care: what the factors minimise. "activation": the K/V activation error (the paper's CARE); "value": V's
+    # error as o_proj writes it to the residual stream; "attention": that and K's error as the queries read it
+    # (`objectives`); "auto": value or attention, whichever gives the lower calibration loss. None: auto for the
+    # joint and decoupled latents of care (measured better, README), activation otherwise (the paper's CARE)
+    objective: Literal["auto", "activation", "value", "attention"] | None = None
+    # joint/decoupled latents of care: weight of K's error against V's after balancing (>1: K counts more);
+    # "auto": the value of `selection.KEY_EMPHASIS_GRID` with the lowest calibration loss (1.0 with the
+    # activation objective, which keeps the paper's/TransMLA's balance)
+    key_emphasis: float | str = "auto"
     whitening: Literal["cholesky", "sqrt"] = "cholesky"
     damping: float = 1e-2
     rank_min_ratio: float = 0.5  # adjusted: r_min = ratio · mean rank
@@ -167,6 +178,7 @@ class ConvertSettings:
         latent_error = method_latent_error(self.method, self.latent)
         if latent_error:
             raise SettingsError(latent_error)
+        self._resolve_objective()
         tasks = self.zero_shot_tasks
         object.__setattr__(self, "zero_shot_tasks", (tasks,) if isinstance(tasks, str) else tuple(tasks))
         if self.zero_shot_tasks and not self.evaluate:
@@ -183,6 +195,23 @@ class ConvertSettings:
         for name in ("calib_samples", "calib_seq_len", "eval_samples", "eval_seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be a positive integer; got {getattr(self, name)}")
+
+    def _resolve_objective(self) -> None:
+        if self.objective is None:
+            joint = self.method == "care" and self.latent in ("joint", "decoupled")
+            object.__setattr__(self, "objective", "auto" if joint else "activation")
+        _one_of("objective", self.objective, ("auto", *OBJECTIVES))
+        if self.objective != "activation" and self.method != "care":
+            raise SettingsError(f"--objective {self.objective} weights CARE's factorization; --method {self.method} has "
+                                "its own objective (use --method care, or --objective activation)")
+        emphasis = self.key_emphasis
+        if emphasis == "auto":
+            if self.objective == "activation" or self.latent == "separate":
+                object.__setattr__(self, "key_emphasis", 1.0)
+            return
+        if isinstance(emphasis, bool) or not isinstance(emphasis, (int, float)) or not (0 < emphasis < math.inf):
+            raise SettingsError(f"key_emphasis must be 'auto' or a number > 0; got {emphasis!r}")
+        object.__setattr__(self, "key_emphasis", float(emphasis))
 
     @property
     def max_memory_map(self) -> dict[int | str, int] | None:
