@@ -79,8 +79,8 @@ def test_budget_is_met_exactly_and_measured(latent, allocation, tiny_model_dir, 
     # the settings written are the ones that built the model: an "auto" objective is stored as chosen
     choice = report.get("objective_choice")
     assert (choice is not None) == (latent == "joint")  # the paper's separate latents keep the activation objective
-    expected = s if choice is None else dataclasses.replace(s, objective=choice["objective"],
-                                                            key_emphasis=choice["key_emphasis"])
+    expected = s if choice is None else dataclasses.replace(s, objective=report["objective"],
+                                                            key_emphasis=report["key_emphasis"])
     if choice is not None:
         assert len(choice["calibration_loss"]) == 6 and choice["chosen"] == min(
             choice["calibration_loss"], key=choice["calibration_loss"].get)

@@ -212,15 +212,15 @@ def test_conversion_reads_one_layer_at_a_time(tiny_model_dir, text_file, tmp_pat
         assert len(layers) == 1 or (not layers and len(names) == 1), names
         for i in layers:
             per_layer[i] = per_layer.get(i, 0) + 1
-    # calibration, the rank / RoPE plan and writing read each layer (or its K and V) a few times each; choosing
-    # the objective by calibration loss reads each layer three times for all candidates (their RoPE plan and
-    # forward, the chosen RoPE plan again), plus once
-    # per candidate for
-    # an adjusted rank plan (its spectra depend on the objective)
-    choice = report.get("objective_choice")
-    extra = 0 if choice is None else 3 + (allocation == "adjusted") * len(choice["calibration_loss"])
-    assert (choice is None) == (latent == "separate")
+    # calibration, the rank / RoPE plan and writing read each layer (or its K and V) a few times each; a choice by
+    # calibration loss reads each layer a few times per stage for all its candidates (LayerMemo) plus, per
+    # candidate, at most its own RoPE plan and adjusted rank plan
+    choices = [v for k, v in report.items() if k.endswith("_choice")]
+    assert bool(choices) == (latent != "separate")  # the paper's separate latents keep the activation objective
+    extra = 3 * len(choices) + 2 * sum(len(c["calibration_loss"]) for c in choices)
     assert sorted(per_layer) == ["0", "1", "2"] and max(per_layer.values()) <= 6 + extra, per_layer
+    if latent == "decoupled" and fmt == "care_mla":  # the RoPE/latent split was chosen too
+        assert {"objective_choice", "rope_dim_choice"} <= set(report)
 
 
 def test_max_memory_is_parsed_and_checked():

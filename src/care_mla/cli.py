@@ -9,9 +9,19 @@ import signal
 import sys
 import threading
 
-from .settings import ALLOCATIONS, CALIB_DTYPES, DEVICES, DTYPES, ENGINES, FORMATS, LATENTS, METHODS, ROPE_STRATEGIES, ConvertSettings
+from .settings import (ALLOCATIONS, CALIB_DTYPES, DEVICES, DTYPES, ENGINES, FORMATS, LATENTS, METHODS, OBJECTIVES,
+                       ROPE_STRATEGIES, ConvertSettings)
 
 DEFAULTS = ConvertSettings()
+
+
+def _emphasis(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number > 0, got {text!r}") from None
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -73,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--portable", action="store_true",
                    help="deepseek: only what vLLM/SGLang run (default RoPE, ≤ d_h RoPE dims, no biases)")
     c.add_argument("--no-balance-kv", dest="balance_kv", action="store_false", help="joint latent: do not balance K against V")
+    c.add_argument("--objective", choices=("auto", *OBJECTIVES), default=None,
+                   help="care: what the factors minimise: activation (the paper's K/V activation error), value (V's "
+                        "error through o_proj), attention (that and K's error through the queries), auto (value or "
+                        "attention, by calibration loss; the default for joint/decoupled latents)")
+    c.add_argument("--key-emphasis", type=_emphasis, default=DEFAULTS.key_emphasis, metavar="auto|X",
+                   help="joint/decoupled latents: weight of K's error against V's after balancing (>1: K counts "
+                        "more); auto (default) tries 1, 2, 4 and keeps the lowest calibration loss")
     c.add_argument("--whitening", choices=("cholesky", "sqrt"), default=DEFAULTS.whitening)
     c.add_argument("--damping", type=float, default=DEFAULTS.damping)
     c.add_argument("--rank-min-ratio", type=float, default=DEFAULTS.rank_min_ratio)

@@ -270,7 +270,7 @@ def attention_weights(config, qo_weights: QoWeights | None, i: int, C: torch.Ten
     if settings.objective == "activation":
         return {}
     if settings.objective == "auto" or settings.key_emphasis == "auto":
-        raise ValueError("resolve the 'auto' objective first (objective_candidates / choose_objective_*)")
+        raise ValueError("resolve the 'auto' objective first (choose_settings)")
     if qo_weights is None:
         raise ValueError("the attention objective needs the layer's q_proj and o_proj weights")
     from .objectives import attention_weightings
@@ -510,54 +510,103 @@ def objective_candidates(settings: ConvertSettings) -> list[ConvertSettings]:
     return out
 
 
-def _choice(candidates: list[ConvertSettings], losses: list[float]) -> tuple[ConvertSettings, dict]:
+def rope_dim_candidates(config, settings: ConvertSettings) -> list[ConvertSettings]:
+    """Decoupled layouts below parity with no pinned ``--rope-dim``: splits of the cache between
+    ``qk_rope_head_dim`` and ``kv_lora_rank`` to choose from by calibration loss (`selection.ROPE_SHARES` of the
+    cache, even, valid for the export); one entry when there is nothing to choose."""
+    from .selection import ROPE_SHARES
+
+    if settings.latent != "decoupled" or settings.rope_dim is not None or settings.engine is not None:
+        return [settings]
+    g, d = config.num_key_value_heads, head_dim(config)
+    cache = round(settings.kv_fraction * 2 * g * d)
+    if cache >= 2 * g * d:
+        return [settings]  # parity: the exact layout
+    dims = []
+    for share in ROPE_SHARES:
+        rope = max(2, int(cache * share) // 2 * 2)
+        try:
+            deepseek.export_budget(config, qk_rope_head_dim=rope, kv_fraction=settings.kv_fraction,
+                                   portable=settings.portable)
+        except deepseek.DeepseekExportError:
+            continue
+        if rope not in dims:
+            dims.append(rope)
+    return [dataclasses.replace(settings, rope_dim=r) for r in dims] or [settings]
+
+
+#: The stages of a choice by calibration loss: (report field, candidates, how a candidate is named).
+_STAGES = (
+    ("objective_choice", lambda config, s: objective_candidates(s),
+     lambda c: f"{c.objective}, key_emphasis {c.key_emphasis:g}"),
+    ("rope_dim_choice", rope_dim_candidates, lambda c: f"qk_rope_head_dim {c.rope_dim}"),
+)
+
+
+def choose_settings(config, settings: ConvertSettings,
+                    score: Callable[[list[ConvertSettings]], list[float]]) -> tuple[ConvertSettings, dict]:
+    """`settings` with what is "auto" resolved by calibration loss, one stage after the other (`_STAGES`: first
+    the objective and the K/V balance, then, for a decoupled layout, the RoPE/latent split), and the report
+    fields of each choice made. `score` gives the calibration loss of each candidate."""
     from .selection import best
 
-    names = [f"{c.objective}, key_emphasis {c.key_emphasis:g}" for c in candidates]
-    name, info = best(names, losses, "objective")
-    chosen = candidates[names.index(name)]
-    info.update(objective=chosen.objective, key_emphasis=chosen.key_emphasis)
-    return chosen, {"objective_choice": info}
+    fields = {}
+    for field, candidates_of, name_of in _STAGES:
+        candidates = candidates_of(config, settings)
+        if len(candidates) == 1:
+            settings = candidates[0]
+            continue
+        names = [name_of(c) for c in candidates]
+        name, info = best(names, score(candidates), field.removesuffix("_choice"))
+        settings = candidates[names.index(name)]
+        fields[field] = info
+    if fields:
+        fields["objective"], fields["key_emphasis"] = settings.objective, settings.key_emphasis
+    return settings, fields
 
 
-def choose_objective_whole(model, tokenizer, stats: CalibrationStats,
-                           settings: ConvertSettings) -> tuple[ConvertSettings, dict]:
-    """`settings` with an "auto" objective and key_emphasis resolved by calibration loss (each candidate built in
-    memory), and the report field ``{"objective_choice": …}`` ({} when there was nothing to choose)."""
-    candidates = objective_candidates(settings)
-    if len(candidates) == 1:
-        return candidates[0], {}
-    windows = selection_windows(tokenizer, settings)
-    losses = []
-    for candidate in candidates:
-        converted, _ = build_converted(model, stats, candidate)
-        losses.append(math.log(perplexity(converted, windows, batch_size=settings.batch_size)))
-        del converted
-    return _choice(candidates, losses)
+def choose_settings_whole(model, tokenizer, stats: CalibrationStats,
+                          settings: ConvertSettings) -> tuple[ConvertSettings, dict]:
+    """`choose_settings` with each candidate built in memory and scored on `selection_windows`."""
+    windows = None
+
+    def score(candidates: list[ConvertSettings]) -> list[float]:
+        nonlocal windows
+        windows = selection_windows(tokenizer, settings) if windows is None else windows
+        losses = []
+        for candidate in candidates:
+            converted, _ = build_converted(model, stats, candidate)
+            losses.append(math.log(perplexity(converted, windows, batch_size=settings.batch_size)))
+            del converted
+        return losses
+
+    return choose_settings(model.config, settings, score)
 
 
-def choose_objective_layerwise(config, reader: CheckpointReader, tokenizer, stats: CalibrationStats,
-                               settings: ConvertSettings, dtype: torch.dtype,
-                               device: torch.device) -> tuple[ConvertSettings, dict]:
-    """`choose_objective_whole` with one decoder layer of one candidate in memory at a time
-    (`selection.streamed_losses`)."""
+def choose_settings_layerwise(config, reader: CheckpointReader, tokenizer, stats: CalibrationStats,
+                              settings: ConvertSettings, dtype: torch.dtype,
+                              device: torch.device) -> tuple[ConvertSettings, dict]:
+    """`choose_settings` with one decoder layer of one candidate in memory at a time (`selection.streamed_losses`;
+    the candidates read each layer from disk once, `layerwise.LayerMemo`)."""
+    from .layerwise import LayerMemo
     from .selection import streamed_losses
 
-    candidates = objective_candidates(settings)
-    if len(candidates) == 1:
-        return candidates[0], {}
-    from .layerwise import LayerMemo
-
-    make = _decoupled_stream if settings.latent == "decoupled" else _latent_stream
+    windows = None
     memo = LayerMemo(reader)
-    streams = [make(config, memo, stats, candidates[0], dtype)]
-    shared = {"split": streams[0].split} if settings.latent == "decoupled" else {}
-    streams += [make(config, memo, stats, c, dtype, **shared) for c in candidates[1:]]
-    first = streams[0]
-    losses = streamed_losses(first.model_class, first.tensor, [(p.config, p.layer) for p in streams],
-                             selection_windows(tokenizer, settings), dtype=dtype, device=device,
-                             batch_size=settings.batch_size)
-    return _choice(candidates, losses)
+
+    def score(candidates: list[ConvertSettings]) -> list[float]:
+        nonlocal windows
+        windows = selection_windows(tokenizer, settings) if windows is None else windows
+        make = _decoupled_stream if settings.latent == "decoupled" else _latent_stream
+        streams = [make(config, memo, stats, candidates[0], dtype)]
+        for c in candidates[1:]:  # a RoPE plan depends on rope_dim only: shared by candidates that share it
+            same = settings.latent == "decoupled" and c.rope_dim == candidates[0].rope_dim
+            streams.append(make(config, memo, stats, c, dtype, **({"split": streams[0].split} if same else {})))
+        first = streams[0]
+        return streamed_losses(first.model_class, first.tensor, [(p.config, p.layer) for p in streams], windows,
+                               dtype=dtype, device=device, batch_size=settings.batch_size)
+
+    return choose_settings(config, settings, score)
 
 
 def format_layer_table(table: list[dict]) -> str:
@@ -719,7 +768,7 @@ def _convert_whole(settings: ConvertSettings, device: torch.device, dtype: torch
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    settings, choice = choose_objective_whole(model, tokenizer, stats, settings)
+    settings, choice = choose_settings_whole(model, tokenizer, stats, settings)
     converted, fields = build_converted(model, stats, settings)
     fields.update(choice)
     timings["factorize_and_build"] = time.perf_counter() - t
@@ -800,9 +849,9 @@ def _convert_layerwise(settings: ConvertSettings, reader: CheckpointReader, devi
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    settings, choice = choose_objective_layerwise(config, reader, tokenizer, stats, settings, dtype, device)
+    settings, choice = choose_settings_layerwise(config, reader, tokenizer, stats, settings, dtype, device)
     if choice:
-        timings["choose_objective"] = time.perf_counter() - t
+        timings["choose_settings"] = time.perf_counter() - t
         t = time.perf_counter()
     plan = (_decoupled_stream if settings.latent == "decoupled" else _latent_stream)(config, reader, stats, settings,
                                                                                      dtype)

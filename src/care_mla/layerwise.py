@@ -108,7 +108,7 @@ def qo_weights_reader(reader: CheckpointReader, dtype: torch.dtype) -> Callable[
 
 class LayerMemo:
     """A `CheckpointReader` that keeps what it read of the decoder layer read last: candidates of a choice
-    (`convert.choose_objective_layerwise`) read the same layer one after another, from disk once.
+    (`convert.choose_settings_layerwise`) read the same layer one after another, from disk once.
 
     Tensors outside the decoder layers are read through; every result is a copy the caller owns.
     """

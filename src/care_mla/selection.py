@@ -23,7 +23,7 @@ from .calibration import _layer_output, _materialised, capture_layer_inputs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SELECTION_WINDOWS", "KEY_EMPHASIS_GRID", "OBJECTIVE_CHOICES", "streamed_losses", "best"]
+__all__ = ["SELECTION_WINDOWS", "KEY_EMPHASIS_GRID", "OBJECTIVE_CHOICES", "ROPE_SHARES", "streamed_losses", "best"]
 
 #: Calibration windows (evenly spaced over the calibration set) that candidates are scored on.
 SELECTION_WINDOWS = 16
@@ -33,6 +33,9 @@ KEY_EMPHASIS_GRID = (1.0, 2.0, 4.0)
 #: Objectives an "auto" objective chooses from (`objectives`): the attention objective won at F = 0.5 on
 #: SmolLM2, weighting V alone at F ≤ 0.25 (K's rotation-averaged weight then cost more than it saved).
 OBJECTIVE_CHOICES = ("attention", "value")
+#: Shares of a decoupled layout's cache tried for its RoPE part (``qk_rope_head_dim``; the rest is the latent)
+#: when no ``--rope-dim`` is given: a sixth to a half. The former fixed rule was a third.
+ROPE_SHARES = (1 / 6, 1 / 4, 1 / 3, 1 / 2)
 
 LayerState = Callable[[int], dict[str, torch.Tensor]]
 
@@ -59,21 +62,25 @@ def streamed_losses(model_class: type[nn.Module], tensor: Callable[[str], torch.
 
     Candidate c is ``model_class(config_c)`` with ``candidates[c] = (config_c, layer_c)``: its decoder
     layer i is ``layer_c(i)`` (names relative to the layer; called once, in order). The configs may
-    differ in the layers' shapes (per-layer ranks), not in what reaches them: all candidates share
-    the first one's embedding, RoPE tables and mask, and the tensors outside the decoder layers
-    (``tensor(name)``: embedding, final norm, LM head).
+    differ in the layers' shapes (per-layer ranks, RoPE widths); the tensors outside the decoder
+    layers (``tensor(name)``: embedding, final norm, LM head) are shared.
     """
     models = [_skeleton(model_class, config, device) for config, _ in candidates]
+    embedding = tensor("model.embed_tokens.weight")
+    streams, kwargs = [], []
+    for model in models:  # each candidate's own RoPE tables (their rotary widths may differ) and mask
+        _load(model.model.embed_tokens, {"weight": embedding}, device, dtype)
+        hidden, kw = capture_layer_inputs(model, windows, batch_size)
+        model.model.embed_tokens.to("meta")
+        streams.append(hidden)
+        kwargs.append(kw)
+    del embedding
     inner = models[0].model
-    _load(inner.embed_tokens, {"weight": tensor("model.embed_tokens.weight")}, device, dtype)
-    hidden, kwargs = capture_layer_inputs(models[0], windows, batch_size)
-    inner.embed_tokens.to("meta")
-    streams = [list(hidden) for _ in candidates]
     for i in range(len(inner.layers)):
         for c, (model, (_, state)) in enumerate(zip(models, candidates)):
             layer = model.model.layers[i]
             with _materialised(layer, {k: v.to(dtype) for k, v in state(i).items()}, device):
-                streams[c] = [_layer_output(layer(h, **kw)) for h, kw in zip(streams[c], kwargs)]
+                streams[c] = [_layer_output(layer(h, **kw)) for h, kw in zip(streams[c], kwargs[c])]
     _load(inner.norm, {"weight": tensor("model.norm.weight")}, device, dtype)
     tied = getattr(candidates[0][0], "tie_word_embeddings", False)
     head = tensor("model.embed_tokens.weight" if tied else "lm_head.weight").to(device=device, dtype=dtype)

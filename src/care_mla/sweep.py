@@ -396,7 +396,7 @@ def _sweep(s: SweepSettings, folder) -> dict:
                 cells.append({**cell, "status": "exact", "same_as": rep, **_metrics(done[rep])})
                 continue
             c0 = time.perf_counter()
-            cs, choice = cv.choose_objective_whole(model, tokenizer, stats, s.cell(method, allocation, latent, f))
+            cs, choice = cv.choose_settings_whole(model, tokenizer, stats, s.cell(method, allocation, latent, f))
             converted, fields = cv.build_converted(model, stats, cs)
             ppl = perplexity(converted, windows, batch_size=s.batch_size, progress=s.progress)
             width = kv_cache_width(converted.config) / converted.config.num_hidden_layers
@@ -409,7 +409,6 @@ def _sweep(s: SweepSettings, folder) -> dict:
                 "kv_bytes_per_token": kv_bytes_per_token(converted.config, dtype),
                 "zero_shot": zero_shot(converted),
                 "ranks": fields["ranks"],
-                "objective": cs.objective,
                 **choice,
                 "layers": fields["layers"],
                 "seconds": round(time.perf_counter() - c0, 3),
