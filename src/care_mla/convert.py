@@ -223,9 +223,10 @@ def _calibrate(model, tokenizer, model_path: str, settings: ConvertSettings, rea
 
 
 def _factorize(method: str, W, C, abs_mean, rank: int, s: ConvertSettings,
-               weighting: factorization.Weighting | None = None) -> factorization.Factors:
+               weighting: factorization.Weighting | None = None, cross: torch.Tensor | None = None) -> factorization.Factors:
     if method == "care":
-        return factorization.care_factorize(W, C, rank, method=s.whitening, damping=s.damping, weighting=weighting)
+        return factorization.care_factorize(W, C, rank, method=s.whitening, damping=s.damping, weighting=weighting,
+                                            cross=cross)
     if method == "svd":
         return factorization.svd_factorize(W, rank)
     if method == "asvd":
@@ -356,14 +357,20 @@ _BRANCH = {"k": "key", "v": "value"}
 
 def layer_latent(i: int, ranks: list[int], kv_weights: KvWeights, stats: CalibrationStats,
                  settings: ConvertSettings, qo_weights: QoWeights | None = None,
-                 config=None) -> tuple[LayerLatent, dict]:
+                 config=None, moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[LayerLatent, dict]:
     """Layer i's factors at `ranks` (from `plan_ranks`) and its row of the per-layer table (ranks, relative errors).
 
     The factorization runs on the conversion's device (`_layer_inputs`); the factors are returned on the CPU.
-    The attention objective needs `qo_weights` and the model's `config`.
+    The attention objective needs `qo_weights` and the model's `config`. `moments` = (C̃, X̃ᵀX/N) of error
+    compensation (`compensation`) replace the layer's calibration statistics (errors are then relative to C̃).
     """
     W_k, W_v, C, abs_mean = _layer_inputs(i, kv_weights, stats, settings)
+    cross = None
+    if moments is not None:
+        C, cross = (m.to(C.device) for m in moments)
     weights = attention_weights(config, qo_weights, i, C, settings)
+    if cross is not None:
+        weights = {**weights, "cross": cross}
     if settings.latent == "joint":
         (r,) = ranks
         f = _joint_factorize(W_k, W_v, C, r, settings, weights)
@@ -371,11 +378,39 @@ def layer_latent(i: int, ranks: list[int], kv_weights: KvWeights, stats: Calibra
         row = {"layer": i, "kv_rank": r, "k_rel_error": _relative_error(W_k, W_hat[:, :m_k], C),
                "v_rel_error": _relative_error(W_v, W_hat[:, m_k:], C)}
         return LayerLatent((_to_cpu(f),)), row
-    fk, fv = (_factorize(settings.method, W, C, abs_mean, r, settings, weights.get(f"{_BRANCH[b]}_weight"))
+    fk, fv = (_factorize(settings.method, W, C, abs_mean, r, settings, weights.get(f"{_BRANCH[b]}_weight"), cross)
               for b, W, r in zip("kv", (W_k, W_v), ranks))
     row = {"layer": i, "k_rank": fk.rank, "v_rank": fv.rank, "k_rel_error": _relative_error(W_k, fk.weight(), C),
            "v_rel_error": _relative_error(W_v, fv.weight(), C)}
     return LayerLatent((_to_cpu(fk), _to_cpu(fv))), row
+
+
+def compensated_latents(config, ranks: list[list[int]], kv_weights: KvWeights, qo_weights: QoWeights,
+                        layer_state: Callable[[int], dict], embedding: torch.Tensor, windows: torch.Tensor,
+                        stats: CalibrationStats, settings: ConvertSettings, dtype: torch.dtype,
+                        device: torch.device) -> tuple[list[LayerLatent], list[dict]]:
+    """Every layer's factors (and table rows) at `ranks`, each fitted on the converted layers' outputs to the
+    original layer's (`compensation.sequential_moments`), the forward passes over `windows` in `dtype`."""
+    from .compensation import sequential_moments
+    from .layerwise import skeleton
+    from .mapping import latent_layer_state
+    from .modeling_care_mla import CareMlaForCausalLM
+    from .selection import _skeleton
+
+    target = CareMlaConfig.from_base(config, kv_latent=settings.latent, kv_lora_ranks=ranks)
+    latents, rows = [], []
+
+    def convert_layer(i: int, moment: torch.Tensor, cross: torch.Tensor) -> dict[str, torch.Tensor]:
+        latent, row = layer_latent(i, ranks[i], kv_weights, stats, settings, qo_weights, config,
+                                   moments=(moment, cross))
+        latents.append(latent)
+        rows.append(row)
+        return latent_layer_state(layer_state(i), latent)
+
+    sequential_moments(skeleton(config, device), _skeleton(CareMlaForCausalLM, target, device), layer_state,
+                       convert_layer, windows, embedding=embedding, dtype=dtype, device=device,
+                       batch_size=settings.batch_size, progress=settings.progress)
+    return latents, rows
 
 
 def _layer_inputs(i: int, kv_weights: KvWeights, stats: CalibrationStats, settings: ConvertSettings):
@@ -390,11 +425,21 @@ def _to_cpu(f: factorization.Factors) -> factorization.Factors:
     return dataclasses.replace(f, down=f.down.cpu(), up=f.up.cpu(), spectrum=f.spectrum.cpu())
 
 
-def plan_latents(model, stats: CalibrationStats, settings: ConvertSettings) -> tuple[list[LayerLatent], list[dict]]:
-    """Factors of every layer of an in-memory `model` at the budgeted ranks, and the per-layer table."""
+def plan_latents(model, stats: CalibrationStats, settings: ConvertSettings,
+                 windows: torch.Tensor | None = None) -> tuple[list[LayerLatent], list[dict]]:
+    """Factors of every layer of an in-memory `model` at the budgeted ranks, and the per-layer table; with
+    ``settings.compensate``, fitted layer after layer on the calibration `windows` (`compensated_latents`)."""
     weights = [_kv_weights(layer) for layer in model.model.layers]
     qo = [_qo_weights(layer) for layer in model.model.layers]
     ranks = plan_ranks(model.config, weights.__getitem__, stats, settings, qo.__getitem__)
+    if settings.compensate:
+        if windows is None:
+            raise ValueError("error compensation runs the calibration windows through the model: pass them")
+        parameter = next(model.parameters())
+        states = deepseek.module_layer_state(model)
+        return compensated_latents(model.config, ranks, weights.__getitem__, qo.__getitem__, states,
+                                   model.model.embed_tokens.weight.detach(), windows, stats, settings,
+                                   parameter.dtype, parameter.device)
     planned = [layer_latent(i, r, weights.__getitem__, stats, settings, qo.__getitem__, model.config)
                for i, r in enumerate(ranks)]
     return [p[0] for p in planned], [p[1] for p in planned]
@@ -465,8 +510,10 @@ def decoupled_target(config, split: deepseek.RopeSplit, ranks: list[int], settin
     return target, fields
 
 
-def build_converted(model, stats: CalibrationStats, settings: ConvertSettings) -> tuple[torch.nn.Module, dict]:
-    """The converted model in the asked format, and the report fields that describe it."""
+def build_converted(model, stats: CalibrationStats, settings: ConvertSettings,
+                    windows: torch.Tensor | None = None) -> tuple[torch.nn.Module, dict]:
+    """The converted model in the asked format, and the report fields that describe it (`windows`: the calibration
+    windows, needed by error compensation)."""
     if settings.latent == "decoupled":
         split, ranks = plan_decoupled(model, stats, settings)
         _, fields = decoupled_target(model.config, split, ranks, settings)  # a DeepSeek budget is refused here
@@ -477,7 +524,7 @@ def build_converted(model, stats: CalibrationStats, settings: ConvertSettings) -
         if settings.format == "deepseek":
             return deepseek.layout_to_deepseek(model, split, layout, portable=settings.portable), fields
         return build_decoupled_model(model, layout), fields
-    latents, table = plan_latents(model, stats, settings)
+    latents, table = plan_latents(model, stats, settings, windows)
     logger.info("per-layer ranks and relative activation errors:\n%s", format_layer_table(table))
     return build_latent_model(model, latents), {"ranks": [l.ranks for l in latents], "layers": table}
 
@@ -557,7 +604,9 @@ def choose_settings(config, settings: ConvertSettings,
             settings = candidates[0]
             continue
         names = [name_of(c) for c in candidates]
-        name, info = best(names, score(candidates), field.removesuffix("_choice"))
+        # scored as plain conversions: compensation refits every layer and would multiply the cost by the candidates
+        losses = score([dataclasses.replace(c, compensate=False) for c in candidates])
+        name, info = best(names, losses, field.removesuffix("_choice"))
         settings = candidates[names.index(name)]
         fields[field] = info
     if fields:
@@ -769,7 +818,11 @@ def _convert_whole(settings: ConvertSettings, device: torch.device, dtype: torch
 
     t = time.perf_counter()
     settings, choice = choose_settings_whole(model, tokenizer, stats, settings)
-    converted, fields = build_converted(model, stats, settings)
+    windows = None
+    if settings.compensate:
+        windows, _ = load_windows(tokenizer, settings.calib_text, "calibration", settings.calib_samples,
+                                  settings.calib_seq_len, assets.resolve_cache_dir(settings.cache_dir))
+    converted, fields = build_converted(model, stats, settings, windows)
     fields.update(choice)
     timings["factorize_and_build"] = time.perf_counter() - t
 
@@ -853,8 +906,16 @@ def _convert_layerwise(settings: ConvertSettings, reader: CheckpointReader, devi
     if choice:
         timings["choose_settings"] = time.perf_counter() - t
         t = time.perf_counter()
-    plan = (_decoupled_stream if settings.latent == "decoupled" else _latent_stream)(config, reader, stats, settings,
-                                                                                     dtype)
+    if settings.latent == "decoupled":
+        plan = _decoupled_stream(config, reader, stats, settings, dtype)
+    else:
+        compensation = None
+        if settings.compensate:
+            windows, _ = load_windows(tokenizer, settings.calib_text, "calibration", settings.calib_samples,
+                                      settings.calib_seq_len, assets.resolve_cache_dir(settings.cache_dir))
+            compensation = {"windows": windows, "device": device,
+                            "dtype": calib_dtype(settings, config, device, dtype)[0]}
+        plan = _latent_stream(config, reader, stats, settings, dtype, compensation)
     plan.fields.update(choice)
     with folder.staging() as tmp:
         write_model(tmp, plan.model_class, plan.config, tensor=plan.tensor, layer=plan.layer, dtype=dtype,
@@ -890,7 +951,9 @@ class _Stream:
 
 
 def _latent_stream(config, reader: CheckpointReader, stats: CalibrationStats, settings: ConvertSettings,
-                   dtype: torch.dtype) -> _Stream:
+                   dtype: torch.dtype, compensation: dict | None = None) -> _Stream:
+    """The latent model's stream; with ``settings.compensate`` its factors are fitted first, layer after layer,
+    over ``compensation["windows"]`` in ``compensation["dtype"]`` on ``compensation["device"]``."""
     from .layerwise import kv_weights_reader, layer_prefix, qo_weights_reader
     from .mapping import latent_layer_state
     from .modeling_care_mla import CareMlaForCausalLM
@@ -899,8 +962,18 @@ def _latent_stream(config, reader: CheckpointReader, stats: CalibrationStats, se
     qo_weights = qo_weights_reader(reader, dtype)
     ranks = plan_ranks(config, kv_weights, stats, settings, qo_weights)
     fields = {"ranks": ranks, "layers": []}
+    fitted = None
+    if settings.compensate:
+        if compensation is None:
+            raise ValueError("error compensation needs the calibration windows, dtype and device")
+        fitted, fields["layers"] = compensated_latents(
+            config, ranks, kv_weights, qo_weights, lambda i: reader.state(layer_prefix(i), compensation["dtype"]),
+            reader.get("model.embed_tokens.weight"), compensation["windows"], stats, settings,
+            compensation["dtype"], compensation["device"])
 
     def layer(i: int) -> dict[str, torch.Tensor]:
+        if fitted is not None:
+            return latent_layer_state(reader.state(layer_prefix(i), dtype), fitted[i])
         latent, row = layer_latent(i, ranks[i], kv_weights, stats, settings, qo_weights, config)
         fields["layers"].append(row)
         return latent_layer_state(reader.state(layer_prefix(i), dtype), latent)
