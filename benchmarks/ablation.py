@@ -14,7 +14,7 @@ Rows (one-shot, no healing; every row at the same cache width per token and laye
 The statistics are calibrated once per model and text (cached). Usage:
 
     python benchmarks/ablation.py [--model smollm2-135m-instruct] [--text austen]
-        [--fractions 0.5,0.25,0.125,0.0625] [--rows NAME,...] [--json out.json]
+        [--fractions 0.5,0.25,0.125,0.0625] [--rows "NAME;..."] [--json out.json]
 
 A second model and text domain: ``python scripts/prepare_second.py --out DIR`` then
 ``--model DIR/qwen2.5-coder-0.5b --text DIR/foldoc.txt``.
@@ -63,7 +63,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--text", default="austen", help="calibration and held-out text ('austen' or a UTF-8 file)")
     p.add_argument("--fractions", default="0.5,0.25,0.125,0.0625")
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
+    p.add_argument("--rows", default=";".join(ROWS), help="semicolon-separated row names")
     p.add_argument("--calib-samples", type=int, default=256)
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=64)
@@ -71,7 +71,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write every report here (updated after each cell)")
     a = p.parse_args()
     fractions = [float(f) for f in a.fractions.split(",")]
-    rows = a.rows.split(",")
+    rows = a.rows.split(";")
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         p.error(f"unknown rows {unknown}; known: {list(ROWS)}")

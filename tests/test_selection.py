@@ -1,0 +1,109 @@
+"""Choices by calibration loss (care_mla.selection, convert.choose_settings_*) and error compensation end to end,
+on tiny random models."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from care_mla import convert as api
+from care_mla.checkpoint import CheckpointReader
+from care_mla.evaluation import perplexity
+from care_mla.selection import best, streamed_losses
+from care_mla.settings import ConvertSettings, SettingsError
+from test_convert import settings_for
+
+
+def test_streamed_losses_equal_the_built_models_loss(tiny_model_dir, text_file, tmp_path):
+    """The layer-by-layer scoring of candidates gives each candidate's own mean NLL (= log ppl of the model
+    built whole), including candidates whose per-layer ranks differ."""
+    folder = tiny_model_dir("llama")
+    s = settings_for(folder, text_file, tmp_path, latent="joint", allocation="adjusted", kv_fraction=0.4,
+                     objective="activation")
+    model, tokenizer, _ = api.load_model(str(folder), torch.float32, torch.device("cpu"))
+    stats = api.calibrate(model, tokenizer, str(folder), s)
+    windows = api.selection_windows(tokenizer, s)
+    candidates = [dataclasses.replace(s, objective=o, key_emphasis=e) for o, e in
+                  (("activation", 1.0), ("value", 2.0), ("attention", 4.0))]
+    expected = [math.log(perplexity(api.build_converted(model, stats, c)[0], windows)) for c in candidates]
+    reader = CheckpointReader(folder)
+    streams = [api._latent_stream(model.config, reader, stats, c, torch.float32) for c in candidates]
+    assert len({tuple(map(tuple, p.fields["ranks"])) for p in streams}) > 1  # the rank plans differ
+    got = streamed_losses(streams[0].model_class, streams[0].tensor, [(p.config, p.layer) for p in streams],
+                          windows, dtype=torch.float32, device=torch.device("cpu"), batch_size=3)
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert len(set(round(x, 6) for x in got)) == 3  # the objectives do make different models
+
+
+def test_best_takes_the_lowest_finite_loss():
+    assert best(["a", "b", "c"], [2.0, float("nan"), 1.5], "x")[0] == "c"
+    assert best(["a", "b"], [1.0, 1.0], "x")[0] == "a"  # first on ties: deterministic
+    with pytest.raises(ValueError, match="non-finite"):
+        best(["a"], [float("inf")], "x")
+
+
+def test_choices_are_deterministic_and_recorded(tiny_model_dir, text_file, tmp_path):
+    folder = tiny_model_dir("qwen2")
+    reports = [api.convert(settings_for(folder, text_file, tmp_path, out=str(tmp_path / n), kv_fraction=0.25,
+                                        latent="decoupled", allocation="uniform")) for n in ("a", "b")]
+    a, b = reports
+    assert a["objective_choice"] == b["objective_choice"] and a["rope_dim_choice"] == b["rope_dim_choice"]
+    losses = a["objective_choice"]["calibration_loss"]
+    assert len(losses) == 6 and a["objective_choice"]["chosen"] == min(losses, key=losses.get)
+    rope = a["rope_dim_choice"]["calibration_loss"]
+    assert len(rope) >= 2 and all(k.startswith("qk_rope_head_dim ") for k in rope)
+    saved = ConvertSettings.from_dict(__import__("json").loads((tmp_path / "a" / api.SETTINGS_FILE).read_text()))
+    assert saved.objective == a["objective"] and saved.rope_dim == int(a["rope_dim_choice"]["chosen"].split()[-1])
+    # pinned values are not searched
+    pinned = api.convert(settings_for(folder, text_file, tmp_path, out=str(tmp_path / "c"), kv_fraction=0.25,
+                                      latent="decoupled", allocation="uniform", objective="value", key_emphasis=2.0,
+                                      rope_dim=8))
+    assert "objective_choice" not in pinned and "rope_dim_choice" not in pinned
+
+
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_compensation_at_parity_is_exact(tiny_model_dir, text_file, tmp_path, layerwise):
+    """A full-rank joint latent reproduces every layer, so the converted stream equals the original one and the
+    compensated factors are plain CARE: the model's logits equal the original's."""
+    folder = tiny_model_dir("llama")
+    s = settings_for(folder, text_file, tmp_path, latent="joint", allocation="uniform", kv_fraction=1.0,
+                     objective="activation", compensate=True, layerwise=layerwise, calib_dtype="float32",
+                     damping=0.0)
+    report = api.convert(s)
+    assert report["ppl"]["converted"] == pytest.approx(report["ppl"]["original"], rel=1e-5)
+    original = AutoModelForCausalLM.from_pretrained(folder)
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    ids = torch.arange(1, 30)[None]
+    with torch.no_grad():
+        assert (original(ids).logits - converted(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_compensation_lowers_the_calibration_loss(tiny_model_dir, text_file, tmp_path):
+    folder = tiny_model_dir("llama")
+    common = dict(latent="joint", allocation="uniform", kv_fraction=0.25, objective="activation",
+                  calib_samples=16, layerwise=False)
+    model, tokenizer, _ = api.load_model(str(folder), torch.float32, torch.device("cpu"))
+    plain_s = settings_for(folder, text_file, tmp_path, **common)
+    comp_s = dataclasses.replace(plain_s, compensate=True)
+    stats = api.calibrate(model, tokenizer, str(folder), plain_s)
+    windows, _ = api.load_windows(tokenizer, str(text_file), "calibration", 16, 32)
+    plain = perplexity(api.build_converted(model, stats, plain_s)[0], windows)
+    comp = perplexity(api.build_converted(model, stats, comp_s, windows)[0], windows)
+    assert comp < plain
+
+
+def test_compensation_settings_are_checked():
+    with pytest.raises(SettingsError, match="--compensate"):
+        ConvertSettings(compensate=True, latent="decoupled")
+    with pytest.raises(SettingsError, match="--compensate"):
+        ConvertSettings(compensate=True, method="svd")
+    with pytest.raises(SettingsError, match="key_emphasis"):
+        ConvertSettings(key_emphasis=-1.0)
+    with pytest.raises(SettingsError, match="objective"):
+        ConvertSettings(method="svd", objective="attention")
+    assert ConvertSettings(latent="separate").objective == "activation"
+    assert ConvertSettings().objective == "auto" and ConvertSettings(objective="activation").key_emphasis == 1.0
