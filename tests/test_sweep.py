@@ -216,3 +216,15 @@ def test_sweep_led_by_a_joint_only_method(tiny_model_dir, text_file, tmp_path):
     assert all(c["status"] == "evaluated" for c in result["cells"])
     mha2mla, care = (c["ppl"] for c in result["cells"])
     assert care < mha2mla  # activation-aware beats weight-only on the same joint latent
+
+
+def test_sweep_joint_cells_choose_their_objective_and_compensate(tiny_model_dir, text_file, tmp_path):
+    s = sweep_settings(tiny_model_dir("llama"), text_file, tmp_path, kv_fractions=(0.25,), methods=("care", "svd"),
+                       allocations=("uniform",), latents=("joint", "separate"), zero_shot=False, compensate=True)
+    cells = {c["key"]: c for c in sweep(s)["cells"]}
+    joint = cells["care/uniform/joint@0.25"]
+    assert joint["status"] == "evaluated" and joint["objective"] in ("attention", "value")
+    assert len(joint["objective_choice"]["calibration_loss"]) == 6
+    separate = cells["care/uniform/separate@0.25"]
+    assert "objective_choice" not in separate  # the paper's separate latents: activation objective, no choice
+    assert s.cell("care", "uniform", "joint", 0.25).compensate and not s.cell("svd", "uniform", "separate", 0.25).compensate
