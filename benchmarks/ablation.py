@@ -58,6 +58,29 @@ def _cell(row: dict, config, fraction: float) -> dict:
     return row
 
 
+def write_plots(results: dict, fractions: list[float], folder: Path, model: str) -> None:
+    """Per budget: each row's per-layer relative K and V activation errors (rows without compensation: the
+    error on the original inputs), and the hidden-state drift after each layer of the compensated rows."""
+    from care_mla.plots import plot_layer_errors
+
+    for f in fractions:
+        panels: dict[str, dict[str, list[float]]] = {"K relative error": {}, "V relative error": {},
+                                                      "hidden-state drift (compensated)": {}}
+        for name, cells in results.items():
+            layers = cells.get(str(f), {}).get("layers")
+            if not layers or "k_rel_error" not in layers[0]:
+                continue
+            if "drift" in layers[0]:
+                panels["hidden-state drift (compensated)"][name] = [row["drift"] for row in layers]
+                continue
+            panels["K relative error"][name] = [row["k_rel_error"] for row in layers]
+            panels["V relative error"][name] = [row["v_rel_error"] for row in layers]
+        panels = {k: v for k, v in panels.items() if v}
+        if panels:
+            path = plot_layer_errors(panels, folder / f"layer_errors_F{f:g}.png", title=f"{model}, F = {f:g}")
+            print(f"wrote {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -69,6 +92,7 @@ def main() -> None:
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--json", default=None, help="also write every report here (updated after each cell)")
+    p.add_argument("--plots", default=None, help="folder for per-layer error plots (one PNG per budget)")
     a = p.parse_args()
     fractions = [float(f) for f in a.fractions.split(",")]
     rows = a.rows.split(";")
@@ -105,6 +129,8 @@ def main() -> None:
                       flush=True)
                 if a.json:
                     Path(a.json).write_text(json.dumps({"model": a.model, "text": a.text, "rows": results}, indent=1))
+    if a.plots:
+        write_plots(results, fractions, Path(a.plots), a.model)
     print(f"\n{a.model}, text {a.text}: original held-out ppl {original:.3f}; cells: held-out ppl ÷ original "
           f"(calibration {a.calib_samples}×{a.calib_seq_len}, held-out {a.eval_samples}×{a.eval_seq_len})\n")
     print("| lever | " + " | ".join(f"F={f:g}" for f in fractions) + " |")

@@ -75,6 +75,7 @@ def test_compensation_at_parity_is_exact(tiny_model_dir, text_file, tmp_path, la
                      damping=0.0)
     report = api.convert(s)
     assert report["ppl"]["converted"] == pytest.approx(report["ppl"]["original"], rel=1e-5)
+    assert all(row["drift"] < 1e-8 for row in report["layers"])  # the two streams stay together
     original = AutoModelForCausalLM.from_pretrained(folder)
     converted = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
     ids = torch.arange(1, 30)[None]
@@ -92,8 +93,11 @@ def test_compensation_lowers_the_calibration_loss(tiny_model_dir, text_file, tmp
     stats = api.calibrate(model, tokenizer, str(folder), plain_s)
     windows, _ = api.load_windows(tokenizer, str(text_file), "calibration", 16, 32)
     plain = perplexity(api.build_converted(model, stats, plain_s)[0], windows)
-    comp = perplexity(api.build_converted(model, stats, comp_s, windows)[0], windows)
+    converted, fields = api.build_converted(model, stats, comp_s, windows)
+    comp = perplexity(converted, windows)
     assert comp < plain
+    drift = [row["drift"] for row in fields["layers"]]
+    assert 0 < drift[0] < drift[-1]  # the converted stream drifts from the original, more with depth
 
 
 def test_compensation_settings_are_checked():

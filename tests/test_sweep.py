@@ -179,7 +179,9 @@ def test_plot_functions_write_pngs(tmp_path):
                          tmp_path / "p.png", ylabel="ratio", title="t", log_y=True, reference=("original", 1.0))
     plots.plot_layer_ranks({"K": {"F=0.5": [3, 5, 4]}, "V": {"F=0.5": [4, 4, 4]}}, tmp_path / "r.png", title="t")
     plots.plot_spectra({"K": {"layer 0": [3.0, 2.0, 0.5, 0.0]}}, tmp_path / "s.png", title="t", marks={"F=0.5": 2})
-    for name in ("p.png", "r.png", "s.png"):
+    plots.plot_layer_errors({"K relative error": {"a": [0.1, 0.0, 0.3]}, "drift": {"b": [1e-3, 1e-2]}},
+                            tmp_path / "e.png", title="t")
+    for name in ("p.png", "r.png", "s.png", "e.png"):
         assert_png(tmp_path / name)
 
 

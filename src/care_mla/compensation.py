@@ -39,8 +39,9 @@ def _stream(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) ->
 def sequential_moments(original: nn.Module, converted: nn.Module, original_layer: Callable[[int], dict],
                        convert_layer: ConvertLayer, input_ids: torch.Tensor, *, embedding: torch.Tensor,
                        dtype: torch.dtype, device: torch.device, batch_size: int = 8,
-                       progress: bool = True) -> None:
-    """Run the two streams over `input_ids` (N, T), converting layer after layer.
+                       progress: bool = True) -> list[float]:
+    """Run the two streams over `input_ids` (N, T), converting layer after layer; returns, per layer, the drift
+    of the converted stream after it, ``Σ‖h̃ − h‖² / Σ‖h‖²`` over the calibration tokens.
 
     `original` and `converted` are skeletons (meta-device decoder layers, RoPE tables on `device`) of the
     original and the converted architecture; ``original_layer(i)`` gives the original layer i's tensors and
@@ -56,6 +57,7 @@ def sequential_moments(original: nn.Module, converted: nn.Module, original_layer
     (h_orig, kw_orig), (h_conv, kw_conv) = streams
     layers = len(original.model.layers)
     bar = tqdm(range(layers), desc="converting with compensation", unit="layer", disable=not progress)
+    drift = []
     for i in bar:
         t = time.perf_counter()
         with _materialised(original.model.layers[i], {k: v.to(dtype) for k, v in original_layer(i).items()},
@@ -75,4 +77,7 @@ def sequential_moments(original: nn.Module, converted: nn.Module, original_layer
             h_orig = _stream(layer, h_orig, kw_orig)
         with _materialised(converted.model.layers[i], {k: v.to(dtype) for k, v in state.items()}, device) as layer:
             h_conv = _stream(layer, h_conv, kw_conv)
-        bar.set_postfix_str(f"{time.perf_counter() - t:.1f} s/layer")
+        error = sum(float((hc.float() - ho.float()).pow(2).sum()) for hc, ho in zip(h_conv, h_orig))
+        drift.append(error / max(sum(float(ho.float().pow(2).sum()) for ho in h_orig), 1e-30))
+        bar.set_postfix_str(f"{time.perf_counter() - t:.1f} s/layer, drift {drift[-1]:.3g}")
+    return drift

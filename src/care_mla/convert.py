@@ -407,9 +407,11 @@ def compensated_latents(config, ranks: list[list[int]], kv_weights: KvWeights, q
         rows.append(row)
         return latent_layer_state(layer_state(i), latent)
 
-    sequential_moments(skeleton(config, device), _skeleton(CareMlaForCausalLM, target, device), layer_state,
-                       convert_layer, windows, embedding=embedding, dtype=dtype, device=device,
-                       batch_size=settings.batch_size, progress=settings.progress)
+    drift = sequential_moments(skeleton(config, device), _skeleton(CareMlaForCausalLM, target, device), layer_state,
+                               convert_layer, windows, embedding=embedding, dtype=dtype, device=device,
+                               batch_size=settings.batch_size, progress=settings.progress)
+    for row, d in zip(rows, drift):
+        row["drift"] = d  # relative error of the converted hidden states after this layer
     return latents, rows
 
 

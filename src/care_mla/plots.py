@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["plot_vs_saving", "plot_layer_ranks", "plot_spectra"]
+__all__ = ["plot_vs_saving", "plot_layer_ranks", "plot_spectra", "plot_layer_errors"]
 
 _DPI = 110
 
@@ -111,5 +111,21 @@ def plot_spectra(
         ax.set(xlabel="index i", ylabel="σ_i / σ_1", title=panel, yscale="log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_layer_errors(panels: Mapping[str, Mapping[str, Sequence[float]]], path: Path | str, *, title: str) -> Path:
+    """Per-layer errors (log scale): one panel per quantity (e.g. "K relative error"), one line per run."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = _figure(5.0 * len(panels), 4.0, len(panels))
+    for ax, (panel, curves) in zip(axes, panels.items()):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for label, values in curves.items():
+            ax.plot(range(len(values)), [max(v, 1e-12) for v in values], marker="o", markersize=3, label=label)
+        ax.set(xlabel="layer", title=panel, yscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="x-small")
     fig.suptitle(title)
     return _save(fig, path)
