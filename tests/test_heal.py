@@ -349,9 +349,12 @@ def test_a_trained_teacher_closes_the_gap(tiny_model_dir, text_file, tmp_path):
         opt.step()
     teacher.eval().save_pretrained(tmp_path / "teacher")
     tokenizer.save_pretrained(tmp_path / "teacher")
+    # the paper's activation objective and the former fixed RoPE share (a third of the cache): a conversion that
+    # loses much (the default, objective and split chosen by calibration loss, loses ~3 % here: nothing to heal)
     api.convert(ConvertSettings(model=str(tmp_path / "teacher"), out=str(tmp_path / "converted"), format="deepseek",
                                 kv_fraction=0.125, calib_text=str(text_file), calib_samples=8, calib_seq_len=32,
-                                evaluate=False, cache_dir=str(tmp_path / "cache"), progress=False))
+                                evaluate=False, cache_dir=str(tmp_path / "cache"), progress=False,
+                                objective="activation", rope_dim=2))
     report = healing.heal(heal_settings(tmp_path / "converted", tmp_path / "teacher", text_file, tmp_path,
                                         lr=1e-3, tokens=16 * 8 * 32, eval_samples=16))
     ppl = report["ppl"]
