@@ -55,13 +55,16 @@ def test_parity_reproduces_smollm2_logits(work, latent):
 
 
 def test_care_keeps_quality_where_weight_svd_breaks(work):
-    """CARE.md §5b: paper CARE-uniform 1.32× (F=0.5) and 1.76× (F=0.25); weight SVD ~900×."""
+    """CARE.md §5b: paper CARE-uniform 1.32× (F=0.5) and 1.76× (F=0.25), the best measured joint latent 1.12×
+    and 1.47×; weight SVD ~900×. Half: the default (objective and K/V balance chosen by calibration loss);
+    quarter: one fixed objective (the choice costs six candidate passes)."""
     half = run(work, "care-u-0.5", kv_fraction=0.5, allocation="uniform")
-    quarter = run(work, "care-u-0.25", kv_fraction=0.25, allocation="uniform")
+    quarter = run(work, "care-u-0.25", kv_fraction=0.25, allocation="uniform", objective="value", key_emphasis=2.0)
     svd = run(work, "svd-u-0.5", kv_fraction=0.5, method="svd", allocation="uniform")
     assert half["calibration"]["tokens"] == 64 * 256
-    assert half["ppl"]["ratio"] <= 1.4, half["ppl"]
-    assert quarter["ppl"]["ratio"] <= 2.0, quarter["ppl"]
+    assert len(half["objective_choice"]["calibration_loss"]) == 6
+    assert half["ppl"]["ratio"] <= 1.15, half["ppl"]  # beyond every row of CARE.md §5b at F = 0.5
+    assert quarter["ppl"]["ratio"] <= 1.75, quarter["ppl"]
     assert svd["ppl"]["ratio"] >= 10 * half["ppl"]["ratio"], svd["ppl"]
     # fp32 bytes: GQA 30 layers × 384 × 4; half and quarter of it, read from the cache after generate
     assert half["kv_bytes_per_token"]["original_measured"] == 30 * 384 * 4
@@ -107,7 +110,8 @@ def test_deepseek_export_at_parity_keeps_smollm2_perplexity(work):
 
 def test_decoupled_absorbed_decode_on_smollm2(work):
     """Half the GQA cache in DeepSeek's layout with per-layer ranks; absorbed decode = expanded decode."""
-    report = run(work, "decoupled-0.5", kv_fraction=0.5, latent="decoupled", allocation="adjusted")
+    report = run(work, "decoupled-0.5", kv_fraction=0.5, latent="decoupled", allocation="adjusted", rope_dim=64,
+                 objective="activation")
     assert report["mla"]["qk_rope_head_dim"] == 64 and sum(r for (r,) in report["ranks"]) == 30 * 128
     assert report["ppl"]["ratio"] <= 1.45, report["ppl"]  # measured 1.327 (16 windows, adjusted ranks)
     assert report["kv_bytes_per_token"]["converted_measured"] == 30 * 192 * 4
