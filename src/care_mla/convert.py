@@ -1035,6 +1035,9 @@ def _report_head(model_path: str, config, converted_config, architecture: str, f
         "method": settings.method,
         "allocation": settings.allocation,
         "latent": settings.latent,
+        "objective": settings.objective,
+        "key_emphasis": settings.key_emphasis,
+        "compensate": settings.compensate,
         "kv_fraction": settings.kv_fraction,
         "kv_cache_width_per_layer": {
             "original": gqa_kv_width(config),

@@ -89,11 +89,21 @@ def _convert_section(folder: Path, r: dict) -> list[str]:
     lines = [f"# Conversion: {_name(r.get('model', '?'))} → {r.get('architecture', '?')}", ""]
     f = r.get("kv_fraction")
     what = [f"method **{r.get('method')}**", f"allocation **{r.get('allocation')}**", f"latent **{r.get('latent')}**"]
+    if r.get("objective") not in (None, "activation"):
+        what.append(f"objective **{r['objective']}** (key emphasis {r.get('key_emphasis')})")
+    if r.get("compensate"):
+        what.append("**error compensation** across layers")
     if f is not None:
         what.append(f"kv_fraction **{f:g}** ({100 * (1 - f):g} % of the GQA cache saved)")
     lines.append(", ".join(what) + f"; format {r.get('format', 'care_mla')}" +
                  (f"; from sweep cell `{r['from_sweep']}`" if r.get("from_sweep") else "") + ".")
     lines.append("")
+    for field, title in (("objective_choice", "objective"), ("rope_dim_choice", "RoPE/latent split")):
+        choice = r.get(field)
+        if choice:
+            lines += [f"Chosen by calibration loss ({title}): **{choice['chosen']}**", ""]
+            lines += _table(["candidate", "calibration loss (nats/token)"],
+                            [[k, _num(v, 6)] for k, v in choice["calibration_loss"].items()]) + [""]
     rows = []
     width = r.get("kv_cache_width_per_layer") or {}
     if width:
