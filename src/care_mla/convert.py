@@ -395,7 +395,6 @@ def compensated_latents(config, ranks: list[list[int]], kv_weights: KvWeights, q
     from .layerwise import skeleton
     from .mapping import latent_layer_state
     from .modeling_care_mla import CareMlaForCausalLM
-    from .selection import _skeleton
 
     target = CareMlaConfig.from_base(config, kv_latent=settings.latent, kv_lora_ranks=ranks)
     latents, rows = [], []
@@ -407,7 +406,7 @@ def compensated_latents(config, ranks: list[list[int]], kv_weights: KvWeights, q
         rows.append(row)
         return latent_layer_state(layer_state(i), latent)
 
-    drift = sequential_moments(skeleton(config, device), _skeleton(CareMlaForCausalLM, target, device), layer_state,
+    drift = sequential_moments(skeleton(config, device), skeleton(target, device, CareMlaForCausalLM), layer_state,
                                convert_layer, windows, embedding=embedding, dtype=dtype, device=device,
                                batch_size=settings.batch_size, progress=settings.progress)
     for row, d in zip(rows, drift):

@@ -27,10 +27,11 @@ from .calibration import CalibrationStats, collect_statistics
 from .checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader, ShardWriter
 
 
-def skeleton(config, device: torch.device | str = "cpu") -> nn.Module:
-    """The architecture of `config` on the meta device, its RoPE tables (computed, not stored) on `device`."""
+def skeleton(config, device: torch.device | str = "cpu", model_class: type[nn.Module] | None = None) -> nn.Module:
+    """The architecture of `config` (``model_class(config)``, by default the Auto class's) on the meta device, its
+    RoPE tables (computed, not stored) on `device`."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config) if model_class is None else model_class(config)
     rotary = model.model.rotary_emb
     with torch.device(device):
         model.model.rotary_emb = type(rotary)(config=model.config)

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .calibration import _layer_output, _materialised, capture_layer_inputs
+from .layerwise import skeleton
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +41,6 @@ ROPE_SHARES = (1 / 6, 1 / 4, 1 / 3, 1 / 2)
 LayerState = Callable[[int], dict[str, torch.Tensor]]
 
 
-def _skeleton(model_class: type[nn.Module], config, device: torch.device) -> nn.Module:
-    with torch.device("meta"):
-        model = model_class(config)
-    rotary = model.model.rotary_emb
-    with torch.device(device):
-        model.model.rotary_emb = type(rotary)(config=model.config)
-    return model.eval()
-
-
 def _load(module: nn.Module, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> None:
     module.to_empty(device=device)
     module.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
@@ -65,7 +57,7 @@ def streamed_losses(model_class: type[nn.Module], tensor: Callable[[str], torch.
     differ in the layers' shapes (per-layer ranks, RoPE widths); the tensors outside the decoder
     layers (``tensor(name)``: embedding, final norm, LM head) are shared.
     """
-    models = [_skeleton(model_class, config, device) for config, _ in candidates]
+    models = [skeleton(config, device, model_class) for config, _ in candidates]
     embedding = tensor("model.embed_tokens.weight")
     streams, kwargs = [], []
     for model in models:  # each candidate's own RoPE tables (their rotary widths may differ) and mask
