@@ -9,7 +9,8 @@ Rows (one-shot, no healing; every row at the same cache width per token and laye
 * joint, activation + compensation — error compensation across layers alone (`care_mla.compensation`);
 * joint, objective by calibration loss + compensation — both (today's `--compensate` conversion);
 * DeepSeek export, before — activation objective, a third of the cache for RoPE (the former fixed rule);
-* DeepSeek export — objective and RoPE/latent split chosen by calibration loss (today's default).
+* DeepSeek export — objective and RoPE/latent split chosen by calibration loss (today's default);
+* DeepSeek export + compensation — that, each layer's latent and RoPE keys fitted to the original outputs.
 
 The statistics are calibrated once per model and text (cached). Usage:
 
@@ -45,6 +46,7 @@ ROWS = {
     "joint, objective by calibration loss + compensation": dict(latent="joint", compensate=True),
     "DeepSeek export, before": dict(format="deepseek", rope_dim="rule", **BEFORE),
     "DeepSeek export": dict(format="deepseek"),
+    "DeepSeek export + compensation": dict(format="deepseek", compensate=True),
 }
 
 

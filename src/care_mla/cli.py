@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="joint/decoupled latents: weight of K's error against V's after balancing (>1: K counts "
                         "more); auto (default) tries 1, 2, 4 and keeps the lowest calibration loss")
     c.add_argument("--compensate", action="store_true",
-                   help="care, joint/separate latents: fit each layer on the outputs of the converted layers before "
-                        "it to the original layer's outputs (error compensation; ~2x a calibration's forward time)")
+                   help="care, every layout and format: fit each layer on the outputs of the converted layers "
+                        "before it to the original layer's outputs (error compensation; ~2x a calibration's "
+                        "forward time)")
     c.add_argument("--whitening", choices=("cholesky", "sqrt"), default=DEFAULTS.whitening)
     c.add_argument("--damping", type=float, default=DEFAULTS.damping)
     c.add_argument("--rank-min-ratio", type=float, default=DEFAULTS.rank_min_ratio)

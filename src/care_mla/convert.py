@@ -385,33 +385,81 @@ def layer_latent(i: int, ranks: list[int], kv_weights: KvWeights, stats: Calibra
     return LayerLatent((_to_cpu(fk), _to_cpu(fv))), row
 
 
-def compensated_latents(config, ranks: list[list[int]], kv_weights: KvWeights, qo_weights: QoWeights,
-                        layer_state: Callable[[int], dict], embedding: torch.Tensor, windows: torch.Tensor,
-                        stats: CalibrationStats, settings: ConvertSettings, dtype: torch.dtype,
-                        device: torch.device) -> tuple[list[LayerLatent], list[dict]]:
-    """Every layer's factors (and table rows) at `ranks`, each fitted on the converted layers' outputs to the
-    original layer's (`compensation.sequential_moments`), the forward passes over `windows` in `dtype`."""
+@dataclass(frozen=True)
+class Compensation:
+    """How error compensation runs its two hidden-state streams: over the calibration `windows` (N, T), in
+    `dtype` on `device`."""
+
+    windows: torch.Tensor
+    dtype: torch.dtype
+    device: torch.device
+
+
+#: (layer index, (C̃, X̃ᵀX/N)) → (the layer's factors or layout, its table row, its converted tensors)
+FitLayer = Callable[[int, tuple[torch.Tensor, torch.Tensor]], tuple[object, dict, dict[str, torch.Tensor]]]
+
+
+def compensated_layers(config, target, model_class: type, fit: FitLayer, layer_state: Callable[[int], dict],
+                       embedding: torch.Tensor, compensation: Compensation,
+                       settings: ConvertSettings) -> tuple[list, list[dict]]:
+    """Every layer fitted in turn on the converted layers' outputs to the original layer's
+    (`compensation.sequential_moments`): the original stream runs `config`'s layers (tensors from
+    `layer_state`), the converted one `model_class(target)`'s, each made by ``fit`` from the moments.
+    Returns each layer's product and table row, with the hidden-state drift after it."""
     from .compensation import sequential_moments
     from .layerwise import skeleton
-    from .mapping import latent_layer_state
-    from .modeling_care_mla import CareMlaForCausalLM
 
-    target = CareMlaConfig.from_base(config, kv_latent=settings.latent, kv_lora_ranks=ranks)
-    latents, rows = [], []
+    products, rows = [], []
 
     def convert_layer(i: int, moment: torch.Tensor, cross: torch.Tensor) -> dict[str, torch.Tensor]:
-        latent, row = layer_latent(i, ranks[i], kv_weights, stats, settings, qo_weights, config,
-                                   moments=(moment, cross))
-        latents.append(latent)
+        product, row, state = fit(i, (moment, cross))
+        products.append(product)
         rows.append(row)
-        return latent_layer_state(layer_state(i), latent)
+        return state
 
-    drift = sequential_moments(skeleton(config, device), skeleton(target, device, CareMlaForCausalLM), layer_state,
-                               convert_layer, windows, embedding=embedding, dtype=dtype, device=device,
+    c = compensation
+    drift = sequential_moments(skeleton(config, c.device), skeleton(target, c.device, model_class), layer_state,
+                               convert_layer, c.windows, embedding=embedding, dtype=c.dtype, device=c.device,
                                batch_size=settings.batch_size, progress=settings.progress)
     for row, d in zip(rows, drift):
         row["drift"] = d  # relative error of the converted hidden states after this layer
-    return latents, rows
+    return products, rows
+
+
+def compensated_latents(config, ranks: list[list[int]], kv_weights: KvWeights, qo_weights: QoWeights,
+                        layer_state: Callable[[int], dict], embedding: torch.Tensor, compensation: Compensation,
+                        stats: CalibrationStats, settings: ConvertSettings) -> tuple[list[LayerLatent], list[dict]]:
+    """Every layer's joint or separate latent factors (and table rows) at `ranks`, with error compensation."""
+    from .mapping import latent_layer_state
+    from .modeling_care_mla import CareMlaForCausalLM
+
+    def fit(i: int, moments: tuple[torch.Tensor, torch.Tensor]):
+        latent, row = layer_latent(i, ranks[i], kv_weights, stats, settings, qo_weights, config, moments=moments)
+        return latent, row, latent_layer_state(layer_state(i), latent)
+
+    target = CareMlaConfig.from_base(config, kv_latent=settings.latent, kv_lora_ranks=ranks)
+    return compensated_layers(config, target, CareMlaForCausalLM, fit, layer_state, embedding, compensation, settings)
+
+
+def compensated_layouts(config, split: deepseek.RopeSplit, ranks: list[int], layer_state: Callable[[int], dict],
+                        embedding: torch.Tensor, compensation: Compensation, stats: CalibrationStats,
+                        settings: ConvertSettings) -> tuple[list[deepseek.LayerLayout], list[dict]]:
+    """Every layer's decoupled-RoPE layout (and table rows) at `ranks`, with error compensation, each kept without
+    its query and output tensors (complete it with `deepseek.query_tensors`: they are copies of the source's,
+    and all layers are fitted before any is written). The converted stream runs the decoupled latent model,
+    which computes what the DeepSeek export does (without the export's residual scale), so one pass serves
+    both formats."""
+    from .mapping import decoupled_layer_state
+    from .modeling_care_mla import CareMlaForCausalLM
+
+    def fit(i: int, moments: tuple[torch.Tensor, torch.Tensor]):
+        e, row = decoupled_layer(split, i, ranks[i], stats, settings, moments=moments)
+        state = decoupled_layer_state(layer_state(i), e, qk_rope_head_dim=split.qk_rope_head_dim,
+                                      rope_attention_scaling=split.rope_scaling)
+        return dataclasses.replace(e, q=None, o_weight=None, o_bias=None), row, state
+
+    target = decoupled_config(config, split, ranks)
+    return compensated_layers(config, target, CareMlaForCausalLM, fit, layer_state, embedding, compensation, settings)
 
 
 def _layer_inputs(i: int, kv_weights: KvWeights, stats: CalibrationStats, settings: ConvertSettings):
@@ -434,16 +482,19 @@ def plan_latents(model, stats: CalibrationStats, settings: ConvertSettings,
     qo = [_qo_weights(layer) for layer in model.model.layers]
     ranks = plan_ranks(model.config, weights.__getitem__, stats, settings, qo.__getitem__)
     if settings.compensate:
-        if windows is None:
-            raise ValueError("error compensation runs the calibration windows through the model: pass them")
-        parameter = next(model.parameters())
-        states = deepseek.module_layer_state(model)
-        return compensated_latents(model.config, ranks, weights.__getitem__, qo.__getitem__, states,
-                                   model.model.embed_tokens.weight.detach(), windows, stats, settings,
-                                   parameter.dtype, parameter.device)
+        return compensated_latents(model.config, ranks, weights.__getitem__, qo.__getitem__,
+                                   deepseek.module_layer_state(model), model.model.embed_tokens.weight.detach(),
+                                   _in_memory_compensation(model, windows), stats, settings)
     planned = [layer_latent(i, r, weights.__getitem__, stats, settings, qo.__getitem__, model.config)
                for i, r in enumerate(ranks)]
     return [p[0] for p in planned], [p[1] for p in planned]
+
+
+def _in_memory_compensation(model, windows: torch.Tensor | None) -> Compensation:
+    if windows is None:
+        raise ValueError("error compensation runs the calibration windows through the model: pass them")
+    parameter = next(model.parameters())
+    return Compensation(windows, parameter.dtype, parameter.device)
 
 
 def plan_decoupled(model, stats: CalibrationStats, settings: ConvertSettings, *,
@@ -487,13 +538,15 @@ def _decoupled_kw(settings: ConvertSettings) -> dict:
 
 
 def decoupled_layer(split: deepseek.RopeSplit, i: int, rank: int, stats: CalibrationStats | None,
-                    settings: ConvertSettings) -> tuple[deepseek.LayerLayout, dict]:
-    """Layer i's decoupled-RoPE tensors at `rank` and its row of the per-layer table (rank, kept RoPE energy, errors)."""
+                    settings: ConvertSettings, moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    ) -> tuple[deepseek.LayerLayout, dict]:
+    """Layer i's decoupled-RoPE tensors at `rank` and its row of the per-layer table (rank, kept RoPE energy, errors);
+    `moments` = (C̃, X̃ᵀX/N) of error compensation (errors are then relative to C̃)."""
     w = split.weights(i)
-    e = deepseek.layer_layout(split, i, rank, weights=w, **_decoupled_kw(settings))
+    e = deepseek.layer_layout(split, i, rank, weights=w, moments=moments, **_decoupled_kw(settings))
     row = {"layer": i, "kv_rank": e.rank, "rope_kept_energy": split.kept_rope_energy(i)}
     if stats is not None:
-        C = stats.second_moments[i]
+        C = stats.second_moments[i] if moments is None else moments[0]
         k_nope = e.kv_latent @ e.up_k.reshape(e.rank, -1)
         row["k_nope_rel_error"] = _relative_error(split.rest_key(i, w), k_nope, C) if split.nope else 0.0
         row["v_rel_error"] = _relative_error(w[4], e.kv_latent @ e.up_v.reshape(e.rank, -1), C)
@@ -518,9 +571,15 @@ def build_converted(model, stats: CalibrationStats, settings: ConvertSettings,
     if settings.latent == "decoupled":
         split, ranks = plan_decoupled(model, stats, settings)
         _, fields = decoupled_target(model.config, split, ranks, settings)  # a DeepSeek budget is refused here
-        made = [decoupled_layer(split, i, r, stats, settings) for i, r in enumerate(ranks)]
-        layout = deepseek.assemble_layout(split, [e for e, _ in made])
-        fields["layers"] = [row for _, row in made]
+        if settings.compensate:
+            fitted, fields["layers"] = compensated_layouts(
+                model.config, split, ranks, deepseek.module_layer_state(model),
+                model.model.embed_tokens.weight.detach(), _in_memory_compensation(model, windows), stats, settings)
+            layers = [dataclasses.replace(e, **deepseek.query_tensors(split, i)) for i, e in enumerate(fitted)]
+        else:
+            made = [decoupled_layer(split, i, r, stats, settings) for i, r in enumerate(ranks)]
+            layers, fields["layers"] = [e for e, _ in made], [row for _, row in made]
+        layout = deepseek.assemble_layout(split, layers)
         logger.info("per-layer ranks and relative activation errors:\n%s", format_layer_table(fields["layers"]))
         if settings.format == "deepseek":
             return deepseek.layout_to_deepseek(model, split, layout, portable=settings.portable), fields
@@ -907,15 +966,14 @@ def _convert_layerwise(settings: ConvertSettings, reader: CheckpointReader, devi
     if choice:
         timings["choose_settings"] = time.perf_counter() - t
         t = time.perf_counter()
+    compensation = None
+    if settings.compensate:  # the two streams run in the calibration's dtype
+        windows, _ = load_windows(tokenizer, settings.calib_text, "calibration", settings.calib_samples,
+                                  settings.calib_seq_len, assets.resolve_cache_dir(settings.cache_dir))
+        compensation = Compensation(windows, calib_dtype(settings, config, device, dtype)[0], device)
     if settings.latent == "decoupled":
-        plan = _decoupled_stream(config, reader, stats, settings, dtype)
+        plan = _decoupled_stream(config, reader, stats, settings, dtype, compensation=compensation)
     else:
-        compensation = None
-        if settings.compensate:
-            windows, _ = load_windows(tokenizer, settings.calib_text, "calibration", settings.calib_samples,
-                                      settings.calib_seq_len, assets.resolve_cache_dir(settings.cache_dir))
-            compensation = {"windows": windows, "device": device,
-                            "dtype": calib_dtype(settings, config, device, dtype)[0]}
         plan = _latent_stream(config, reader, stats, settings, dtype, compensation)
     plan.fields.update(choice)
     with folder.staging() as tmp:
@@ -952,9 +1010,9 @@ class _Stream:
 
 
 def _latent_stream(config, reader: CheckpointReader, stats: CalibrationStats, settings: ConvertSettings,
-                   dtype: torch.dtype, compensation: dict | None = None) -> _Stream:
+                   dtype: torch.dtype, compensation: Compensation | None = None) -> _Stream:
     """The latent model's stream; with ``settings.compensate`` its factors are fitted first, layer after layer,
-    over ``compensation["windows"]`` in ``compensation["dtype"]`` on ``compensation["device"]``."""
+    as `compensation` says."""
     from .layerwise import kv_weights_reader, layer_prefix, qo_weights_reader
     from .mapping import latent_layer_state
     from .modeling_care_mla import CareMlaForCausalLM
@@ -965,12 +1023,8 @@ def _latent_stream(config, reader: CheckpointReader, stats: CalibrationStats, se
     fields = {"ranks": ranks, "layers": []}
     fitted = None
     if settings.compensate:
-        if compensation is None:
-            raise ValueError("error compensation needs the calibration windows, dtype and device")
         fitted, fields["layers"] = compensated_latents(
-            config, ranks, kv_weights, qo_weights, lambda i: reader.state(layer_prefix(i), compensation["dtype"]),
-            reader.get("model.embed_tokens.weight"), compensation["windows"], stats, settings,
-            compensation["dtype"], compensation["device"])
+            config, ranks, kv_weights, qo_weights, *_streamed_compensation(reader, compensation), stats, settings)
 
     def layer(i: int) -> dict[str, torch.Tensor]:
         if fitted is not None:
@@ -983,8 +1037,22 @@ def _latent_stream(config, reader: CheckpointReader, stats: CalibrationStats, se
     return _Stream(CareMlaForCausalLM, target, lambda name: reader.get(name, dtype), layer, fields)
 
 
+def _streamed_compensation(reader: CheckpointReader, compensation: Compensation | None):
+    """(layer state, embedding, compensation) of a compensated stream read from the checkpoint, in its dtype."""
+    from .layerwise import layer_prefix
+
+    if compensation is None:
+        raise ValueError("error compensation needs the calibration windows, dtype and device (Compensation)")
+    return (lambda i: reader.state(layer_prefix(i), compensation.dtype), reader.get("model.embed_tokens.weight"),
+            compensation)
+
+
 def _decoupled_stream(config, reader: CheckpointReader, stats: CalibrationStats, settings: ConvertSettings,
-                      dtype: torch.dtype, split: deepseek.RopeSplit | None = None) -> _Stream:
+                      dtype: torch.dtype, split: deepseek.RopeSplit | None = None,
+                      compensation: Compensation | None = None) -> _Stream:
+    """The decoupled-RoPE model's stream (care_mla or DeepSeek format); `split`: a RoPE plan already made (the
+    candidates of a choice share it); with ``settings.compensate`` the layouts are fitted first, as
+    `compensation` says."""
     from .layerwise import layer_prefix, skeleton
     from .mapping import decoupled_layer_state
     from .modeling_care_mla import CareMlaForCausalLM
@@ -997,10 +1065,17 @@ def _decoupled_stream(config, reader: CheckpointReader, stats: CalibrationStats,
     target, fields = decoupled_target(config, split, ranks, settings)
     fields["layers"] = []
     deepseek_format = settings.format == "deepseek"
+    fitted = None
+    if settings.compensate:
+        fitted, fields["layers"] = compensated_layouts(config, split, ranks,
+                                                       *_streamed_compensation(reader, compensation), stats, settings)
 
     def layer(i: int) -> dict[str, torch.Tensor]:
-        e, row = decoupled_layer(split, i, ranks[i], stats, settings)
-        fields["layers"].append(row)
+        if fitted is not None:
+            e = dataclasses.replace(fitted[i], **deepseek.query_tensors(split, i))
+        else:
+            e, row = decoupled_layer(split, i, ranks[i], stats, settings)
+            fields["layers"].append(row)
         source = reader.state(layer_prefix(i), dtype)
         if deepseek_format:
             return deepseek.deepseek_layer_state(source, e, config, target)

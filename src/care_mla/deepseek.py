@@ -115,7 +115,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 from transformers.initialization import no_init_weights
 
 from .calibration import CalibrationStats
-from .factorization import joint_factorize
+from .factorization import care_factorize, joint_factorize
 from .objectives import attention_weightings
 from .families import get_family, head_dim
 
@@ -782,30 +782,20 @@ def _latent_weightings(weights, dims: _Dims, C: Tensor, objective: str) -> dict:
 
 def _layer_layout(weights, plan: RopePlan, dims: _Dims, nope: int, kv_lora_rank: int, C: Tensor | None,
                   q_scale: float, whitening: str, damping: float, balance_kv: bool, objective: str = "activation",
-                  key_emphasis: float = 1.0) -> LayerLayout:
-    """The decoupled-RoPE tensors of one layer (float64), from its weights and RoPE plan."""
+                  key_emphasis: float = 1.0, cross: Tensor | None = None) -> LayerLayout:
+    """The decoupled-RoPE tensors of one layer (float64), from its weights and RoPE plan.
+
+    Error compensation (`cross` = X̃ᵀX/N, with C = X̃ᵀX̃/N the converted stream's second moment): the
+    [un-rotated K, V] latent is fitted to the original outputs (`joint_factorize(cross=)`) and the RoPE key
+    columns become the damped least-squares map from the converted inputs to the original RoPE keys,
+    ``(C + δI)⁻¹(X̃ᵀX/N + δI)·W_pe`` (full-rank CARE with the cross moment). The exact layout is kept as is.
+    """
     Wq, bq, Wk, bk, Wv, bv, Wo, bo = weights
     D, R = dims.hidden, dims.hidden + 1
-    zero_q = torch.zeros(dims.heads * dims.d, dtype=torch.float64)
     zero_k = torch.zeros(dims.kv_heads * dims.d, dtype=torch.float64)
-    Zq = to_pairs(torch.cat([Wq, (bq if bq is not None else zero_q)[None]]), dims.heads)  # (R, heads, h)
     Zk = to_pairs(torch.cat([Wk, (bk if bk is not None else zero_k)[None]]), dims.kv_heads)  # (R, g, h)
-
-    q_rope = interleave(rope_query(Zq, plan, dims.groups))  # (R, heads, rope)
     k_pe = interleave(rope_key(Zk, plan))  # (R, rope)
-    if nope:
-        q_nope = from_pairs(Zq).reshape(R, dims.heads, dims.d)
-        q = torch.cat([q_nope, q_rope], dim=-1)
-    else:
-        q = q_rope
-    q = q * q_scale
-
-    # V bias → o_proj bias (softmax rows sum to 1); K's nope bias is dropped (softmax shift).
-    o_bias = None
-    if bv is not None or bo is not None:
-        o_bias = bo.clone() if bo is not None else torch.zeros(D, dtype=torch.float64)
-        if bv is not None:
-            o_bias = o_bias + Wo @ bv.reshape(dims.kv_heads, dims.d)[dims.groups].reshape(-1)
+    query = _query_tensors(weights, plan, dims, nope, q_scale)
 
     if nope == 0:  # exact parity: the latent is V itself
         down = Wv
@@ -815,13 +805,41 @@ def _layer_layout(weights, plan: RopePlan, dims: _Dims, nope: int, kv_lora_rank:
         k_rest = from_pairs(rest_key(Zk[:D], plan))  # (D, g·d)
         factors, m_k = joint_factorize(k_rest, Wv, C, kv_lora_rank, balance=balance_kv, method=whitening,
                                        damping=damping, compute_dtype=torch.float64, key_emphasis=key_emphasis,
-                                       **_latent_weightings(weights, dims, C, objective))
+                                       cross=cross, **_latent_weightings(weights, dims, C, objective))
+        if cross is not None and k_pe.shape[1]:
+            k_pe = k_pe.clone()
+            k_pe[:D] = care_factorize(k_pe[:D], C, k_pe.shape[1], method=whitening, damping=damping,
+                                      compute_dtype=torch.float64, cross=cross).weight()
         down = factors.down.double()
         up_k, up_v = factors.up.double()[:, :m_k], factors.up.double()[:, m_k:]
     r = kv_lora_rank
-    return LayerLayout(q=q, kv_latent=down, k_pe=k_pe, up_k=up_k.reshape(r, dims.kv_heads, nope),
-                       up_v=up_v.reshape(r, dims.kv_heads, dims.d), o_weight=Wo, o_bias=o_bias,
-                       kept_energy=plan.kept_energy(), total_energy=float(plan.energy.sum()))
+    return LayerLayout(kv_latent=down, k_pe=k_pe, up_k=up_k.reshape(r, dims.kv_heads, nope),
+                       up_v=up_v.reshape(r, dims.kv_heads, dims.d), kept_energy=plan.kept_energy(),
+                       total_energy=float(plan.energy.sum()), **query)
+
+
+def _query_tensors(weights, plan: RopePlan, dims: _Dims, nope: int, q_scale: float) -> dict[str, Tensor | None]:
+    """The layout's ``q`` (its RoPE pairs mixed as the plan says, softmax scale folded), ``o_weight`` and
+    ``o_bias`` (V's bias through softmax): the query and output side, remade cheaply from the weights."""
+    Wq, bq, _, _, _, bv, Wo, bo = weights
+    D, R = dims.hidden, dims.hidden + 1
+    zero_q = torch.zeros(dims.heads * dims.d, dtype=torch.float64)
+    Zq = to_pairs(torch.cat([Wq, (bq if bq is not None else zero_q)[None]]), dims.heads)  # (R, heads, h)
+    q_rope = interleave(rope_query(Zq, plan, dims.groups))  # (R, heads, rope)
+    q = torch.cat([from_pairs(Zq).reshape(R, dims.heads, dims.d), q_rope], dim=-1) if nope else q_rope
+    # V bias → o_proj bias (softmax rows sum to 1); K's nope bias is dropped (softmax shift).
+    o_bias = None
+    if bv is not None or bo is not None:
+        o_bias = bo.clone() if bo is not None else torch.zeros(D, dtype=torch.float64)
+        if bv is not None:
+            o_bias = o_bias + Wo @ bv.reshape(dims.kv_heads, dims.d)[dims.groups].reshape(-1)
+    return {"q": q * q_scale, "o_weight": Wo, "o_bias": o_bias}
+
+
+def query_tensors(split: "RopeSplit", i: int, weights: tuple | None = None) -> dict[str, Tensor | None]:
+    """Layer i's ``q``, ``o_weight``, ``o_bias`` of its `LayerLayout` (a layout kept without them, e.g. while
+    every layer of a large model is fitted before any is written, is completed with these)."""
+    return _query_tensors(weights or split.weights(i), split.plans[i], split.dims, split.nope, split.q_scale)
 
 
 @dataclass
@@ -995,11 +1013,17 @@ def _check_rank(split: RopeSplit, rank: int) -> None:
 @torch.no_grad()
 def layer_layout(split: RopeSplit, i: int, kv_lora_rank: int, *, whitening: str = "cholesky", damping: float = 1e-2,
                  balance_kv: bool = True, weights: tuple | None = None, objective: str = "activation",
-                 key_emphasis: float = 1.0) -> LayerLayout:
-    """Layer i's decoupled-RoPE tensors at latent rank `kv_lora_rank` (its weights read now unless given)."""
+                 key_emphasis: float = 1.0, moments: tuple[Tensor, Tensor] | None = None) -> LayerLayout:
+    """Layer i's decoupled-RoPE tensors at latent rank `kv_lora_rank` (its weights read now unless given).
+
+    `moments` = (C̃, X̃ᵀX/N) of error compensation (`care_mla.compensation`) replace the layer's statistics:
+    the latent and the RoPE keys are fitted to the original layer's outputs (`_layer_layout`). The RoPE plan
+    (which components stay rotated) is the split's, made on the original statistics.
+    """
     _check_rank(split, kv_lora_rank)
+    C, cross = (split.C(i), None) if moments is None or split.exact else (m.double() for m in moments)
     return _layer_layout(weights or split.weights(i), split.plans[i], split.dims, split.nope, kv_lora_rank,
-                         split.C(i), split.q_scale, whitening, damping, balance_kv, objective, key_emphasis)
+                         C, split.q_scale, whitening, damping, balance_kv, objective, key_emphasis, cross)
 
 
 @torch.no_grad()

@@ -93,7 +93,7 @@ class ConvertSettings:
     # "auto": the value of `selection.KEY_EMPHASIS_GRID` with the lowest calibration loss (1.0 with the
     # activation objective, which keeps the paper's/TransMLA's balance)
     key_emphasis: float | str = "auto"
-    # care, joint or separate latents: fit each layer on the converted layers' outputs to the original layer's
+    # care, any layout: fit each layer on the converted layers' outputs to the original layer's
     # (`compensation`; about twice a calibration's forward passes)
     compensate: bool = False
     whitening: Literal["cholesky", "sqrt"] = "cholesky"
@@ -182,9 +182,9 @@ class ConvertSettings:
         if latent_error:
             raise SettingsError(latent_error)
         self._resolve_objective()
-        if self.compensate and (self.method != "care" or self.latent == "decoupled"):
-            raise SettingsError("--compensate refits CARE's joint or separate latents; use --method care with --latent "
-                                "joint or separate (decoupled layouts and DeepSeek exports are not compensated yet)")
+        if self.compensate and self.method != "care":
+            raise SettingsError(f"--compensate refits CARE's factors; --method {self.method} has no compensated form: "
+                                "use --method care or drop --compensate")
         tasks = self.zero_shot_tasks
         object.__setattr__(self, "zero_shot_tasks", (tasks,) if isinstance(tasks, str) else tuple(tasks))
         if self.zero_shot_tasks and not self.evaluate:

@@ -73,7 +73,7 @@ class SweepSettings:
     zero_shot_tasks: tuple[str, ...] = ("lastword", "nextsent")  # offline tasks of eval_text, or lm-eval names
     zero_shot_limit: int | None = 500  # documents per task (None: all)
     keep_models: bool = False  # save every converted model under OUT/models/ (else built, evaluated, discarded)
-    compensate: bool = False  # care cells with joint/separate latents: error compensation across layers
+    compensate: bool = False  # care cells: error compensation across layers
     overwrite: bool = False
     # shared by every cell, as in ConvertSettings
     allocation_score: str = _BASE.allocation_score
@@ -132,7 +132,7 @@ class SweepSettings:
     def cell(self, method: str, allocation: str, latent: str, kv_fraction: float) -> ConvertSettings:
         """The ConvertSettings of one combination (raises SettingsError when it cannot be built)."""
         shared = {k: getattr(self, k) for k in SHARED_FIELDS}
-        compensate = self.compensate and method == "care" and latent != "decoupled"
+        compensate = self.compensate and method == "care"
         return ConvertSettings(**shared, out=self.out, method=method, allocation=allocation, latent=latent,
                                kv_fraction=kv_fraction, evaluate=True, compensate=compensate)
 
@@ -535,7 +535,7 @@ def add_sweep_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--zero-shot-limit", type=int, default=D.zero_shot_limit, help="items per zero-shot task")
     p.add_argument("--keep-models", action="store_true", help="also save every converted model under OUT/models/")
     p.add_argument("--compensate", action="store_true",
-                   help="care cells (joint/separate latents): error compensation across layers (~2x calibration time)")
+                   help="care cells: error compensation across layers (~2x calibration time)")
     p.add_argument("--allocation-score", choices=("energy", "paper"), default=D.allocation_score)
     p.add_argument("--no-balance-kv", dest="balance_kv", action="store_false",
                    help="joint latent: do not balance K against V")
