@@ -82,7 +82,7 @@ def test_budget_is_met_exactly_and_measured(latent, allocation, tiny_model_dir, 
     expected = s if choice is None else dataclasses.replace(s, objective=report["objective"],
                                                             key_emphasis=report["key_emphasis"])
     if choice is not None:
-        assert len(choice["calibration_loss"]) == 6 and choice["chosen"] == min(
+        assert len(choice["calibration_loss"]) == 7 and choice["chosen"] == min(
             choice["calibration_loss"], key=choice["calibration_loss"].get)
     assert ConvertSettings.from_dict(json.loads((tmp_path / "out" / api.SETTINGS_FILE).read_text())) == expected
 

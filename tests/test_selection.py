@@ -53,7 +53,7 @@ def test_choices_are_deterministic_and_recorded(tiny_model_dir, text_file, tmp_p
     a, b = reports
     assert a["objective_choice"] == b["objective_choice"] and a["rope_dim_choice"] == b["rope_dim_choice"]
     losses = a["objective_choice"]["calibration_loss"]
-    assert len(losses) == 6 and a["objective_choice"]["chosen"] == min(losses, key=losses.get)
+    assert len(losses) == 7 and a["objective_choice"]["chosen"] == min(losses, key=losses.get)
     rope = a["rope_dim_choice"]["calibration_loss"]
     assert len(rope) >= 2 and all(k.startswith("qk_rope_head_dim ") for k in rope)
     saved = ConvertSettings.from_dict(__import__("json").loads((tmp_path / "a" / api.SETTINGS_FILE).read_text()))

@@ -226,7 +226,7 @@ def test_sweep_joint_cells_choose_their_objective_and_compensate(tiny_model_dir,
     cells = {c["key"]: c for c in sweep(s)["cells"]}
     joint = cells["care/uniform/joint@0.25"]
     assert joint["status"] == "evaluated" and joint["objective"] in ("attention", "value")
-    assert len(joint["objective_choice"]["calibration_loss"]) == 6
+    assert len(joint["objective_choice"]["calibration_loss"]) == 7
     separate = cells["care/uniform/separate@0.25"]
     assert "objective_choice" not in separate  # the paper's separate latents: activation objective, no choice
     assert s.cell("care", "uniform", "joint", 0.25).compensate and not s.cell("svd", "uniform", "separate", 0.25).compensate
