@@ -726,12 +726,12 @@ class LayerLayout:
     softmax scale folded for a softmax of ``(nope + rope)^-½``.
     """
 
-    q: Tensor  # (D+1, heads, nope+rope)
+    q: Tensor | None  # (D+1, heads, nope+rope); None (with o_*) in a layout kept slim, see `query_tensors`
     kv_latent: Tensor  # (D, r)
     k_pe: Tensor  # (D+1, rope)
     up_k: Tensor  # (r, g, nope)
     up_v: Tensor  # (r, g, d)
-    o_weight: Tensor  # (D, heads·d) as nn.Linear.weight
+    o_weight: Tensor | None  # (D, heads·d) as nn.Linear.weight
     o_bias: Tensor | None
     kept_energy: float
     total_energy: float
@@ -790,8 +790,8 @@ def _layer_layout(weights, plan: RopePlan, dims: _Dims, nope: int, kv_lora_rank:
     columns become the damped least-squares map from the converted inputs to the original RoPE keys,
     ``(C + δI)⁻¹(X̃ᵀX/N + δI)·W_pe`` (full-rank CARE with the cross moment). The exact layout is kept as is.
     """
-    Wq, bq, Wk, bk, Wv, bv, Wo, bo = weights
-    D, R = dims.hidden, dims.hidden + 1
+    _, _, Wk, bk, Wv, *_ = weights
+    D = dims.hidden
     zero_k = torch.zeros(dims.kv_heads * dims.d, dtype=torch.float64)
     Zk = to_pairs(torch.cat([Wk, (bk if bk is not None else zero_k)[None]]), dims.kv_heads)  # (R, g, h)
     k_pe = interleave(rope_key(Zk, plan))  # (R, rope)
