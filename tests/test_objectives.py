@@ -1,4 +1,5 @@
-"""Attention-aware objectives and error compensation (care_mla.objectives, factorization's weighting/cross)."""
+"""Attention-aware objectives and error compensation (care_mla.objectives, factorization's weighting/cross,
+compensation's output refit)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import pytest
 import torch
 
+from care_mla.compensation import OutputMoments, output_refit_error, refit_output_weight
 from care_mla.factorization import activation_error, care_factorize, joint_factorize
 from care_mla.objectives import (
     Weighting,
@@ -233,3 +235,46 @@ def test_cross_is_checked(layer):
         care_factorize(layer["Wv"], layer["C"], 3, cross=torch.zeros(3, 3))
     with pytest.raises(ValueError, match="NaN"):
         care_factorize(layer["Wv"], layer["C"], 3, cross=torch.full((D, D), float("nan")))
+
+
+# ------------------------------------------------------------------------------------ output refit
+
+
+def _output_moments(heads: torch.Tensor, y: torch.Tensor) -> OutputMoments:
+    n = heads.shape[0]
+    return OutputMoments(heads.T @ heads / n, heads.T @ y / n, float(y.pow(2).sum()) / n)
+
+
+def test_output_refit_of_an_exact_attention_keeps_o_proj(layer):
+    """ô = the original heads, y = ô·W_oᵀ: the refit is W_o at any damping, with zero error."""
+    heads = layer["X"] @ layer["Wq"]  # any (N, h·d) activations stand for the heads
+    W_o = layer["Wo"].T  # (D, h·d), as nn.Linear.weight
+    moments = _output_moments(heads, heads @ W_o.T)
+    for damping in (0.0, 1e-2, 1.0):
+        torch.testing.assert_close(refit_output_weight(moments, W_o, damping), W_o, rtol=1e-7, atol=1e-9)
+    assert output_refit_error(moments, W_o) < 1e-12
+
+
+def test_output_refit_is_the_least_squares_map(layer):
+    """Converted heads = the original's through a perturbation plus noise: without damping the refit is the
+    least-squares solution (its error, from the moments, equals the error on the data) and beats W_o; damping
+    pulls it towards W_o, and its error lies between the two."""
+    g = torch.Generator().manual_seed(3)
+    heads = layer["X"] @ layer["Wq"]
+    W_o = layer["Wo"].T
+    y = heads @ W_o.T
+    m = heads.shape[1]
+    drifted = heads @ (torch.eye(m, dtype=torch.float64) + 0.2 * torch.randn(m, m, generator=g, dtype=torch.float64)) \
+        + 0.05 * heads.std() * torch.randn(heads.shape, generator=g, dtype=torch.float64)
+    moments = _output_moments(drifted, y)
+    refit = refit_output_weight(moments, W_o, 0.0)
+    lstsq = torch.linalg.lstsq(drifted, y).solution.T
+    torch.testing.assert_close(refit, lstsq, rtol=1e-6, atol=1e-8)
+    data_error = float((drifted @ refit.T - y).pow(2).sum() / y.pow(2).sum())
+    assert output_refit_error(moments, refit) == pytest.approx(data_error, rel=1e-6)
+    before = output_refit_error(moments, W_o)
+    assert data_error < 0.5 * before
+    damped = output_refit_error(moments, refit_output_weight(moments, W_o, 1.0))
+    assert data_error < damped < before
+    with pytest.raises(ValueError, match="do not fit o_proj"):
+        refit_output_weight(moments, W_o[:, :-1], 0.0)

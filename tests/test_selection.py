@@ -65,17 +65,20 @@ def test_choices_are_deterministic_and_recorded(tiny_model_dir, text_file, tmp_p
     assert "objective_choice" not in pinned and "rope_dim_choice" not in pinned
 
 
-@pytest.mark.parametrize("layerwise", [True, False])
-def test_compensation_at_parity_is_exact(tiny_model_dir, text_file, tmp_path, layerwise):
+@pytest.mark.parametrize("layerwise,refit", [(True, False), (False, False), (True, True)])
+def test_compensation_at_parity_is_exact(tiny_model_dir, text_file, tmp_path, layerwise, refit):
     """A full-rank joint latent reproduces every layer, so the converted stream equals the original one and the
-    compensated factors are plain CARE: the model's logits equal the original's."""
+    compensated factors are plain CARE (and the refitted o_proj the original): the model's logits equal the
+    original's."""
     folder = tiny_model_dir("llama")
     s = settings_for(folder, text_file, tmp_path, latent="joint", allocation="uniform", kv_fraction=1.0,
                      objective="activation", compensate=True, layerwise=layerwise, calib_dtype="float32",
-                     damping=0.0)
+                     damping=0.0 if not refit else 1e-2, refit_output=refit)
     report = api.convert(s)
     assert report["ppl"]["converted"] == pytest.approx(report["ppl"]["original"], rel=1e-5)
     assert all(row["drift"] < 1e-8 for row in report["layers"])  # the two streams stay together
+    if refit:
+        assert all(row["o_refit_error"] < 1e-10 for row in report["layers"])
     original = AutoModelForCausalLM.from_pretrained(folder)
     converted = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
     ids = torch.arange(1, 30)[None]
@@ -114,6 +117,31 @@ def test_compensation_reproduces_the_original_better(tiny_model_dir, text_file, 
     assert 0 < drift[0] < drift[-1]  # the converted stream drifts from the original, more with depth
 
 
+@pytest.mark.parametrize("layout", [dict(latent="joint"), dict(format="deepseek", rope_dim=8)])
+def test_output_refit_reproduces_the_original_better(tiny_model_dir, text_file, tmp_path, layout):
+    """Refitting o_proj on the converted stream (plain factors, no compensation): every layer's attention output
+    error drops, and the last hidden states are closer to the original's than the plain conversion's; with
+    compensation too, closer than compensation alone."""
+    folder = tiny_model_dir("llama")
+    common = dict(allocation="uniform", kv_fraction=0.25, objective="activation", calib_samples=16, layerwise=False,
+                  key_emphasis=1.0, **layout)
+    model, tokenizer, _ = api.load_model(str(folder), torch.float32, torch.device("cpu"))
+    plain_s = settings_for(folder, text_file, tmp_path, **common)
+    stats = api.calibrate(model, tokenizer, str(folder), plain_s)
+    windows, _ = api.load_windows(tokenizer, str(text_file), "calibration", 16, 32)
+
+    def drift(**kw) -> tuple[float, dict]:
+        converted, fields = api.build_converted(model, stats, dataclasses.replace(plain_s, **kw), windows)
+        return _final_drift(model, converted, windows), fields
+
+    plain, _ = drift()
+    refit, fields = drift(refit_output=True)
+    assert refit < 0.9 * plain
+    assert all(row["o_refit_error"] < row["o_error"] for row in fields["layers"])
+    assert fields["layers"][0]["o_refit_error"] < 0.9 * fields["layers"][0]["o_error"]
+    assert drift(compensate=True, refit_output=True)[0] < drift(compensate=True)[0]
+
+
 def test_decoupled_compensation_with_an_exact_upstream_is_the_plain_layout(tiny_model_dir, text_file, tmp_path):
     """moments = (C, C): the compensated latent and RoPE keys are those of the plain decoupled layout; a drifted
     upstream changes both (the RoPE keys become the least-squares map to the original ones)."""
@@ -145,21 +173,31 @@ def test_decoupled_compensation_with_an_exact_upstream_is_the_plain_layout(tiny_
     assert not torch.allclose(drifted.kv_latent, plain.kv_latent)
 
 
-@pytest.mark.parametrize("fmt", ["care_mla", "deepseek"])
-def test_decoupled_compensation_streamed_equals_whole(tiny_model_dir, text_file, tmp_path, fmt):
-    """The layer-by-layer path (layouts kept without their query tensors, completed when written) writes the
-    model the whole-model path builds."""
+@pytest.mark.parametrize("layout,fit", [
+    (dict(latent="decoupled", format="care_mla", rope_dim=8), dict(compensate=True)),
+    (dict(latent="decoupled", format="deepseek", rope_dim=8), dict(compensate=True)),
+    (dict(latent="decoupled", format="deepseek", rope_dim=8), dict(refit_output=True)),
+    (dict(latent="joint"), dict(refit_output=True)),
+])
+def test_sequential_fit_streamed_equals_whole(tiny_model_dir, text_file, tmp_path, layout, fit):
+    """The layer-by-layer path (layouts kept without their query tensors, completed when written; refitted
+    o_proj weights carried by the latents and layouts) writes the model the whole-model path builds."""
     folder = tiny_model_dir("llama")
-    reports = [api.convert(settings_for(folder, text_file, tmp_path, out=str(tmp_path / f"{fmt}{lw}"),
-                                        latent="decoupled", format=fmt, allocation="uniform", kv_fraction=0.25,
-                                        rope_dim=8, objective="value", key_emphasis=1.0, compensate=True,
-                                        layerwise=lw, calib_dtype="float32"))
+    reports = [api.convert(settings_for(folder, text_file, tmp_path, out=str(tmp_path / f"out{lw}"),
+                                        allocation="uniform", kv_fraction=0.25, objective="value", key_emphasis=1.0,
+                                        layerwise=lw, calib_dtype="float32", **layout, **fit))
                for lw in (True, False)]
     streamed, whole = reports
     assert streamed["loading"] == "layerwise" and whole["loading"] == "whole"
     assert streamed["ppl"]["converted"] == pytest.approx(whole["ppl"]["converted"], rel=1e-5)
     assert [r["drift"] for r in streamed["layers"]] == pytest.approx([r["drift"] for r in whole["layers"]], rel=1e-4)
-    assert streamed["compensate"] and all(r["drift"] > 0 for r in streamed["layers"])
+    assert all(r["drift"] > 0 for r in streamed["layers"])
+    assert streamed["compensate"] == fit.get("compensate", False)
+    assert streamed["refit_output"] == fit.get("refit_output", False)
+    if fit.get("refit_output"):  # the written model holds the refitted o_proj, not the source's
+        source = AutoModelForCausalLM.from_pretrained(folder).model.layers[0].self_attn.o_proj.weight
+        written = AutoModelForCausalLM.from_pretrained(tmp_path / "outTrue", trust_remote_code=True)
+        assert not torch.allclose(written.model.layers[0].self_attn.o_proj.weight, source, atol=1e-4)
 
 
 def test_compensation_settings_are_checked():

@@ -402,25 +402,37 @@ FitLayer = Callable[[int, tuple[torch.Tensor, torch.Tensor]], tuple[object, dict
 def compensated_layers(config, target, model_class: type, fit: FitLayer, layer_state: Callable[[int], dict],
                        embedding: torch.Tensor, compensation: Compensation,
                        settings: ConvertSettings) -> tuple[list, list[dict]]:
-    """Every layer fitted in turn on the converted layers' outputs to the original layer's
-    (`compensation.sequential_moments`): the original stream runs `config`'s layers (tensors from
-    `layer_state`), the converted one `model_class(target)`'s, each made by ``fit`` from the moments.
-    Returns each layer's product and table row, with the hidden-state drift after it."""
-    from .compensation import sequential_moments
+    """Every layer made in turn while the converted stream runs (`compensation.sequential_moments`): the
+    original stream runs `config`'s layers (tensors from `layer_state`), the converted one
+    `model_class(target)`'s. With ``settings.compensate`` ``fit`` gets the compensated moments, else None
+    (the plain factors); with ``settings.refit_output`` the layer's ``o_proj`` is then refitted
+    (`compensation.refit_output_weight`) and set as the product's ``o_weight``. Returns each layer's product
+    and table row, with the hidden-state drift after it (and the attention output's relative error before and
+    after the refit)."""
+    from .compensation import output_refit_error, refit_output_weight, sequential_moments
     from .layerwise import skeleton
 
     products, rows = [], []
 
     def convert_layer(i: int, moment: torch.Tensor, cross: torch.Tensor) -> dict[str, torch.Tensor]:
-        product, row, state = fit(i, (moment, cross))
+        product, row, state = fit(i, (moment, cross) if settings.compensate else None)
         products.append(product)
         rows.append(row)
         return state
 
+    def refit_output(i: int, outputs, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        before = state["self_attn.o_proj.weight"]
+        weight = refit_output_weight(outputs, before, settings.damping).cpu()
+        rows[i]["o_error"] = output_refit_error(outputs, before)
+        rows[i]["o_refit_error"] = output_refit_error(outputs, weight)
+        products[i] = dataclasses.replace(products[i], o_weight=weight)
+        return {**state, "self_attn.o_proj.weight": weight.to(before.dtype)}
+
     c = compensation
     drift = sequential_moments(skeleton(config, c.device), skeleton(target, c.device, model_class), layer_state,
                                convert_layer, c.windows, embedding=embedding, dtype=c.dtype, device=c.device,
-                               batch_size=settings.batch_size, progress=settings.progress)
+                               batch_size=settings.batch_size, progress=settings.progress,
+                               refit_output=refit_output if settings.refit_output else None)
     for row, d in zip(rows, drift):
         row["drift"] = d  # relative error of the converted hidden states after this layer
     return products, rows
@@ -429,7 +441,8 @@ def compensated_layers(config, target, model_class: type, fit: FitLayer, layer_s
 def compensated_latents(config, ranks: list[list[int]], kv_weights: KvWeights, qo_weights: QoWeights,
                         layer_state: Callable[[int], dict], embedding: torch.Tensor, compensation: Compensation,
                         stats: CalibrationStats, settings: ConvertSettings) -> tuple[list[LayerLatent], list[dict]]:
-    """Every layer's joint or separate latent factors (and table rows) at `ranks`, with error compensation."""
+    """Every layer's joint or separate latent factors (and table rows) at `ranks`, made on the converted stream
+    (error compensation and/or output refit, as `settings` say)."""
     from .mapping import latent_layer_state
     from .modeling_care_mla import CareMlaForCausalLM
 
@@ -444,9 +457,10 @@ def compensated_latents(config, ranks: list[list[int]], kv_weights: KvWeights, q
 def compensated_layouts(config, split: deepseek.RopeSplit, ranks: list[int], layer_state: Callable[[int], dict],
                         embedding: torch.Tensor, compensation: Compensation, stats: CalibrationStats,
                         settings: ConvertSettings) -> tuple[list[deepseek.LayerLayout], list[dict]]:
-    """Every layer's decoupled-RoPE layout (and table rows) at `ranks`, with error compensation, each kept without
-    its query and output tensors (complete it with `deepseek.query_tensors`: they are copies of the source's,
-    and all layers are fitted before any is written). The converted stream runs the decoupled latent model,
+    """Every layer's decoupled-RoPE layout (and table rows) at `ranks`, made on the converted stream (error
+    compensation and/or output refit, as `settings` say), each kept without its query and output tensors but
+    a refitted ``o_weight`` (complete it with `completed_layout`: they are copies of the source's, and all
+    layers are fitted before any is written). The converted stream runs the decoupled latent model,
     which computes what the DeepSeek export does (without the export's residual scale), so one pass serves
     both formats."""
     from .mapping import decoupled_layer_state
@@ -460,6 +474,15 @@ def compensated_layouts(config, split: deepseek.RopeSplit, ranks: list[int], lay
 
     target = decoupled_config(config, split, ranks)
     return compensated_layers(config, target, CareMlaForCausalLM, fit, layer_state, embedding, compensation, settings)
+
+
+def completed_layout(split: deepseek.RopeSplit, i: int, e: deepseek.LayerLayout) -> deepseek.LayerLayout:
+    """A layout kept slim by `compensated_layouts` with its query and output tensors again (a refitted
+    ``o_weight`` stays)."""
+    tensors = deepseek.query_tensors(split, i)
+    if e.o_weight is not None:
+        del tensors["o_weight"]
+    return dataclasses.replace(e, **tensors)
 
 
 def _layer_inputs(i: int, kv_weights: KvWeights, stats: CalibrationStats, settings: ConvertSettings):
@@ -477,11 +500,11 @@ def _to_cpu(f: factorization.Factors) -> factorization.Factors:
 def plan_latents(model, stats: CalibrationStats, settings: ConvertSettings,
                  windows: torch.Tensor | None = None) -> tuple[list[LayerLatent], list[dict]]:
     """Factors of every layer of an in-memory `model` at the budgeted ranks, and the per-layer table; with
-    ``settings.compensate``, fitted layer after layer on the calibration `windows` (`compensated_latents`)."""
+    ``settings.sequential_fit``, made layer after layer on the calibration `windows` (`compensated_latents`)."""
     weights = [_kv_weights(layer) for layer in model.model.layers]
     qo = [_qo_weights(layer) for layer in model.model.layers]
     ranks = plan_ranks(model.config, weights.__getitem__, stats, settings, qo.__getitem__)
-    if settings.compensate:
+    if settings.sequential_fit:
         return compensated_latents(model.config, ranks, weights.__getitem__, qo.__getitem__,
                                    deepseek.module_layer_state(model), model.model.embed_tokens.weight.detach(),
                                    _in_memory_compensation(model, windows), stats, settings)
@@ -567,15 +590,15 @@ def decoupled_target(config, split: deepseek.RopeSplit, ranks: list[int], settin
 def build_converted(model, stats: CalibrationStats, settings: ConvertSettings,
                     windows: torch.Tensor | None = None) -> tuple[torch.nn.Module, dict]:
     """The converted model in the asked format, and the report fields that describe it (`windows`: the calibration
-    windows, needed by error compensation)."""
+    windows, needed by error compensation and output refit)."""
     if settings.latent == "decoupled":
         split, ranks = plan_decoupled(model, stats, settings)
         _, fields = decoupled_target(model.config, split, ranks, settings)  # a DeepSeek budget is refused here
-        if settings.compensate:
+        if settings.sequential_fit:
             fitted, fields["layers"] = compensated_layouts(
                 model.config, split, ranks, deepseek.module_layer_state(model),
                 model.model.embed_tokens.weight.detach(), _in_memory_compensation(model, windows), stats, settings)
-            layers = [dataclasses.replace(e, **deepseek.query_tensors(split, i)) for i, e in enumerate(fitted)]
+            layers = [completed_layout(split, i, e) for i, e in enumerate(fitted)]
         else:
             made = [decoupled_layer(split, i, r, stats, settings) for i, r in enumerate(ranks)]
             layers, fields["layers"] = [e for e, _ in made], [row for _, row in made]
@@ -664,8 +687,8 @@ def choose_settings(config, settings: ConvertSettings,
             settings = candidates[0]
             continue
         names = [name_of(c) for c in candidates]
-        # scored as plain conversions: compensation refits every layer and would multiply the cost by the candidates
-        losses = score([dataclasses.replace(c, compensate=False) for c in candidates])
+        # scored as plain conversions: compensation and output refit rerun every layer, multiplying the cost
+        losses = score([dataclasses.replace(c, compensate=False, refit_output=False) for c in candidates])
         name, info = best(names, losses, field.removesuffix("_choice"))
         settings = candidates[names.index(name)]
         fields[field] = info
@@ -879,7 +902,7 @@ def _convert_whole(settings: ConvertSettings, device: torch.device, dtype: torch
     t = time.perf_counter()
     settings, choice = choose_settings_whole(model, tokenizer, stats, settings)
     windows = None
-    if settings.compensate:
+    if settings.sequential_fit:
         windows, _ = load_windows(tokenizer, settings.calib_text, "calibration", settings.calib_samples,
                                   settings.calib_seq_len, assets.resolve_cache_dir(settings.cache_dir))
     converted, fields = build_converted(model, stats, settings, windows)
@@ -967,7 +990,7 @@ def _convert_layerwise(settings: ConvertSettings, reader: CheckpointReader, devi
         timings["choose_settings"] = time.perf_counter() - t
         t = time.perf_counter()
     compensation = None
-    if settings.compensate:  # the two streams run in the calibration's dtype
+    if settings.sequential_fit:  # the two streams run in the calibration's dtype
         windows, _ = load_windows(tokenizer, settings.calib_text, "calibration", settings.calib_samples,
                                   settings.calib_seq_len, assets.resolve_cache_dir(settings.cache_dir))
         compensation = Compensation(windows, calib_dtype(settings, config, device, dtype)[0], device)
@@ -1011,7 +1034,7 @@ class _Stream:
 
 def _latent_stream(config, reader: CheckpointReader, stats: CalibrationStats, settings: ConvertSettings,
                    dtype: torch.dtype, compensation: Compensation | None = None) -> _Stream:
-    """The latent model's stream; with ``settings.compensate`` its factors are fitted first, layer after layer,
+    """The latent model's stream; with ``settings.sequential_fit`` its factors are fitted first, layer after layer,
     as `compensation` says."""
     from .layerwise import kv_weights_reader, layer_prefix, qo_weights_reader
     from .mapping import latent_layer_state
@@ -1022,7 +1045,7 @@ def _latent_stream(config, reader: CheckpointReader, stats: CalibrationStats, se
     ranks = plan_ranks(config, kv_weights, stats, settings, qo_weights)
     fields = {"ranks": ranks, "layers": []}
     fitted = None
-    if settings.compensate:
+    if settings.sequential_fit:
         fitted, fields["layers"] = compensated_latents(
             config, ranks, kv_weights, qo_weights, *_streamed_compensation(reader, compensation), stats, settings)
 
@@ -1051,7 +1074,7 @@ def _decoupled_stream(config, reader: CheckpointReader, stats: CalibrationStats,
                       dtype: torch.dtype, split: deepseek.RopeSplit | None = None,
                       compensation: Compensation | None = None) -> _Stream:
     """The decoupled-RoPE model's stream (care_mla or DeepSeek format); `split`: a RoPE plan already made (the
-    candidates of a choice share it); with ``settings.compensate`` the layouts are fitted first, as
+    candidates of a choice share it); with ``settings.sequential_fit`` the layouts are fitted first, as
     `compensation` says."""
     from .layerwise import layer_prefix, skeleton
     from .mapping import decoupled_layer_state
@@ -1066,13 +1089,13 @@ def _decoupled_stream(config, reader: CheckpointReader, stats: CalibrationStats,
     fields["layers"] = []
     deepseek_format = settings.format == "deepseek"
     fitted = None
-    if settings.compensate:
+    if settings.sequential_fit:
         fitted, fields["layers"] = compensated_layouts(config, split, ranks,
                                                        *_streamed_compensation(reader, compensation), stats, settings)
 
     def layer(i: int) -> dict[str, torch.Tensor]:
         if fitted is not None:
-            e = dataclasses.replace(fitted[i], **deepseek.query_tensors(split, i))
+            e = completed_layout(split, i, fitted[i])
         else:
             e, row = decoupled_layer(split, i, ranks[i], stats, settings)
             fields["layers"].append(row)
@@ -1112,6 +1135,7 @@ def _report_head(model_path: str, config, converted_config, architecture: str, f
         "objective": settings.objective,
         "key_emphasis": settings.key_emphasis,
         "compensate": settings.compensate,
+        "refit_output": settings.refit_output,
         "kv_fraction": settings.kv_fraction,
         "kv_cache_width_per_layer": {
             "original": gqa_kv_width(config),

@@ -34,6 +34,7 @@ class LayerLatent:
     """
 
     factors: tuple[Factors, ...]
+    o_weight: torch.Tensor | None = None  # a refitted o_proj weight (D, heads·d_v) (`compensation`); None: the source's
 
     @property
     def kv_latent(self) -> str:
@@ -47,8 +48,9 @@ class LayerLatent:
 def latent_layer_state(layer_state: dict[str, torch.Tensor], latent: LayerLatent) -> dict[str, torch.Tensor]:
     """One decoder layer of the latent-cache model from the original layer's tensors (names relative to the layer).
 
-    Everything but ``self_attn.{k,v}_proj`` is passed through; the latent factors are cast to the
-    original K projection's dtype, the K/V biases move onto the up-projections.
+    Everything but ``self_attn.{k,v}_proj`` (and ``o_proj.weight`` when the latent holds a refitted one) is
+    passed through; the latent factors are cast to the original K projection's dtype, the K/V biases move onto
+    the up-projections.
     """
     attn_kv = ("self_attn.k_proj.", "self_attn.v_proj.")
     state = {k: v for k, v in layer_state.items() if not k.startswith(attn_kv)}
@@ -66,6 +68,8 @@ def latent_layer_state(layer_state: dict[str, torch.Tensor], latent: LayerLatent
             state[f"self_attn.{name}_b_proj.weight"] = f.up.T.contiguous().to(dtype)
             if bias is not None:
                 state[f"self_attn.{name}_b_proj.bias"] = bias
+    if latent.o_weight is not None:
+        state["self_attn.o_proj.weight"] = latent.o_weight.to(layer_state["self_attn.o_proj.weight"].dtype)
     return state
 
 

@@ -93,6 +93,8 @@ def _convert_section(folder: Path, r: dict) -> list[str]:
         what.append(f"objective **{r['objective']}** (key emphasis {r.get('key_emphasis')})")
     if r.get("compensate"):
         what.append("**error compensation** across layers")
+    if r.get("refit_output"):
+        what.append("**o_proj refitted** to the original attention outputs")
     if f is not None:
         what.append(f"kv_fraction **{f:g}** ({100 * (1 - f):g} % of the GQA cache saved)")
     lines.append(", ".join(what) + f"; format {r.get('format', 'care_mla')}" +

@@ -96,6 +96,10 @@ class ConvertSettings:
     # care, any layout: fit each layer on the converted layers' outputs to the original layer's
     # (`compensation`; about twice a calibration's forward passes)
     compensate: bool = False
+    # any layout: refit each layer's o_proj (not cached) by least squares from the converted attention's heads
+    # to the original attention's output on the same inputs (`compensation.refit_output_weight`; runs the
+    # converted stream layer by layer, as compensation does)
+    refit_output: bool = False
     whitening: Literal["cholesky", "sqrt"] = "cholesky"
     damping: float = 1e-2
     rank_min_ratio: float = 0.5  # adjusted: r_min = ratio · mean rank
@@ -201,6 +205,11 @@ class ConvertSettings:
         for name in ("calib_samples", "calib_seq_len", "eval_samples", "eval_seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be a positive integer; got {getattr(self, name)}")
+
+    @property
+    def sequential_fit(self) -> bool:
+        """The conversion runs the converted stream layer after layer (`compensate` or `refit_output`)."""
+        return self.compensate or self.refit_output
 
     def _resolve_objective(self) -> None:
         if self.objective is None:

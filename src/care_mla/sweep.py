@@ -74,6 +74,7 @@ class SweepSettings:
     zero_shot_limit: int | None = 500  # documents per task (None: all)
     keep_models: bool = False  # save every converted model under OUT/models/ (else built, evaluated, discarded)
     compensate: bool = False  # care cells: error compensation across layers
+    refit_output: bool = False  # care cells: o_proj refitted to the original attention outputs
     overwrite: bool = False
     # shared by every cell, as in ConvertSettings
     allocation_score: str = _BASE.allocation_score
@@ -132,9 +133,10 @@ class SweepSettings:
     def cell(self, method: str, allocation: str, latent: str, kv_fraction: float) -> ConvertSettings:
         """The ConvertSettings of one combination (raises SettingsError when it cannot be built)."""
         shared = {k: getattr(self, k) for k in SHARED_FIELDS}
-        compensate = self.compensate and method == "care"
+        care = method == "care"  # the baselines stay as their authors made them
         return ConvertSettings(**shared, out=self.out, method=method, allocation=allocation, latent=latent,
-                               kv_fraction=kv_fraction, evaluate=True, compensate=compensate)
+                               kv_fraction=kv_fraction, evaluate=True, compensate=self.compensate and care,
+                               refit_output=self.refit_output and care)
 
     def cell_error(self, method: str, latent: str) -> str | None:
         """Why `method` cannot build `latent` (None when it can)."""
@@ -377,7 +379,7 @@ def _sweep(s: SweepSettings, folder) -> dict:
     grid.sort(key=lambda g: g[3] != 1.0 or (g[0], g[1]) != reps[g[2]])  # (stable) exact cells' model first
     # the folder is staged from the start, so kept models go to disk at once (not all held in memory);
     # it replaces OUT only when the sweep is complete
-    calib_windows = None  # loaded when a compensated cell needs them
+    calib_windows = None  # loaded when a cell made on the converted stream needs them
     with folder.staging() as tmp:
         cells: list[dict] = []
         done: dict[str, dict] = {}
@@ -400,10 +402,10 @@ def _sweep(s: SweepSettings, folder) -> dict:
                 continue
             c0 = time.perf_counter()
             cs, choice = cv.choose_settings_whole(model, tokenizer, stats, s.cell(method, allocation, latent, f))
-            if cs.compensate and calib_windows is None:
+            if cs.sequential_fit and calib_windows is None:
                 calib_windows, _ = load_windows(tokenizer, s.calib_text, "calibration", s.calib_samples,
                                                 s.calib_seq_len, assets.resolve_cache_dir(s.cache_dir))
-            converted, fields = cv.build_converted(model, stats, cs, calib_windows if cs.compensate else None)
+            converted, fields = cv.build_converted(model, stats, cs, calib_windows if cs.sequential_fit else None)
             ppl = perplexity(converted, windows, batch_size=s.batch_size, progress=s.progress)
             width = kv_cache_width(converted.config) / converted.config.num_hidden_layers
             measured = {
@@ -536,6 +538,8 @@ def add_sweep_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--keep-models", action="store_true", help="also save every converted model under OUT/models/")
     p.add_argument("--compensate", action="store_true",
                    help="care cells: error compensation across layers (~2x calibration time)")
+    p.add_argument("--refit-output", action="store_true",
+                   help="care cells: refit each layer's o_proj to the original attention outputs (~3x calibration time)")
     p.add_argument("--allocation-score", choices=("energy", "paper"), default=D.allocation_score)
     p.add_argument("--no-balance-kv", dest="balance_kv", action="store_false",
                    help="joint latent: do not balance K against V")
