@@ -7,10 +7,15 @@ Rows (one-shot, no healing; every row at the same cache width per token and laye
 * joint, objective by calibration loss — the attention-aware objectives of `care_mla.objectives` (V through
   o_proj, optionally K through the queries) and the K/V balance, chosen on held-in calibration windows;
 * joint, activation + compensation — error compensation across layers alone (`care_mla.compensation`);
-* joint, objective by calibration loss + compensation — both (today's `--compensate` conversion);
+* joint, objective by calibration loss + compensation — both;
+* joint, activation + output refit — each layer's o_proj refitted on the converted stream alone;
+* joint, objective by calibration loss + output refit — today's default conversion;
+* joint, objective by calibration loss + compensation + output refit — every lever;
 * DeepSeek export, before — activation objective, a third of the cache for RoPE (the former fixed rule);
-* DeepSeek export — objective and RoPE/latent split chosen by calibration loss (today's default);
-* DeepSeek export + compensation — that, each layer's latent and RoPE keys fitted to the original outputs.
+* DeepSeek export, objective and split by calibration loss — the choice alone;
+* DeepSeek export + compensation — that, each layer's latent and RoPE keys fitted to the original outputs;
+* DeepSeek export + output refit — the choice and the o_proj refit (today's default export);
+* DeepSeek export + compensation + output refit — every lever.
 
 The statistics are calibrated once per model and text (cached). Usage:
 
@@ -37,16 +42,23 @@ from care_mla.deepseek import default_rope_dim
 from care_mla.families import head_dim
 from care_mla.settings import ConvertSettings
 
-BEFORE = dict(objective="activation", key_emphasis=1.0)
+ACTIVATION = dict(objective="activation", key_emphasis=1.0)
+BEFORE = dict(ACTIVATION, refit_output=False)
+NO_REFIT = dict(refit_output=False)
 ROWS = {
-    "paper CARE (separate latents)": dict(latent="separate", allocation="uniform"),
+    "paper CARE (separate latents)": dict(latent="separate", allocation="uniform", **NO_REFIT),
     "joint, activation": dict(latent="joint", **BEFORE),
-    "joint, objective by calibration loss": dict(latent="joint"),
+    "joint, objective by calibration loss": dict(latent="joint", **NO_REFIT),
     "joint, activation + compensation": dict(latent="joint", compensate=True, **BEFORE),
-    "joint, objective by calibration loss + compensation": dict(latent="joint", compensate=True),
+    "joint, objective by calibration loss + compensation": dict(latent="joint", compensate=True, **NO_REFIT),
+    "joint, activation + output refit": dict(latent="joint", refit_output=True, **ACTIVATION),
+    "joint, objective by calibration loss + output refit": dict(latent="joint", refit_output=True),
+    "joint, objective + compensation + output refit": dict(latent="joint", compensate=True, refit_output=True),
     "DeepSeek export, before": dict(format="deepseek", rope_dim="rule", **BEFORE),
-    "DeepSeek export": dict(format="deepseek"),
-    "DeepSeek export + compensation": dict(format="deepseek", compensate=True),
+    "DeepSeek export, objective and split by calibration loss": dict(format="deepseek", **NO_REFIT),
+    "DeepSeek export + compensation": dict(format="deepseek", compensate=True, **NO_REFIT),
+    "DeepSeek export + output refit": dict(format="deepseek", refit_output=True),
+    "DeepSeek export + compensation + output refit": dict(format="deepseek", compensate=True, refit_output=True),
 }
 
 
@@ -61,19 +73,25 @@ def _cell(row: dict, config, fraction: float) -> dict:
 
 
 def write_plots(results: dict, fractions: list[float], folder: Path, model: str) -> None:
-    """Per budget: each row's per-layer relative K and V activation errors (rows without compensation: the
-    error on the original inputs), and the hidden-state drift after each layer of the compensated rows."""
+    """Per budget: each row's per-layer relative K and V activation errors (rows made on the original inputs),
+    the hidden-state drift after each layer of the rows made on the converted stream (compensation, output
+    refit), and the attention output's relative error before and after the refit."""
     from care_mla.plots import plot_layer_errors
 
     for f in fractions:
-        panels: dict[str, dict[str, list[float]]] = {"K relative error": {}, "V relative error": {},
-                                                      "hidden-state drift (compensated)": {}}
+        drift = "hidden-state drift (converted stream)"
+        panels: dict[str, dict[str, list[float]]] = {"K relative error": {}, "V relative error": {}, drift: {},
+                                                      "attention output error (before → after refit)": {}}
         for name, cells in results.items():
             layers = cells.get(str(f), {}).get("layers")
             if not layers or "k_rel_error" not in layers[0]:
                 continue
+            if "o_refit_error" in layers[0]:
+                outputs = panels["attention output error (before → after refit)"]
+                outputs[f"{name}, before"] = [row["o_error"] for row in layers]
+                outputs[f"{name}, after"] = [row["o_refit_error"] for row in layers]
             if "drift" in layers[0]:
-                panels["hidden-state drift (compensated)"][name] = [row["drift"] for row in layers]
+                panels[drift][name] = [row["drift"] for row in layers]
                 continue
             panels["K relative error"][name] = [row["k_rel_error"] for row in layers]
             panels["V relative error"][name] = [row["v_rel_error"] for row in layers]

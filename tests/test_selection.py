@@ -23,7 +23,7 @@ def test_streamed_losses_equal_the_built_models_loss(tiny_model_dir, text_file, 
     built whole), including candidates whose per-layer ranks differ."""
     folder = tiny_model_dir("llama")
     s = settings_for(folder, text_file, tmp_path, latent="joint", allocation="adjusted", kv_fraction=0.4,
-                     objective="activation")
+                     objective="activation", refit_output=False)  # candidates are scored as plain conversions
     model, tokenizer, _ = api.load_model(str(folder), torch.float32, torch.device("cpu"))
     stats = api.calibrate(model, tokenizer, str(folder), s)
     windows = api.selection_windows(tokenizer, s)
@@ -102,7 +102,7 @@ def test_compensation_reproduces_the_original_better(tiny_model_dir, text_file, 
     layouts of this random model are within noise of the original's loss, so loss is not asserted there)."""
     folder = tiny_model_dir("llama")
     common = dict(allocation="uniform", kv_fraction=0.25, objective="activation", calib_samples=16, layerwise=False,
-                  key_emphasis=1.0, **layout)
+                  key_emphasis=1.0, refit_output=False, **layout)
     model, tokenizer, _ = api.load_model(str(folder), torch.float32, torch.device("cpu"))
     plain_s = settings_for(folder, text_file, tmp_path, **common)
     comp_s = dataclasses.replace(plain_s, compensate=True)
@@ -124,7 +124,7 @@ def test_output_refit_reproduces_the_original_better(tiny_model_dir, text_file, 
     compensation too, closer than compensation alone."""
     folder = tiny_model_dir("llama")
     common = dict(allocation="uniform", kv_fraction=0.25, objective="activation", calib_samples=16, layerwise=False,
-                  key_emphasis=1.0, **layout)
+                  key_emphasis=1.0, refit_output=False, **layout)
     model, tokenizer, _ = api.load_model(str(folder), torch.float32, torch.device("cpu"))
     plain_s = settings_for(folder, text_file, tmp_path, **common)
     stats = api.calibrate(model, tokenizer, str(folder), plain_s)
@@ -174,10 +174,10 @@ def test_decoupled_compensation_with_an_exact_upstream_is_the_plain_layout(tiny_
 
 
 @pytest.mark.parametrize("layout,fit", [
-    (dict(latent="decoupled", format="care_mla", rope_dim=8), dict(compensate=True)),
-    (dict(latent="decoupled", format="deepseek", rope_dim=8), dict(compensate=True)),
-    (dict(latent="decoupled", format="deepseek", rope_dim=8), dict(refit_output=True)),
-    (dict(latent="joint"), dict(refit_output=True)),
+    (dict(latent="decoupled", format="care_mla", rope_dim=8), dict(compensate=True, refit_output=False)),
+    (dict(latent="decoupled", format="deepseek", rope_dim=8), dict(compensate=True, refit_output=False)),
+    (dict(latent="decoupled", format="deepseek", rope_dim=8), dict(compensate=False, refit_output=True)),
+    (dict(latent="joint"), dict(compensate=False, refit_output=True)),
 ])
 def test_sequential_fit_streamed_equals_whole(tiny_model_dir, text_file, tmp_path, layout, fit):
     """The layer-by-layer path (layouts kept without their query tensors, completed when written; refitted
@@ -192,9 +192,8 @@ def test_sequential_fit_streamed_equals_whole(tiny_model_dir, text_file, tmp_pat
     assert streamed["ppl"]["converted"] == pytest.approx(whole["ppl"]["converted"], rel=1e-5)
     assert [r["drift"] for r in streamed["layers"]] == pytest.approx([r["drift"] for r in whole["layers"]], rel=1e-4)
     assert all(r["drift"] > 0 for r in streamed["layers"])
-    assert streamed["compensate"] == fit.get("compensate", False)
-    assert streamed["refit_output"] == fit.get("refit_output", False)
-    if fit.get("refit_output"):  # the written model holds the refitted o_proj, not the source's
+    assert streamed["compensate"] == fit["compensate"] and streamed["refit_output"] == fit["refit_output"]
+    if fit["refit_output"]:  # the written model holds the refitted o_proj, not the source's
         source = AutoModelForCausalLM.from_pretrained(folder).model.layers[0].self_attn.o_proj.weight
         written = AutoModelForCausalLM.from_pretrained(tmp_path / "outTrue", trust_remote_code=True)
         assert not torch.allclose(written.model.layers[0].self_attn.o_proj.weight, source, atol=1e-4)
@@ -202,6 +201,11 @@ def test_sequential_fit_streamed_equals_whole(tiny_model_dir, text_file, tmp_pat
 
 def test_compensation_settings_are_checked():
     ConvertSettings(compensate=True, format="deepseek")  # every layout of care is compensated
+    # output refit: on by default for care below parity, off at parity and for the baselines, as asked otherwise
+    assert ConvertSettings().refit_output and ConvertSettings(format="deepseek", kv_fraction=0.25).refit_output
+    assert not ConvertSettings(kv_fraction=1.0).refit_output and not ConvertSettings(method="svd").refit_output
+    assert ConvertSettings(method="svd", refit_output=True).sequential_fit
+    assert not ConvertSettings(refit_output=False).sequential_fit
     with pytest.raises(SettingsError, match="--compensate"):
         ConvertSettings(compensate=True, method="svd")
     with pytest.raises(SettingsError, match="key_emphasis"):

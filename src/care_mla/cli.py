@@ -94,10 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="care, every layout and format: fit each layer on the outputs of the converted layers "
                         "before it to the original layer's outputs (error compensation; ~2x a calibration's "
                         "forward time)")
-    c.add_argument("--refit-output", action="store_true",
-                   help="every layout and format: refit each layer's o_proj (not cached) by least squares from the "
-                        "converted attention's heads to the original attention's output on the same inputs, "
-                        "layer after layer (~3x a calibration's forward time; with --compensate too)")
+    c.add_argument("--refit-output", action=argparse.BooleanOptionalAction, default=None,
+                   help="refit each layer's o_proj (not cached) by least squares from the converted attention's "
+                        "heads to the original attention's output on the same inputs, layer after layer (~2x a "
+                        "calibration's forward time); default: on for care below parity")
     c.add_argument("--whitening", choices=("cholesky", "sqrt"), default=DEFAULTS.whitening)
     c.add_argument("--damping", type=float, default=DEFAULTS.damping)
     c.add_argument("--rank-min-ratio", type=float, default=DEFAULTS.rank_min_ratio)

@@ -15,8 +15,8 @@ attention's heads ô (its ``o_proj`` input) to what the original attention write
 inputs: ``W' = argmin E‖ô W'ᵀ − y‖² + λ‖W' − W_o‖²``. V's error reaches the residual stream only through
 ``o_proj``, and K's error changes which values are mixed; both are corrected where a linear map can. The
 statistics are E[ôôᵀ] and E[ôyᵀ] (h_q·d_v squared and h_q·d_v × D numbers), never the activations; it costs
-one more forward of the original attention and of the converted layer per layer. An exact conversion
-(ô = the original heads) gives W' = W_o.
+one more forward of the original and of the converted attention per layer (each stops at ``o_proj``). An exact
+conversion (ô = the original heads) gives W' = W_o.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .calibration import _layer_output, _materialised, capture_layer_inputs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OutputMoments", "output_refit_error", "refit_output_weight", "sequential_moments"]
+__all__ = ["OutputMoments", "output_moments", "output_refit_error", "refit_output_weight", "sequential_moments"]
 
 #: (layer index, C̃ (D, D) float64, cross X̃ᵀX/N (D, D) float64) → the converted layer's tensors (names relative
 #: to the layer), after whatever bookkeeping the caller does with its factors.

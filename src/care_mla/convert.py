@@ -507,17 +507,21 @@ def plan_latents(model, stats: CalibrationStats, settings: ConvertSettings,
     if settings.sequential_fit:
         return compensated_latents(model.config, ranks, weights.__getitem__, qo.__getitem__,
                                    deepseek.module_layer_state(model), model.model.embed_tokens.weight.detach(),
-                                   _in_memory_compensation(model, windows), stats, settings)
+                                   _in_memory_compensation(model, windows, settings), stats, settings)
     planned = [layer_latent(i, r, weights.__getitem__, stats, settings, qo.__getitem__, model.config)
                for i, r in enumerate(ranks)]
     return [p[0] for p in planned], [p[1] for p in planned]
 
 
-def _in_memory_compensation(model, windows: torch.Tensor | None) -> Compensation:
+def _in_memory_compensation(model, windows: torch.Tensor | None, settings: ConvertSettings) -> Compensation:
+    """The two streams of an in-memory model run in the calibration's dtype, as the layer-by-layer path's do
+    (so both write the same bytes)."""
     if windows is None:
-        raise ValueError("error compensation runs the calibration windows through the model: pass them")
+        raise ValueError("error compensation and output refit run the calibration windows through the model: "
+                         "pass them (windows=), or set compensate=False, refit_output=False")
     parameter = next(model.parameters())
-    return Compensation(windows, parameter.dtype, parameter.device)
+    dtype = calib_dtype(settings, model.config, parameter.device, parameter.dtype)[0]
+    return Compensation(windows, dtype, parameter.device)
 
 
 def plan_decoupled(model, stats: CalibrationStats, settings: ConvertSettings, *,
@@ -597,7 +601,7 @@ def build_converted(model, stats: CalibrationStats, settings: ConvertSettings,
         if settings.sequential_fit:
             fitted, fields["layers"] = compensated_layouts(
                 model.config, split, ranks, deepseek.module_layer_state(model),
-                model.model.embed_tokens.weight.detach(), _in_memory_compensation(model, windows), stats, settings)
+                model.model.embed_tokens.weight.detach(), _in_memory_compensation(model, windows, settings), stats, settings)
             layers = [completed_layout(split, i, e) for i, e in enumerate(fitted)]
         else:
             made = [decoupled_layer(split, i, r, stats, settings) for i, r in enumerate(ranks)]
@@ -1047,7 +1051,7 @@ def _latent_stream(config, reader: CheckpointReader, stats: CalibrationStats, se
     fitted = None
     if settings.sequential_fit:
         fitted, fields["layers"] = compensated_latents(
-            config, ranks, kv_weights, qo_weights, *_streamed_compensation(reader, compensation), stats, settings)
+            config, ranks, kv_weights, qo_weights, *_streamed_compensation(reader, compensation, dtype), stats, settings)
 
     def layer(i: int) -> dict[str, torch.Tensor]:
         if fitted is not None:
@@ -1060,14 +1064,15 @@ def _latent_stream(config, reader: CheckpointReader, stats: CalibrationStats, se
     return _Stream(CareMlaForCausalLM, target, lambda name: reader.get(name, dtype), layer, fields)
 
 
-def _streamed_compensation(reader: CheckpointReader, compensation: Compensation | None):
-    """(layer state, embedding, compensation) of a compensated stream read from the checkpoint, in its dtype."""
+def _streamed_compensation(reader: CheckpointReader, compensation: Compensation | None, dtype: torch.dtype):
+    """(layer state, embedding, compensation) of a compensated stream read from the checkpoint: the layers in the
+    conversion's `dtype`, as an in-memory model holds them (the streams cast them to the compensation's dtype;
+    what is fitted against them, e.g. the refit's pull towards the original o_proj, sees the same numbers)."""
     from .layerwise import layer_prefix
 
     if compensation is None:
         raise ValueError("error compensation needs the calibration windows, dtype and device (Compensation)")
-    return (lambda i: reader.state(layer_prefix(i), compensation.dtype), reader.get("model.embed_tokens.weight"),
-            compensation)
+    return (lambda i: reader.state(layer_prefix(i), dtype), reader.get("model.embed_tokens.weight"), compensation)
 
 
 def _decoupled_stream(config, reader: CheckpointReader, stats: CalibrationStats, settings: ConvertSettings,
@@ -1091,7 +1096,7 @@ def _decoupled_stream(config, reader: CheckpointReader, stats: CalibrationStats,
     fitted = None
     if settings.sequential_fit:
         fitted, fields["layers"] = compensated_layouts(config, split, ranks,
-                                                       *_streamed_compensation(reader, compensation), stats, settings)
+                                                       *_streamed_compensation(reader, compensation, dtype), stats, settings)
 
     def layer(i: int) -> dict[str, torch.Tensor]:
         if fitted is not None:

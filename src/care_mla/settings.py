@@ -98,8 +98,9 @@ class ConvertSettings:
     compensate: bool = False
     # any layout: refit each layer's o_proj (not cached) by least squares from the converted attention's heads
     # to the original attention's output on the same inputs (`compensation.refit_output_weight`; runs the
-    # converted stream layer by layer, as compensation does)
-    refit_output: bool = False
+    # converted stream layer by layer, as compensation does). None: on for care below parity (measured better on
+    # both models, README), off at parity (exact: nothing to refit) and for the baselines (as their authors made them)
+    refit_output: bool | None = None
     whitening: Literal["cholesky", "sqrt"] = "cholesky"
     damping: float = 1e-2
     rank_min_ratio: float = 0.5  # adjusted: r_min = ratio · mean rank
@@ -186,6 +187,8 @@ class ConvertSettings:
         if latent_error:
             raise SettingsError(latent_error)
         self._resolve_objective()
+        if self.refit_output is None:
+            object.__setattr__(self, "refit_output", self.method == "care" and self.kv_fraction < 1.0)
         if self.compensate and self.method != "care":
             raise SettingsError(f"--compensate refits CARE's factors; --method {self.method} has no compensated form: "
                                 "use --method care or drop --compensate")
