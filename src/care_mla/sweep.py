@@ -539,7 +539,7 @@ def add_sweep_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--compensate", action="store_true",
                    help="care cells: error compensation across layers (~2x calibration time)")
     p.add_argument("--refit-output", action="store_true",
-                   help="care cells: refit each layer's o_proj to the original attention outputs (~3x calibration time)")
+                   help="care cells: refit each layer's o_proj to the original attention outputs (~2x calibration time)")
     p.add_argument("--allocation-score", choices=("energy", "paper"), default=D.allocation_score)
     p.add_argument("--no-balance-kv", dest="balance_kv", action="store_false",
                    help="joint latent: do not balance K against V")
