@@ -70,7 +70,8 @@ def refit_output_weight(moments: OutputMoments, weight: torch.Tensor, damping: f
 
 
 def output_refit_error(moments: OutputMoments, weight: torch.Tensor) -> float:
-    """``E‖ô Wᵀ − y‖² / E‖y‖²`` from the moments: the relative error of the layer's attention output under ``weight``."""
+    """``E‖ô Wᵀ − y‖² / E‖y‖²`` from the moments: the relative error of the layer's attention output under
+    ``weight``."""
     W = weight.to(device=moments.heads.device, dtype=torch.float64)
     err = torch.trace(W @ moments.heads.double() @ W.T) - 2 * torch.trace(W @ moments.cross.double()) + moments.energy
     return max(float(err), 0.0) / max(moments.energy, 1e-30)

@@ -601,7 +601,8 @@ def build_converted(model, stats: CalibrationStats, settings: ConvertSettings,
         if settings.sequential_fit:
             fitted, fields["layers"] = compensated_layouts(
                 model.config, split, ranks, deepseek.module_layer_state(model),
-                model.model.embed_tokens.weight.detach(), _in_memory_compensation(model, windows, settings), stats, settings)
+                model.model.embed_tokens.weight.detach(), _in_memory_compensation(model, windows, settings), stats,
+                settings)
             layers = [completed_layout(split, i, e) for i, e in enumerate(fitted)]
         else:
             made = [decoupled_layer(split, i, r, stats, settings) for i, r in enumerate(ranks)]
