@@ -19,7 +19,7 @@ from .settings import ConvertSettings
 logger = logging.getLogger(__name__)
 
 DEMO_RUNS = (
-    ("CARE (default: joint K/V latent, objective chosen by calibration loss)", dict(method="care")),
+    ("CARE (default: joint K/V latent, objective chosen by calibration loss, output refit)", dict(method="care")),
     ("weight SVD, uniform ranks", dict(method="svd", allocation="uniform")),
 )
 #: The demo's token budget (see the module docstring).
