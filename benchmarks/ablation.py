@@ -4,9 +4,9 @@ Rows (one-shot, no healing; every row at the same cache width per token and laye
 
 * paper CARE — separate K and V latents, activation objective (the paper's method);
 * joint, activation — one K/V latent, K balanced against V by output energy (the default before the levers);
-* joint, objective by calibration loss — the attention-aware objectives of `care_mla.objectives` (V through
+* joint, objective by calibration loss — the attention-aware objectives of `care_mla.method.objectives` (V through
   o_proj, optionally K through the queries) and the K/V balance, chosen on held-in calibration windows;
-* joint, activation + compensation — error compensation across layers alone (`care_mla.compensation`);
+* joint, activation + compensation — error compensation across layers alone (`care_mla.method.compensation`);
 * joint, objective by calibration loss + compensation — both;
 * joint, activation + output refit — each layer's o_proj refitted on the converted stream alone;
 * joint, objective by calibration loss + output refit — today's default conversion;
@@ -37,9 +37,9 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from care_mla.convert import convert, resolve_model_path
-from care_mla.deepseek import default_rope_dim
-from care_mla.families import head_dim
+from care_mla.formats.deepseek import default_rope_dim
+from care_mla.formats.families import head_dim
+from care_mla.pipeline.convert import convert, resolve_model_path
 from care_mla.settings import ConvertSettings
 
 ACTIVATION = dict(objective="activation", key_emphasis=1.0)
@@ -76,7 +76,7 @@ def write_plots(results: dict, fractions: list[float], folder: Path, model: str)
     """Per budget: each row's per-layer relative K and V activation errors (rows made on the original inputs),
     the hidden-state drift after each layer of the rows made on the converted stream (compensation, output
     refit), and the attention output's relative error before and after the refit."""
-    from care_mla.plots import plot_layer_errors
+    from care_mla.evaluation.plots import plot_layer_errors
 
     for f in fractions:
         drift = "hidden-state drift (converted stream)"

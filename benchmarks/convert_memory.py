@@ -27,7 +27,7 @@ from random_model import random_llama_config, write_random_model  # noqa: E402
 
 CONVERT = PEAK_RSS + """
 import json, sys, time
-from care_mla.convert import convert
+from care_mla.pipeline.convert import convert
 from care_mla.settings import ConvertSettings
 args = json.loads(sys.argv[1])
 t = time.perf_counter()
@@ -70,7 +70,7 @@ def main() -> None:
         # peaks at ~400 MB, which would otherwise weigh on the first depth only
         from transformers import AutoTokenizer
 
-        from care_mla.data import resolve_text, tokenize_file
+        from care_mla.io.text import resolve_text, tokenize_file
 
         for layers in depths:
             config = random_llama_config(layers, a.hidden, a.intermediate)

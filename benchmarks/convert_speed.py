@@ -30,8 +30,8 @@ def peak_gpu_mb():
 FORWARD = PEAK_RSS + """
 import json, sys, time, torch
 from transformers import AutoConfig
-from care_mla.convert import calib_dtype, load_model, resolve_model_path
-from care_mla.data import load_windows
+from care_mla.pipeline.convert import calib_dtype, load_model, resolve_model_path
+from care_mla.io.text import load_windows
 from care_mla.settings import ConvertSettings
 args = json.loads(sys.argv[1])
 device = torch.device(args["device"])
@@ -54,7 +54,7 @@ print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb
 
 CONVERT = PEAK_RSS + """
 import json, sys, time
-from care_mla.convert import convert
+from care_mla.pipeline.convert import convert
 from care_mla.settings import ConvertSettings
 args = json.loads(sys.argv[1])
 t = time.perf_counter()

@@ -32,11 +32,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import care_mla  # noqa: F401  (registers the latent-cache model)
-from care_mla import assets
-from care_mla.convert import convert, resolve_model_path
-from care_mla.data import load_windows
-from care_mla.transformers_api import cache_kwargs, returned_cache
-from care_mla.evaluation import cache_bytes
+from care_mla.evaluation.perplexity import cache_bytes
+from care_mla.formats.transformers_api import cache_kwargs, returned_cache
+from care_mla.io import assets
+from care_mla.io.text import load_windows
+from care_mla.pipeline.convert import convert, resolve_model_path
 from care_mla.settings import ConvertSettings
 
 
@@ -90,14 +90,14 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--kv-fraction", type=float, default=0.5)
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="auto: this machine's fastest safe dtype, measured (care_mla.hardware)")
+                   help="auto: this machine's fastest safe dtype, measured (care_mla.io.hardware)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--skip-expanded", action="store_true", help="do not time the non-absorbed MLA decode")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    from care_mla.convert import torch_dtype
+    from care_mla.pipeline.convert import torch_dtype
 
     dtype = torch_dtype(a.dtype, torch.device("cpu"))
     path = resolve_model_path(a.model)

@@ -1,7 +1,7 @@
 """DeepSeek-V3 export of the default model: held-out perplexity per RoPE strategy and KV budget.
 
 Calibrates once (bf16 forward passes, statistics cached by `convert.calibrate`), exports with
-`care_mla.deepseek.to_deepseek` at each cache fraction and RoPE strategy, and prints the
+`care_mla.formats.deepseek.to_deepseek` at each cache fraction and RoPE strategy, and prints the
 perplexity (and its ratio to the original) of each export, evaluated in float32 by the
 upstream `DeepseekV3ForCausalLM`. `--split calibration` scores on held-in calibration windows
 instead (for choosing defaults without looking at the evaluation text). Usage:
@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from care_mla.convert import calibrate, load_model
-from care_mla.data import load_windows
-from care_mla.deepseek import to_deepseek
-from care_mla.evaluation import perplexity
+from care_mla.evaluation.perplexity import perplexity
+from care_mla.formats.deepseek import to_deepseek
+from care_mla.io.text import load_windows
+from care_mla.pipeline.convert import calibrate, load_model
 from care_mla.settings import ConvertSettings
 
 

@@ -59,7 +59,7 @@ def full_logits_perplexity(model, windows: torch.Tensor, batch_size: int) -> flo
 
 
 def child(args) -> None:
-    from care_mla.evaluation import perplexity
+    from care_mla.evaluation.perplexity import perplexity
 
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(qwen2_like(args.layers)).to(getattr(torch, args.dtype)).eval()

@@ -1,7 +1,7 @@
 """What this machine does: CPU model, flags and cores, threads, GEMM GFLOPS per dtype at a model's shapes, memory GB/s.
 
 Prints one JSON object. The GEMMs are the projections of one decoder layer (q/o, k/v, MLP up
-and down) on `--tokens` tokens, timed by `care_mla.hardware.probe_dtypes` (fp32 first, a dtype
+and down) on `--tokens` tokens, timed by `care_mla.io.hardware.probe_dtypes` (fp32 first, a dtype
 50x slower timed once); the bandwidth is the best of a few copies of a large tensor (bytes
 read + written per second). Other benchmarks store the same figures with their results:
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from care_mla import hardware
+from care_mla.io import hardware
 
 SMOLLM2_135M = {"hidden": 576, "kv": 192, "mlp": 1536}
 

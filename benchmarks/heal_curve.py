@@ -2,7 +2,7 @@
 
 Converts the model (CARE, ``--kv-fraction 0.25`` by default) into OUT/converted unless
 ``--converted`` is given or OUT/converted already holds a conversion, heals it with
-`care_mla.heal` for ``--tokens`` into OUT/healed, and prints the (tokens, held-out ppl) curve,
+`care_mla.healing.heal` for ``--tokens`` into OUT/healed, and prints the (tokens, held-out ppl) curve,
 wall time, tokens/s, the perplexities of the original, converted and healed models and the
 fraction of the gap closed, ``(before − after) / (before − original)``. Usage:
 
@@ -15,10 +15,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from care_mla import assets
-from care_mla.convert import convert
-from care_mla.heal import HEAL_PLOT_FILE, HEAL_REPORT_FILE, heal
-from care_mla.heal_settings import HealSettings
+from care_mla.healing.heal import HEAL_PLOT_FILE, HEAL_REPORT_FILE, heal
+from care_mla.healing.settings import HealSettings
+from care_mla.io import assets
+from care_mla.pipeline.convert import convert
 from care_mla.settings import FORMATS, ConvertSettings
 
 

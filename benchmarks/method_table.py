@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from care_mla.convert import convert
+from care_mla.pipeline.convert import convert
 from care_mla.settings import ConvertSettings
 
 ROWS = {

@@ -1,7 +1,7 @@
 """Write a random-weight Llama-style model folder of any size without holding it in memory (benchmark helper).
 
 Tensors are generated one at a time (normal, std 0.02; norms 1) and streamed to disk with
-`care_mla.checkpoint.ShardWriter`; the tokenizer is the embedded SmolLM2's, so the vocabulary
+`care_mla.io.checkpoint.ShardWriter`; the tokenizer is the embedded SmolLM2's, so the vocabulary
 is 49,152 and the embedded Austen text calibrates it.
 
     python benchmarks/random_model.py OUT --layers 32 [--hidden 576 --intermediate 1536 --heads 9 --kv-heads 3]
@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from care_mla import assets
-from care_mla.checkpoint import ShardWriter
-from care_mla.layerwise import save_config, weight_plan
+from care_mla.io import assets
+from care_mla.io.checkpoint import ShardWriter
+from care_mla.pipeline.layerwise import save_config, weight_plan
 
 VOCAB = 49152
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from care_mla import assets
-from care_mla.checkpoint import ShardWriter
-from care_mla.layerwise import save_config, weight_plan
+from care_mla.io import assets
+from care_mla.io.checkpoint import ShardWriter
+from care_mla.pipeline.layerwise import save_config, weight_plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from random_model import random_llama_config  # noqa: E402

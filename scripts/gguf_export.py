@@ -11,7 +11,7 @@ is imported from the folder given (e.g. the llama-cpp-python sdist's vendor/llam
    Transformers must keep null: it would build a rank-0 `q_a_proj` from 0.
 2. `attn_kv_a_mqa` stays F32 in every GGUF type: the export makes `kv_a_layernorm` numerically
    linear by scaling the latent rows of `kv_a_proj_with_mqa` by a tiny s (weights ~1e-8, see
-   `care_mla.deepseek`), which float16 flushes to zero (the f16 GGUF then gives wrong tokens from
+   `care_mla.formats.deepseek`), which float16 flushes to zero (the f16 GGUF then gives wrong tokens from
    the first one). The tensor is (kv_lora_rank + rope) x D, small next to the rest.
 Anything else (the original Llama folder, a DeepSeek model) goes through the converter unchanged
 except for (2), which only touches `attn_kv_a_mqa`.

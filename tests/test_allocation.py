@@ -1,4 +1,4 @@
-"""Pure-maths tests of care_mla.allocation on synthetic spectra."""
+"""Pure-maths tests of care_mla.method.allocation on synthetic spectra."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from care_mla.allocation import adjusted_ranks, allocation_error, default_bounds, uniform_ranks
+from care_mla.method.allocation import adjusted_ranks, allocation_error, default_bounds, uniform_ranks
 
 
 def _random_spectra(seed: int, num_layers: int, length: int) -> list[torch.Tensor]:

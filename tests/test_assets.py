@@ -1,4 +1,4 @@
-"""Tests for care_mla.assets (embedded SmolLM2-135M-Instruct model and Jane Austen text).
+"""Tests for care_mla.io.assets (embedded SmolLM2-135M-Instruct model and Jane Austen text).
 
 Unit tests run anywhere. Tests marked ``integration`` build (once) and use the real assets in the
 normal cache (``$CARE_MLA_CACHE`` or ``~/.cache/care-mla``); the first run converts the model
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from care_mla import assets
-from care_mla.assets import AUSTEN_SPLITS, AssetError, austen_text, default_model_dir
+from care_mla.io import assets
+from care_mla.io.assets import AUSTEN_SPLITS, AssetError, austen_text, default_model_dir
 
 # A distinctive opening line of each novel (as wrapped in janeaustenr).
 OPENING_LINES = {

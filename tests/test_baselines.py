@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_convert import settings_for
 
-from care_mla import convert as api
-from care_mla.factorization import (
+from care_mla.method.factorization import (
     activation_error,
     balance_scale,
     care_factorize,
@@ -15,9 +15,8 @@ from care_mla.factorization import (
     transmla_factorize,
     transmla_joint_factorize,
 )
+from care_mla.pipeline import convert as api
 from care_mla.settings import ConvertSettings, SettingsError
-
-from test_convert import settings_for
 
 N, D, M = 3000, 24, 16
 

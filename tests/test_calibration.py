@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-
-from care_mla.calibration import CalibrationStats, SecondMoment, collect_statistics
-
 from conftest import tiny_model
+
+from care_mla.pipeline.calibration import CalibrationStats, SecondMoment, collect_statistics
 
 
 def reference_stats(model, ids):

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import dataclasses
+import hashlib
 import json
 
 import pytest
 import torch
+from conftest import FAMILY_CLASSES
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import care_mla  # noqa: F401
-from care_mla import calibration, convert as api
 from care_mla.cli import main
-from care_mla.families import UnsupportedModelError
+from care_mla.formats.families import UnsupportedModelError
+from care_mla.pipeline import calibration
+from care_mla.pipeline import convert as api
 from care_mla.settings import ConvertSettings, SettingsError
-
-from conftest import FAMILY_CLASSES
 
 
 def settings_for(model_dir, text_file, tmp_path, **kw) -> ConvertSettings:
@@ -111,7 +111,7 @@ def test_second_conversion_reuses_calibration(tiny_model_dir, text_file, tmp_pat
 
 @pytest.mark.parametrize("layerwise", [True, False])
 def test_interrupted_conversion_leaves_no_output(tiny_model_dir, text_file, tmp_path, monkeypatch, layerwise):
-    from care_mla.checkpoint import ShardWriter
+    from care_mla.io.checkpoint import ShardWriter
 
     calls = []
 
@@ -135,7 +135,7 @@ def test_sigterm_during_the_cli_leaves_no_output(tiny_model_dir, text_file, tmp_
 
     script = """
 import os, signal, sys
-from care_mla.checkpoint import ShardWriter
+from care_mla.io.checkpoint import ShardWriter
 from care_mla.cli import main
 real = ShardWriter.add
 def add(self, name, tensor):

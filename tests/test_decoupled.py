@@ -13,14 +13,14 @@ from test_convert import settings_for
 from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM
 
 import care_mla  # noqa: F401  (registers care_mla with the Auto classes)
-from care_mla import convert as api
-from care_mla import deepseek as ds
-from care_mla.calibration import collect_statistics
 from care_mla.cli import main
-from care_mla.transformers_api import returned_cache
-from care_mla.evaluation import cache_bytes
-from care_mla.mapping import build_decoupled_model
-from care_mla.modeling_care_mla import CareMlaForCausalLM
+from care_mla.evaluation.perplexity import cache_bytes
+from care_mla.formats import deepseek as ds
+from care_mla.formats.mapping import build_decoupled_model
+from care_mla.formats.modeling_care_mla import CareMlaForCausalLM
+from care_mla.formats.transformers_api import returned_cache
+from care_mla.pipeline import convert as api
+from care_mla.pipeline.calibration import collect_statistics
 from care_mla.settings import SettingsError
 
 # tiny_config: D = 64, 4 query heads, g = 2 KV heads, d_h = 16 → GQA cache 64 numbers per layer, 3 layers

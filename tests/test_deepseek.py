@@ -1,4 +1,4 @@
-"""Export to stock DeepSeek-V3 (`care_mla.deepseek`): pure maths, then round trips on tiny models."""
+"""Export to stock DeepSeek-V3 (`care_mla.formats.deepseek`): pure maths, then round trips on tiny models."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 )
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from care_mla import deepseek as ds
-from care_mla.transformers_api import returned_cache
-from care_mla.calibration import collect_statistics
-from care_mla.families import UnsupportedModelError
+from care_mla.formats import deepseek as ds
+from care_mla.formats.families import UnsupportedModelError
+from care_mla.formats.transformers_api import returned_cache
+from care_mla.pipeline.calibration import collect_statistics
 
 # tiny_config: D = 64, 4 query heads, g = 2 KV heads, d_h = 16 → GQA cache 2·2·16 = 64 per layer
 PARITY = 64
@@ -452,10 +452,10 @@ def test_engine_geometry_refuses_a_model_whose_cache_is_already_smaller(engine, 
 def test_engine_export_runs_in_its_geometry_with_an_untied_head(tmp_path, text_file):
     """`convert --engine vllm-cpu` on a model with Llama-3's KV width (8 KV heads × 128): 512 + 64 cached per token
     and layer, portable, an explicit lm_head (the source ties it), and runtime_support says which engines run it."""
+    from conftest import make_tokenizer
     from safetensors import safe_open
 
     from care_mla.cli import main
-    from conftest import make_tokenizer
 
     src = tmp_path / "src"
     tiny_model("llama", hidden_size=512, num_attention_heads=8, num_key_value_heads=8, head_dim=128,

@@ -7,11 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_model
 from torch import nn
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, Gemma2Config, Gemma2ForCausalLM
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
-from care_mla.evaluation import (
+from care_mla.evaluation.perplexity import (
     LOGITS_BUDGET_BYTES,
     CacheNotUsedError,
     NonFiniteError,
@@ -22,7 +23,6 @@ from care_mla.evaluation import (
     measured_kv_bytes_per_token,
     perplexity,
 )
-from conftest import tiny_model
 
 BIG_VOCAB = 50_000
 

@@ -1,4 +1,4 @@
-"""Pure-maths tests of care_mla.factorization on synthetic activations (no model)."""
+"""Pure-maths tests of care_mla.method.factorization on synthetic activations (no model)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from care_mla.factorization import (
+from care_mla.method.factorization import (
     Factors,
     activation_error,
     asvd_factorize,

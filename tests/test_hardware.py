@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from care_mla import hardware
+from care_mla.io import hardware
 
 MILAN_FLAGS = (
     "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht "
@@ -258,7 +258,7 @@ def test_corrupt_cache_is_recomputed_with_warning(monkeypatch, tmp_path, caplog)
     path = info["cache_file"]
     with open(path, "w") as f:
         f.write('{"version": 1, "probe": {"float32": ')  # a write cut short
-    with caplog.at_level(logging.WARNING, logger="care_mla.hardware"):
+    with caplog.at_level(logging.WARNING, logger="care_mla.io.hardware"):
         dtype, info = hardware.resolve_auto_dtype("cpu", cache_dir=tmp_path, step="calibration", probe=probe)
     assert dtype is torch.bfloat16 and info["from_cache"] is False
     assert any("unreadable" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)

@@ -1,4 +1,4 @@
-"""Healing (`care_mla.heal`): the loss as pure maths, then short runs on tiny converted models."""
+"""Healing (`care_mla.healing.heal`): the loss as pure maths, then short runs on tiny converted models."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from conftest import tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3ForCausalLM, TrainerCallback
 
 import care_mla
-from care_mla import convert as api
-from care_mla import heal as healing
-from care_mla import linear_norms
 from care_mla.cli import main
-from care_mla.data import load_windows, token_windows
-from care_mla.outputs import OutputError
-from care_mla.distillation import kd_loss
-from care_mla.heal_settings import HealSettings
+from care_mla.healing import heal as healing
+from care_mla.healing import linear_norms
+from care_mla.healing.distillation import kd_loss
+from care_mla.healing.settings import HealSettings
+from care_mla.io.outputs import OutputError
+from care_mla.io.text import load_windows, token_windows
+from care_mla.pipeline import convert as api
 from care_mla.settings import ConvertSettings, SettingsError
 
 

@@ -6,16 +6,16 @@ import json
 
 import pytest
 import torch
+from conftest import make_tokenizer, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import care_mla  # noqa: F401
-from care_mla import convert as api
-from care_mla.calibration import collect_statistics
-from care_mla.checkpoint import CheckpointFormatError, CheckpointReader, ShardWriter
-from care_mla.layerwise import layer_prefix, skeleton
+from care_mla.io.checkpoint import CheckpointFormatError, CheckpointReader, ShardWriter
+from care_mla.pipeline import convert as api
+from care_mla.pipeline.calibration import collect_statistics
+from care_mla.pipeline.layerwise import layer_prefix, skeleton
 from care_mla.settings import ConvertSettings
-from conftest import make_tokenizer, tiny_model
 
 #: Files that describe how a conversion ran (they name the loading mode); every other output file must match.
 RUN_FILES = {"report.json", "care_mla_settings.json"}
@@ -174,7 +174,7 @@ def test_non_safetensors_checkpoint_falls_back_to_whole_loading(text_file, tmp_p
 
 
 def test_token_ids_are_cached_on_disk(text_file, tmp_path, monkeypatch):
-    from care_mla import data
+    from care_mla.io import text as data
 
     tok = make_tokenizer(text_file.read_text())
     first = data.tokenize_file(tok, text_file, tmp_path)
@@ -241,7 +241,7 @@ def test_layer_placement_spreads_a_layer_that_does_not_fit_one_device(tiny_model
     """accelerate's placement of one decoder layer over small budgets (no GPU needed: shapes only, on meta)."""
     from transformers import AutoConfig
 
-    from care_mla.layerwise import PlacementError, layer_placement
+    from care_mla.pipeline.layerwise import PlacementError, layer_placement
 
     config = AutoConfig.from_pretrained(tiny_model_dir("llama"))  # one layer: 30,848 fp32 parameters = 123 KB
     assert layer_placement(config, {0: "10MB"}, torch.float32) is None  # fits the first device whole
@@ -290,7 +290,7 @@ def test_max_memory_conversion_matches_the_default(tiny_model_dir, text_file, tm
                                           max_memory="cpu=1GiB", evaluate=True))
         assert output_files(tmp_path / name) == output_files(tmp_path / "default")
         assert report["ppl"]["converted"] > 1
-    from care_mla.layerwise import PlacementError
+    from care_mla.pipeline.layerwise import PlacementError
 
     with pytest.raises(PlacementError, match="does not fit --max-memory"):
         api.convert(settings_for(folder, text_file, tmp_path, "tiny-budget", device="cpu", max_memory="cpu=10KB"))

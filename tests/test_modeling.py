@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FAMILY_CLASSES, tiny_model
 from transformers import AutoModelForCausalLM
 
 import care_mla  # noqa: F401  (registers model_type care_mla)
-from care_mla.transformers_api import returned_cache
-from care_mla.evaluation import cache_bytes, kv_bytes_per_token, measured_kv_bytes_per_token
-from care_mla.factorization import Factors
-from care_mla.mapping import LayerLatent, build_latent_model
-
-from conftest import FAMILY_CLASSES, tiny_model
+from care_mla.evaluation.perplexity import cache_bytes, kv_bytes_per_token, measured_kv_bytes_per_token
+from care_mla.formats.mapping import LayerLatent, build_latent_model
+from care_mla.formats.transformers_api import returned_cache
+from care_mla.method.factorization import Factors
 
 
 def exact_latents(model, kv_latent: str) -> list[LayerLatent]:

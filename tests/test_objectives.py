@@ -1,4 +1,4 @@
-"""Attention-aware objectives and error compensation (care_mla.objectives, factorization's weighting/cross,
+"""Attention-aware objectives and error compensation (care_mla.method.objectives, factorization's weighting/cross,
 compensation's output refit)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from care_mla.compensation import OutputMoments, output_refit_error, refit_output_weight
-from care_mla.factorization import activation_error, care_factorize, joint_factorize
-from care_mla.objectives import (
+from care_mla.method.compensation import OutputMoments, output_refit_error, refit_output_weight
+from care_mla.method.factorization import activation_error, care_factorize, joint_factorize
+from care_mla.method.objectives import (
     Weighting,
     block_weighting,
     key_query_gram,

@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-
-from care_mla import calibration, hardware
-from care_mla.cli import main
-
 from conftest import tiny_model
+
+from care_mla.cli import main
+from care_mla.io import hardware
+from care_mla.pipeline import calibration
 
 #: Documented bound (README, "Precision"): relative Frobenius distance between the second moments of a
 #: bf16 and an fp32 calibration of the same model and tokens, per layer.

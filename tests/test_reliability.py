@@ -24,9 +24,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import care_mla  # noqa: F401
-from care_mla import calibration, convert as api, evaluation
 from care_mla.cli import main
-from care_mla.outputs import MARKER, OutputLock
+from care_mla.evaluation import perplexity as evaluation
+from care_mla.io.outputs import MARKER, OutputLock
+from care_mla.pipeline import calibration
+from care_mla.pipeline import convert as api
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LEFTOVER_MARKS = (".partial-", ".lock", ".old-", ".tmp", MARKER)
@@ -411,7 +413,7 @@ def test_eval_of_a_model_with_non_finite_perplexity_exits_1_without_printing_nan
 
 
 def test_disk_full_is_one_line_and_leaves_nothing(work, capsys, monkeypatch):
-    import care_mla.layerwise as layerwise
+    import care_mla.pipeline.layerwise as layerwise
 
     def full(*a, **k):
         raise OSError(28, "No space left on device", str(work.root / "out"))
@@ -441,7 +443,7 @@ def test_unexpected_errors_are_one_line_with_exit_1(work, capsys, monkeypatch):
 _SIGNAL_CHILD = """
 import os, signal, sys
 sys.path.insert(0, {src!r})
-import care_mla.layerwise as layerwise
+import care_mla.pipeline.layerwise as layerwise
 from care_mla.cli import main
 real = layerwise.write_model
 def write_then_signal(*a, **k):
@@ -523,7 +525,7 @@ def test_corrupt_perplexity_memo_and_token_cache_are_recomputed(work, capsys):
 def test_killed_calibration_resumes_from_the_layers_done(work, monkeypatch, caplog):
     """A conversion that dies in layer 2 leaves its progress; the next run starts at layer 2 and gives the
     statistics of an uninterrupted calibration, bit for bit."""
-    from care_mla.checkpoint import CheckpointReader
+    from care_mla.io.checkpoint import CheckpointReader
 
     monkeypatch.setattr(calibration, "RESUME_INTERVAL_S", 0.0)
     real_state = CheckpointReader.state

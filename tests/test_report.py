@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from care_mla import convert as api
-from care_mla import plots
-from care_mla.report import REPORT_FILE, ReportError, report
-
 from test_convert import settings_for
+
+from care_mla.evaluation import plots
+from care_mla.evaluation.report import REPORT_FILE, ReportError, report
+from care_mla.pipeline import convert as api
 
 
 def _png(path) -> None:

@@ -1,4 +1,4 @@
-"""Choices by calibration loss (care_mla.selection, convert.choose_settings_*) and error compensation end to end,
+"""Choices by calibration loss (care_mla.pipeline.selection, convert.choose_settings_*) and error compensation end to end,
 on tiny random models."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ import math
 
 import pytest
 import torch
+from test_convert import settings_for
 from transformers import AutoModelForCausalLM
 
-from care_mla import convert as api
-from care_mla.checkpoint import CheckpointReader
-from care_mla.evaluation import perplexity
-from care_mla.selection import best, streamed_losses
+from care_mla.evaluation.perplexity import perplexity
+from care_mla.io.checkpoint import CheckpointReader
+from care_mla.pipeline import convert as api
+from care_mla.pipeline.selection import best, streamed_losses
 from care_mla.settings import ConvertSettings, SettingsError
-from test_convert import settings_for
 
 
 def test_streamed_losses_equal_the_built_models_loss(tiny_model_dir, text_file, tmp_path):
@@ -145,7 +145,7 @@ def test_output_refit_reproduces_the_original_better(tiny_model_dir, text_file, 
 def test_decoupled_compensation_with_an_exact_upstream_is_the_plain_layout(tiny_model_dir, text_file, tmp_path):
     """moments = (C, C): the compensated latent and RoPE keys are those of the plain decoupled layout; a drifted
     upstream changes both (the RoPE keys become the least-squares map to the original ones)."""
-    from care_mla import deepseek
+    from care_mla.formats import deepseek
 
     folder = tiny_model_dir("qwen2")  # with biases: the RoPE key's bias row must stay
     s = settings_for(folder, text_file, tmp_path, latent="decoupled", allocation="uniform", kv_fraction=0.25,

@@ -7,11 +7,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import care_mla  # noqa: F401
-from care_mla import assets
-from care_mla.convert import convert
-from care_mla.data import load_windows
-from care_mla.transformers_api import returned_cache
-from care_mla.evaluation import cache_bytes
+from care_mla.evaluation.perplexity import cache_bytes
+from care_mla.formats.transformers_api import returned_cache
+from care_mla.io import assets
+from care_mla.io.text import load_windows
+from care_mla.pipeline.convert import convert
 from care_mla.settings import ConvertSettings
 
 pytestmark = pytest.mark.integration

@@ -9,11 +9,11 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 import care_mla  # noqa: F401
-from care_mla import convert as api
-from care_mla import plots
-from care_mla.report import add_report_parser, run_report_command
+from care_mla.evaluation import plots
+from care_mla.evaluation.report import add_report_parser, run_report_command
+from care_mla.evaluation.sweep import SweepSettings, add_sweep_parser, format_table, run_sweep_command, sweep
+from care_mla.pipeline import convert as api
 from care_mla.settings import SettingsError
-from care_mla.sweep import SweepSettings, add_sweep_parser, format_table, run_sweep_command, sweep
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

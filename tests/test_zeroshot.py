@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-
-from care_mla import zeroshot as zs
-from care_mla.settings import ConvertSettings, SettingsError
-
 from conftest import make_text, make_tokenizer, tiny_model
+
+from care_mla.evaluation import zeroshot as zs
+from care_mla.settings import ConvertSettings, SettingsError
 
 STORY = """CHAPTER 1
 
@@ -153,8 +152,8 @@ def test_smollm2_reads_the_austen_passages(tmp_path):
 
     bf16 (2× faster than fp32 on CPU): ~30 s on 2 idle cores.
     """
-    from care_mla import assets
-    from care_mla.convert import load_model
+    from care_mla.io import assets
+    from care_mla.pipeline.convert import load_model
 
     model, tokenizer, _ = load_model(assets.DEFAULT_MODEL, torch.bfloat16, torch.device("cpu"))
     lastword = zs.evaluate_zero_shot(model, tokenizer, ["lastword"], limit=100, batch_size=16, cache_dir=tmp_path)

@@ -2,8 +2,8 @@
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .configuration_care_mla import CareMlaConfig
-from .modeling_care_mla import CareMlaForCausalLM
+from care_mla.formats.configuration_care_mla import CareMlaConfig
+from care_mla.formats.modeling_care_mla import CareMlaForCausalLM
 
 AutoConfig.register(CareMlaConfig.model_type, CareMlaConfig, exist_ok=True)
 AutoModelForCausalLM.register(CareMlaConfig, CareMlaForCausalLM, exist_ok=True)

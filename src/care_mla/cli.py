@@ -1,4 +1,4 @@
-"""`care-mla` command line: a thin layer over `care_mla.convert`."""
+"""`care-mla` command line: a thin layer over `care_mla.pipeline.convert`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,19 @@ import signal
 import sys
 import threading
 
-from .settings import (ALLOCATIONS, CALIB_DTYPES, DEVICES, DTYPES, ENGINES, FORMATS, LATENTS, METHODS, OBJECTIVES,
-                       ROPE_STRATEGIES, ConvertSettings)
+from care_mla.settings import (
+    ALLOCATIONS,
+    CALIB_DTYPES,
+    DEVICES,
+    DTYPES,
+    ENGINES,
+    FORMATS,
+    LATENTS,
+    METHODS,
+    OBJECTIVES,
+    ROPE_STRATEGIES,
+    ConvertSettings,
+)
 
 DEFAULTS = ConvertSettings()
 
@@ -135,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(e)
 
     _add_heal_parser(sub)
-    from .report import add_report_parser
-    from .sweep import add_sweep_parser
+    from care_mla.evaluation.report import add_report_parser
+    from care_mla.evaluation.sweep import add_sweep_parser
 
     add_sweep_parser(sub)
     add_report_parser(sub)
@@ -148,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_heal_parser(sub) -> None:
-    from .heal_settings import HEAL_DTYPES, HealSettings
+    from care_mla.healing.settings import HEAL_DTYPES, HealSettings
 
     H = HealSettings(converted="-", teacher="-", out="-", tokens=1)
     h = sub.add_parser("heal", help="fine-tune a converted model back towards the original (CE + distillation)")
@@ -188,17 +199,17 @@ def _add_heal_parser(sub) -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """What bad input raises: one line and exit 2, before (or instead of) any work."""
-    from .assets import AssetError
-    from .checkpoint import CheckpointCorruptError
-    from .convert import ModelLoadError
-    from .data import TextError
-    from .deepseek import DeepseekExportError
-    from .families import UnsupportedModelError
-    from .layerwise import PlacementError
-    from .outputs import OutputError
-    from .report import ReportError
-    from .settings import SettingsError
-    from .zeroshot import ZeroShotError
+    from care_mla.evaluation.report import ReportError
+    from care_mla.evaluation.zeroshot import ZeroShotError
+    from care_mla.formats.deepseek import DeepseekExportError
+    from care_mla.formats.families import UnsupportedModelError
+    from care_mla.io.assets import AssetError
+    from care_mla.io.checkpoint import CheckpointCorruptError
+    from care_mla.io.outputs import OutputError
+    from care_mla.io.text import TextError
+    from care_mla.pipeline.convert import ModelLoadError
+    from care_mla.pipeline.layerwise import PlacementError
+    from care_mla.settings import SettingsError
 
     return (AssetError, ModelLoadError, OutputError, TextError, UnsupportedModelError, SettingsError,
             DeepseekExportError, ZeroShotError, PlacementError, CheckpointCorruptError, ReportError)
@@ -263,7 +274,7 @@ def _runtime_message(err: BaseException) -> str:
         return f"disk full{where}: free some space (or choose another --out / --cache-dir) and run again"
     if isinstance(err, MemoryError):
         return "out of memory: use a smaller --batch-size, --calib-samples or --eval-samples"
-    from .convert import EvaluationError
+    from care_mla.pipeline.convert import EvaluationError
 
     if isinstance(err, EvaluationError):
         return _one_line(err)
@@ -274,8 +285,8 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
 
-    from . import convert as api  # import torch/transformers only once the arguments are valid
-    from .hardware import configure_threads
+    from care_mla.io.hardware import configure_threads
+    from care_mla.pipeline import convert as api  # import torch/transformers only once the arguments are valid
 
     configure_threads(args.threads)  # logs how many
     if args.quiet:
@@ -290,23 +301,23 @@ def _run(args: argparse.Namespace) -> int:
             summary["zero_shot_average"] = {m: z["average_acc"] for m, z in report["zero_shot"].items()}
         print(json.dumps({"out": settings.out, **summary}, indent=2))
     elif args.command == "heal":
-        from .heal import heal
-        from .heal_settings import HealSettings
+        from care_mla.healing.heal import heal
+        from care_mla.healing.settings import HealSettings
 
         fields = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "debug", "threads")}
         report = heal(HealSettings.from_dict({**fields, "progress": not args.quiet}))
         summary = {k: report[k] for k in ("ppl", "tokens_seen", "wall_time_s", "tokens_per_s")}
         print(json.dumps({"out": args.out, **summary}, indent=2))
     elif args.command == "sweep":
-        from .sweep import run_sweep_command
+        from care_mla.evaluation.sweep import run_sweep_command
 
         return run_sweep_command(args)
     elif args.command == "report":
-        from .report import run_report_command
+        from care_mla.evaluation.report import run_report_command
 
         return run_report_command(args)
     elif args.command == "demo":
-        from .demo import run_demo
+        from care_mla.demo import run_demo
 
         print(run_demo(args.out, kv_fraction=args.kv_fraction, overwrite=args.overwrite, progress=not args.quiet))
     else:

@@ -12,9 +12,9 @@ import logging
 import time
 from pathlib import Path
 
-from .convert import convert
-from .outputs import write_text_atomic
-from .settings import ConvertSettings
+from care_mla.io.outputs import write_text_atomic
+from care_mla.pipeline.convert import convert
+from care_mla.settings import ConvertSettings
 
 logger = logging.getLogger(__name__)
 

@@ -23,17 +23,25 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from . import allocation, assets, deepseek, factorization
-from .calibration import CalibrationCacheError, CalibrationStats, collect_statistics
-from .checkpoint import CheckpointFormatError, CheckpointReader, check_finite
-from .data import check_text_file, load_windows, resolve_text, user_text
-from .evaluation import check_finite_ppl, kv_bytes_per_token, kv_cache_width, measured_kv_bytes_per_token, perplexity
-from .families import get_family, gqa_kv_width, head_dim
-from .configuration_care_mla import CareMlaConfig
-from .fingerprint import model_digest
-from .mapping import LayerLatent, build_decoupled_model, build_latent_model, decoupled_config
-from .outputs import OutputExistsError, OutputFolder, write_text_atomic  # noqa: F401  (OutputExistsError: API)
-from .settings import ConvertSettings, SettingsError
+from care_mla.evaluation.perplexity import (
+    check_finite_ppl,
+    kv_bytes_per_token,
+    kv_cache_width,
+    measured_kv_bytes_per_token,
+    perplexity,
+)
+from care_mla.formats import deepseek
+from care_mla.formats.configuration_care_mla import CareMlaConfig
+from care_mla.formats.families import get_family, gqa_kv_width, head_dim
+from care_mla.formats.mapping import LayerLatent, build_decoupled_model, build_latent_model, decoupled_config
+from care_mla.io import assets
+from care_mla.io.checkpoint import CheckpointFormatError, CheckpointReader, check_finite
+from care_mla.io.fingerprint import model_digest
+from care_mla.io.outputs import OutputExistsError, OutputFolder, write_text_atomic  # noqa: F401  (OutputExistsError: API)
+from care_mla.io.text import check_text_file, load_windows, resolve_text, user_text
+from care_mla.method import allocation, factorization
+from care_mla.pipeline.calibration import CalibrationCacheError, CalibrationStats, collect_statistics
+from care_mla.settings import ConvertSettings, SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +89,7 @@ def auto_dtype(device: torch.device, step: str, config=None, *, tokens: int = 51
                cache_dir: str | None = None) -> tuple[torch.dtype, dict]:
     """(dtype, what it was chosen from) for the forward passes of `step` on `device`: a GEMM probe at the shapes
     of `config`'s decoder layer (default shapes without one), cached per machine and torch version."""
-    from . import hardware
+    from care_mla.io import hardware
 
     shapes = hardware.DEFAULT_SHAPES
     if config is not None:
@@ -202,7 +210,7 @@ def _calibrate(model, tokenizer, model_path: str, settings: ConvertSettings, rea
     }
     resume = cache.with_name(cache.stem + ".partial.safetensors")  # layers done so far, if a run was killed
     if reader is not None:
-        from .layerwise import collect_statistics_layerwise
+        from care_mla.pipeline.layerwise import collect_statistics_layerwise
 
         stats = collect_statistics_layerwise(reader, config, windows, dtype=dtype,
                                              device=device, batch_size=settings.batch_size,
@@ -274,7 +282,7 @@ def attention_weights(config, qo_weights: QoWeights | None, i: int, C: torch.Ten
         raise ValueError("resolve the 'auto' objective first (choose_settings)")
     if qo_weights is None:
         raise ValueError("the attention objective needs the layer's q_proj and o_proj weights")
-    from .objectives import attention_weightings
+    from care_mla.method.objectives import attention_weightings
 
     W_q, W_o = (w.to(C.device) for w in qo_weights(i))
     k, v = attention_weightings(W_q, W_o, C, num_heads=config.num_attention_heads,
@@ -409,8 +417,8 @@ def compensated_layers(config, target, model_class: type, fit: FitLayer, layer_s
     (`compensation.refit_output_weight`) and set as the product's ``o_weight``. Returns each layer's product
     and table row, with the hidden-state drift after it (and the attention output's relative error before and
     after the refit)."""
-    from .compensation import output_refit_error, refit_output_weight, sequential_moments
-    from .layerwise import skeleton
+    from care_mla.method.compensation import output_refit_error, refit_output_weight, sequential_moments
+    from care_mla.pipeline.layerwise import skeleton
 
     products, rows = [], []
 
@@ -443,8 +451,8 @@ def compensated_latents(config, ranks: list[list[int]], kv_weights: KvWeights, q
                         stats: CalibrationStats, settings: ConvertSettings) -> tuple[list[LayerLatent], list[dict]]:
     """Every layer's joint or separate latent factors (and table rows) at `ranks`, made on the converted stream
     (error compensation and/or output refit, as `settings` say)."""
-    from .mapping import latent_layer_state
-    from .modeling_care_mla import CareMlaForCausalLM
+    from care_mla.formats.mapping import latent_layer_state
+    from care_mla.formats.modeling_care_mla import CareMlaForCausalLM
 
     def fit(i: int, moments: tuple[torch.Tensor, torch.Tensor]):
         latent, row = layer_latent(i, ranks[i], kv_weights, stats, settings, qo_weights, config, moments=moments)
@@ -463,8 +471,8 @@ def compensated_layouts(config, split: deepseek.RopeSplit, ranks: list[int], lay
     layers are fitted before any is written). The converted stream runs the decoupled latent model,
     which computes what the DeepSeek export does (without the export's residual scale), so one pass serves
     both formats."""
-    from .mapping import decoupled_layer_state
-    from .modeling_care_mla import CareMlaForCausalLM
+    from care_mla.formats.mapping import decoupled_layer_state
+    from care_mla.formats.modeling_care_mla import CareMlaForCausalLM
 
     def fit(i: int, moments: tuple[torch.Tensor, torch.Tensor]):
         e, row = decoupled_layer(split, i, ranks[i], stats, settings, moments=moments)
@@ -622,7 +630,7 @@ def build_converted(model, stats: CalibrationStats, settings: ConvertSettings,
 
 def selection_windows(tokenizer, settings: ConvertSettings) -> torch.Tensor:
     """`selection.SELECTION_WINDOWS` calibration windows, evenly spaced over the calibration set (held-in)."""
-    from .selection import SELECTION_WINDOWS
+    from care_mla.pipeline.selection import SELECTION_WINDOWS
 
     windows, _ = load_windows(tokenizer, settings.calib_text, "calibration", settings.calib_samples,
                               settings.calib_seq_len, assets.resolve_cache_dir(settings.cache_dir))
@@ -633,7 +641,7 @@ def selection_windows(tokenizer, settings: ConvertSettings) -> torch.Tensor:
 def objective_candidates(settings: ConvertSettings) -> list[ConvertSettings]:
     """The settings to choose from by calibration loss: every "auto" objective and key_emphasis spelled out
     (`selection.OBJECTIVE_CHOICES` × `selection.KEY_EMPHASIS_GRID`); one entry when nothing is left to choose."""
-    from .selection import KEY_EMPHASIS_GRID, OBJECTIVE_CHOICES
+    from care_mla.pipeline.selection import KEY_EMPHASIS_GRID, OBJECTIVE_CHOICES
 
     objectives = OBJECTIVE_CHOICES if settings.objective == "auto" else (settings.objective,)
     out = []
@@ -649,7 +657,7 @@ def rope_dim_candidates(config, settings: ConvertSettings) -> list[ConvertSettin
     """Decoupled layouts below parity with no pinned ``--rope-dim``: splits of the cache between
     ``qk_rope_head_dim`` and ``kv_lora_rank`` to choose from by calibration loss (`selection.ROPE_SHARES` of the
     cache, even, valid for the export); one entry when there is nothing to choose."""
-    from .selection import ROPE_SHARES
+    from care_mla.pipeline.selection import ROPE_SHARES
 
     if settings.latent != "decoupled" or settings.rope_dim is not None or settings.engine is not None:
         return [settings]
@@ -683,7 +691,7 @@ def choose_settings(config, settings: ConvertSettings,
     """`settings` with what is "auto" resolved by calibration loss, one stage after the other (`_STAGES`: first
     the objective and the K/V balance, then, for a decoupled layout, the RoPE/latent split), and the report
     fields of each choice made. `score` gives the calibration loss of each candidate."""
-    from .selection import best
+    from care_mla.pipeline.selection import best
 
     fields = {}
     for field, candidates_of, name_of in _STAGES:
@@ -725,8 +733,8 @@ def choose_settings_layerwise(config, reader: CheckpointReader, tokenizer, stats
                               device: torch.device) -> tuple[ConvertSettings, dict]:
     """`choose_settings` with one decoder layer of one candidate in memory at a time (`selection.streamed_losses`;
     the candidates read each layer from disk once, `layerwise.LayerMemo`)."""
-    from .layerwise import LayerMemo
-    from .selection import streamed_losses
+    from care_mla.pipeline.layerwise import LayerMemo
+    from care_mla.pipeline.selection import streamed_losses
 
     windows = None
     memo = LayerMemo(reader)
@@ -822,7 +830,7 @@ def evaluate_pair(original, converted, tokenizer, model_path: str, settings: Con
 
 def zero_shot_pair(original, converted, tokenizer, settings: ConvertSettings) -> dict:
     """Zero-shot accuracy (lm-eval) of the original and the converted model on `settings.zero_shot_tasks`."""
-    from .zeroshot import evaluate_zero_shot
+    from care_mla.evaluation.zeroshot import evaluate_zero_shot
 
     kw = dict(text=settings.eval_text, limit=settings.zero_shot_limit, batch_size=settings.batch_size,
               cache_dir=settings.cache_dir)
@@ -884,7 +892,7 @@ def check_inputs(settings: ConvertSettings) -> None:
     if settings.evaluate:
         check_text_file(settings.eval_text, "evaluation")
     if settings.evaluate and settings.zero_shot_tasks:
-        from .zeroshot import check_tasks
+        from care_mla.evaluation.zeroshot import check_tasks
 
         check_tasks(settings.zero_shot_tasks, settings.eval_text)  # a missing lm-eval or an unknown task: now
     if settings.model != assets.DEFAULT_MODEL:
@@ -918,7 +926,7 @@ def _convert_whole(settings: ConvertSettings, device: torch.device, dtype: torch
                           settings, dtype, device, loading="whole")
     t = time.perf_counter()
     with folder.staging() as tmp:
-        from .layerwise import save_model
+        from care_mla.pipeline.layerwise import save_model
 
         save_model(tmp, converted)  # the same files the layer-by-layer path streams
         tokenizer.save_pretrained(tmp)
@@ -971,7 +979,7 @@ def _checkpoint_reader(spec: str) -> CheckpointReader | None:
 def _convert_layerwise(settings: ConvertSettings, reader: CheckpointReader, device: torch.device,
                        dtype: torch.dtype, folder: OutputFolder) -> dict:
     """`convert` with one decoder layer in memory at a time: statistics, rank plan and output streamed."""
-    from .layerwise import write_model
+    from care_mla.pipeline.layerwise import write_model
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -1041,9 +1049,9 @@ def _latent_stream(config, reader: CheckpointReader, stats: CalibrationStats, se
                    dtype: torch.dtype, compensation: Compensation | None = None) -> _Stream:
     """The latent model's stream; with ``settings.sequential_fit`` its factors are fitted first, layer after layer,
     as `compensation` says."""
-    from .layerwise import kv_weights_reader, layer_prefix, qo_weights_reader
-    from .mapping import latent_layer_state
-    from .modeling_care_mla import CareMlaForCausalLM
+    from care_mla.formats.mapping import latent_layer_state
+    from care_mla.formats.modeling_care_mla import CareMlaForCausalLM
+    from care_mla.pipeline.layerwise import kv_weights_reader, layer_prefix, qo_weights_reader
 
     kv_weights = kv_weights_reader(reader, dtype)
     qo_weights = qo_weights_reader(reader, dtype)
@@ -1069,7 +1077,7 @@ def _streamed_compensation(reader: CheckpointReader, compensation: Compensation 
     """(layer state, embedding, compensation) of a compensated stream read from the checkpoint: the layers in the
     conversion's `dtype`, as an in-memory model holds them (the streams cast them to the compensation's dtype;
     what is fitted against them, e.g. the refit's pull towards the original o_proj, sees the same numbers)."""
-    from .layerwise import layer_prefix
+    from care_mla.pipeline.layerwise import layer_prefix
 
     if compensation is None:
         raise ValueError("error compensation needs the calibration windows, dtype and device (Compensation)")
@@ -1082,9 +1090,9 @@ def _decoupled_stream(config, reader: CheckpointReader, stats: CalibrationStats,
     """The decoupled-RoPE model's stream (care_mla or DeepSeek format); `split`: a RoPE plan already made (the
     candidates of a choice share it); with ``settings.sequential_fit`` the layouts are fitted first, as
     `compensation` says."""
-    from .layerwise import layer_prefix, skeleton
-    from .mapping import decoupled_layer_state
-    from .modeling_care_mla import CareMlaForCausalLM
+    from care_mla.formats.mapping import decoupled_layer_state
+    from care_mla.formats.modeling_care_mla import CareMlaForCausalLM
+    from care_mla.pipeline.layerwise import layer_prefix, skeleton
 
     def attention_state(i: int) -> dict[str, torch.Tensor]:  # the RoPE and rank plans read attention only
         return {"self_attn." + k: v for k, v in reader.state(layer_prefix(i) + "self_attn.", dtype).items()}

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import _layer_output, _materialised, capture_layer_inputs
+from care_mla.pipeline.calibration import _layer_output, _materialised, capture_layer_inputs
 
 logger = logging.getLogger(__name__)
 

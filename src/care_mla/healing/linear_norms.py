@@ -1,6 +1,6 @@
 """Train a DeepSeek export whose latent norms were made linear, without breaking them.
 
-`care_mla.deepseek` makes ``kv_a_layernorm`` (and ``q_a_layernorm`` when Q has a bias) the
+`care_mla.formats.deepseek` makes ``kv_a_layernorm`` (and ``q_a_layernorm`` when Q has a bias) the
 identity: ``kv_a_proj_with_mqa`` scales the latent by a tiny s (~1e-7) so that
 ``ms(s·c) ≪ ε``, and the norm's weight is the huge constant ``√ε/s``. Fine-tuned as it is:
 

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .configuration_care_mla import CareMlaConfig
-from .factorization import Factors
-from .modeling_care_mla import CareMlaForCausalLM
+from care_mla.formats.configuration_care_mla import CareMlaConfig
+from care_mla.formats.modeling_care_mla import CareMlaForCausalLM
+from care_mla.method.factorization import Factors
 
 if TYPE_CHECKING:
-    from .deepseek import LayerLayout, MlaLayout, RopeSplit
+    from care_mla.formats.deepseek import LayerLayout, MlaLayout, RopeSplit
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import assets
-from .settings import (ALLOCATIONS, CALIB_DTYPES, DEVICES, DTYPES, METHODS, ConvertSettings, SettingsError, check_finite_numbers,
-                       method_latent_error)
+from care_mla.io import assets
+from care_mla.settings import (
+    ALLOCATIONS,
+    CALIB_DTYPES,
+    DEVICES,
+    DTYPES,
+    METHODS,
+    ConvertSettings,
+    SettingsError,
+    check_finite_numbers,
+    method_latent_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +248,7 @@ def _series_label(c: dict, latents: int) -> str:
 
 def write_plots(result: dict, folder: Path) -> list[str]:
     """The sweep's PNGs in `folder` (file names returned): quality vs saving, ranks, spectra."""
-    from . import plots
+    from care_mla.evaluation import plots
 
     cells = [c for c in result["cells"] if c["status"] != "skipped"]
     latents = len({c["latent"] for c in cells})
@@ -297,8 +306,8 @@ def write_plots(result: dict, folder: Path) -> list[str]:
 
 def _whitened_spectra(model, stats, s: SweepSettings) -> dict:
     """Whitened K/V spectra (CARE at rank 0) of the first, middle and last layer."""
-    from .convert import _kv_weights
-    from .factorization import whitened_spectrum
+    from care_mla.method.factorization import whitened_spectrum
+    from care_mla.pipeline.convert import _kv_weights
 
     n = model.config.num_hidden_layers
     layers = sorted({0, n // 2, n - 1})
@@ -312,9 +321,9 @@ def _whitened_spectra(model, stats, s: SweepSettings) -> dict:
 
 def sweep(settings: SweepSettings) -> dict:
     """Run the sweep of `settings` and write its folder; returns what sweep.json holds."""
-    from .convert import input_paths
-    from .data import check_text_file
-    from .outputs import OutputFolder
+    from care_mla.io.outputs import OutputFolder
+    from care_mla.io.text import check_text_file
+    from care_mla.pipeline.convert import input_paths
 
     s = settings
     inputs = input_paths(s.model, s.calib_text, s.eval_text, s.cache_dir)
@@ -323,7 +332,7 @@ def sweep(settings: SweepSettings) -> dict:
     check_text_file(s.calib_text, "calibration")
     check_text_file(s.eval_text, "evaluation")
     if s.zero_shot:
-        from .zeroshot import check_tasks
+        from care_mla.evaluation.zeroshot import check_tasks
 
         check_tasks(s.zero_shot_tasks, s.eval_text)  # a missing lm-eval or an unknown task is said now
     with folder:
@@ -331,10 +340,10 @@ def sweep(settings: SweepSettings) -> dict:
 
 
 def _sweep(s: SweepSettings, folder) -> dict:
-    from . import convert as cv
-    from .data import load_windows
-    from .evaluation import kv_bytes_per_token, kv_cache_width, perplexity
-    from .families import get_family, gqa_kv_width
+    from care_mla.evaluation.perplexity import kv_bytes_per_token, kv_cache_width, perplexity
+    from care_mla.formats.families import get_family, gqa_kv_width
+    from care_mla.io.text import load_windows
+    from care_mla.pipeline import convert as cv
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -358,7 +367,7 @@ def _sweep(s: SweepSettings, folder) -> dict:
     def zero_shot(m):
         if not s.zero_shot:
             return None
-        from .zeroshot import evaluate_zero_shot
+        from care_mla.evaluation.zeroshot import evaluate_zero_shot
 
         return evaluate_zero_shot(m, tokenizer, s.zero_shot_tasks, text=s.eval_text, limit=s.zero_shot_limit,
                                   batch_size=s.batch_size, cache_dir=s.cache_dir)
@@ -480,7 +489,8 @@ def _folder_name(key: str) -> str:
 
 def _save_model(folder: Path, converted, tokenizer, cs: ConvertSettings, cell: dict, original: dict, model_path: str):
     """A kept model: the same files `care-mla convert` writes (so `care-mla report` reads it)."""
-    from .convert import REPORT_FILE, SETTINGS_FILE as CONVERT_SETTINGS
+    from care_mla.pipeline.convert import REPORT_FILE
+    from care_mla.pipeline.convert import SETTINGS_FILE as CONVERT_SETTINGS
 
     folder.mkdir(parents=True)
     converted.save_pretrained(folder)
@@ -567,7 +577,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     """Run ``care-mla sweep`` from parsed arguments; print the table. Returns the exit status."""
     import sys
 
-    from .zeroshot import ZeroShotError
+    from care_mla.evaluation.zeroshot import ZeroShotError
 
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "debug", "threads")}
     try:

@@ -192,7 +192,7 @@ def _heal_section(folder: Path, r: dict) -> list[str]:
 
 
 def _sweep_section(folder: Path, r: dict) -> list[str]:
-    from .sweep import format_table
+    from care_mla.evaluation.sweep import format_table
 
     lines = format_table(r).rstrip("\n").splitlines()
     cal = r.get("calibration") or {}

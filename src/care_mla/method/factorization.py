@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .objectives import Weighting
+from care_mla.method.objectives import Weighting
 
 __all__ = [
     "Factors",

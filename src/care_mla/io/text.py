@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import assets
+from care_mla.io import assets
 
 
 class TextError(ValueError):

@@ -18,9 +18,9 @@ alone and frees the teacher after measuring its perplexity.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import contextlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,14 +37,30 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from . import linear_norms
-from .convert import ModelLoadError, load_model, peak_rss_mb, resolve_device, resolve_model_path
-from .outputs import OutputError, OutputExistsError, OutputFolder, check_no_overlap, mark, owner, remove_owned
-from .data import TextError, check_text_file, load_windows, resolve_text, token_windows, tokenize_file, user_text
-from .distillation import kd_loss
-from .evaluation import perplexity
-from .heal_settings import HealSettings
-from .settings import SettingsError
+from care_mla.evaluation.perplexity import perplexity
+from care_mla.healing import linear_norms
+from care_mla.healing.distillation import kd_loss
+from care_mla.healing.settings import HealSettings
+from care_mla.io.outputs import (
+    OutputError,
+    OutputExistsError,
+    OutputFolder,
+    check_no_overlap,
+    mark,
+    owner,
+    remove_owned,
+)
+from care_mla.io.text import (
+    TextError,
+    check_text_file,
+    load_windows,
+    resolve_text,
+    token_windows,
+    tokenize_file,
+    user_text,
+)
+from care_mla.pipeline.convert import ModelLoadError, load_model, peak_rss_mb, resolve_device, resolve_model_path
+from care_mla.settings import SettingsError
 
 logger = logging.getLogger(__name__)
 

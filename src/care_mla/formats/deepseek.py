@@ -114,10 +114,10 @@ from tqdm.auto import tqdm
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 from transformers.initialization import no_init_weights
 
-from .calibration import CalibrationStats
-from .factorization import care_factorize, joint_factorize
-from .objectives import attention_weightings
-from .families import get_family, head_dim
+from care_mla.formats.families import get_family, head_dim
+from care_mla.method.factorization import care_factorize, joint_factorize
+from care_mla.method.objectives import attention_weightings
+from care_mla.pipeline.calibration import CalibrationStats
 
 __all__ = [
     "DEEPSEEK_NORM_EPS",
@@ -925,7 +925,7 @@ def _check_stats(num_layers: int, stats: CalibrationStats | None, needs: bool) -
         raise DeepseekExportError(f"stats hold {stats.num_layers} layers, the model has {num_layers}")
     if needs and stats is None:
         raise DeepseekExportError(
-            "this export needs calibration statistics (care_mla.calibration.collect_statistics): "
+            "this export needs calibration statistics (care_mla.pipeline.calibration.collect_statistics): "
             "only the exact parity export of a model without q/k norms works without them"
         )
 
@@ -1016,7 +1016,7 @@ def layer_layout(split: RopeSplit, i: int, kv_lora_rank: int, *, whitening: str 
                  key_emphasis: float = 1.0, moments: tuple[Tensor, Tensor] | None = None) -> LayerLayout:
     """Layer i's decoupled-RoPE tensors at latent rank `kv_lora_rank` (its weights read now unless given).
 
-    `moments` = (C̃, X̃ᵀX/N) of error compensation (`care_mla.compensation`) replace the layer's statistics:
+    `moments` = (C̃, X̃ᵀX/N) of error compensation (`care_mla.method.compensation`) replace the layer's statistics:
     the latent and the RoPE keys are fitted to the original layer's outputs (`_layer_layout`). The RoPE plan
     (which components stay rotated) is the split's, made on the original statistics.
     """

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .calibration import _layer_output, _materialised, capture_layer_inputs
-from .layerwise import skeleton
+from care_mla.pipeline.calibration import _layer_output, _materialised, capture_layer_inputs
+from care_mla.pipeline.layerwise import skeleton
 
 logger = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ __all__ = [
     "resolve_cache_dir",
 ]
 
-logger = logging.getLogger("care_mla.assets")
+logger = logging.getLogger("care_mla.io.assets")
 
 #: Environment variable that overrides the cache location.
 CACHE_ENV = "CARE_MLA_CACHE"

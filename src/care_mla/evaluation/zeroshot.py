@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import assets
+from care_mla.io import assets
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ _BUILDERS = {"lastword": lastword_docs, "nextsent": nextsent_docs}
 
 
 def _text_path(text: str | Path) -> Path:
-    from .data import resolve_text
+    from care_mla.io.text import resolve_text
 
     return resolve_text(str(text), "evaluation")
 

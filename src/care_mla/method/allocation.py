@@ -1,7 +1,7 @@
 """Per-layer rank allocation under one total budget (CARE.md §2).
 
 Pure functions on whitened spectra (the singular values of S·W per layer, descending, as
-returned by :func:`care_mla.factorization.whitened_spectrum`). Keeping r ranks of layer l
+returned by :func:`care_mla.method.factorization.whitened_spectrum`). Keeping r ranks of layer l
 leaves the whitened tail ``Σ_{m>r} σ²_{l,m}`` as its activation error.
 
 * :func:`uniform_ranks` spreads the budget evenly (always available).

@@ -23,8 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from .calibration import CalibrationStats, collect_statistics
-from .checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader, ShardWriter
+from care_mla.io.checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader, ShardWriter
+from care_mla.pipeline.calibration import CalibrationStats, collect_statistics
 
 
 def skeleton(config, device: torch.device | str = "cpu", model_class: type[nn.Module] | None = None) -> nn.Module:

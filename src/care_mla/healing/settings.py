@@ -1,4 +1,4 @@
-"""Typed, validated settings of a healing run (`care_mla.heal`); saved next to every output."""
+"""Typed, validated settings of a healing run (`care_mla.healing.heal`); saved next to every output."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .settings import DEVICES, SettingsError, _one_of, check_finite_numbers
+from care_mla.settings import DEVICES, SettingsError, _one_of, check_finite_numbers
 
 # float16 weights cannot be trained with Adam without loss scaling, and they cannot hold the
 # ~1e-7 pre-norm latents of a DeepSeek export; bfloat16 and float32 can.

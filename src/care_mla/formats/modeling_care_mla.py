@@ -23,9 +23,15 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
 
-from .transformers_api import attention_interface, cache_kwargs, output_kwargs, pick_cache, returned_cache
-from .configuration_care_mla import CareMlaConfig
-from .families import FAMILIES, head_dim
+from care_mla.formats.configuration_care_mla import CareMlaConfig
+from care_mla.formats.families import FAMILIES, head_dim
+from care_mla.formats.transformers_api import (
+    attention_interface,
+    cache_kwargs,
+    output_kwargs,
+    pick_cache,
+    returned_cache,
+)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

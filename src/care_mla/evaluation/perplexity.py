@@ -15,9 +15,9 @@ import transformers
 from torch import nn
 from tqdm.auto import tqdm
 
-from .transformers_api import returned_cache
-from .configuration_care_mla import CareMlaConfig
-from .families import gqa_kv_width
+from care_mla.formats.configuration_care_mla import CareMlaConfig
+from care_mla.formats.families import gqa_kv_width
+from care_mla.formats.transformers_api import returned_cache
 
 logger = logging.getLogger(__name__)
 
