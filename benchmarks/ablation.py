@@ -22,7 +22,7 @@ The statistics are calibrated once per model and text (cached). Usage:
     python benchmarks/ablation.py [--model smollm2-135m-instruct] [--text austen]
         [--fractions 0.5,0.25,0.125,0.0625] [--rows "NAME;..."] [--json out.json]
 
-A second model and text domain: ``python scripts/prepare_second.py --out DIR`` then
+A second model and text domain: ``python benchmarks/prepare_second.py --out DIR`` then
 ``--model DIR/qwen2.5-coder-0.5b --text DIR/foldoc.txt``.
 """
 
@@ -37,9 +37,10 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from care_mla.formats.deepseek import default_rope_dim
 from care_mla.formats.families import head_dim
-from care_mla.pipeline.convert import convert, resolve_model_path
+from care_mla.method.rope_split import default_rope_dim
+from care_mla.pipeline.convert import convert
+from care_mla.pipeline.load import resolve_model_path
 from care_mla.settings import ConvertSettings
 
 ACTIVATION = dict(objective="activation", key_emphasis=1.0)

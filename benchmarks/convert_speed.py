@@ -30,7 +30,7 @@ def peak_gpu_mb():
 FORWARD = PEAK_RSS + """
 import json, sys, time, torch
 from transformers import AutoConfig
-from care_mla.pipeline.convert import calib_dtype, load_model, resolve_model_path
+from care_mla.pipeline.load import calib_dtype, load_model, resolve_model_path
 from care_mla.io.text import load_windows
 from care_mla.settings import ConvertSettings
 args = json.loads(sys.argv[1])

@@ -36,7 +36,8 @@ from care_mla.evaluation.perplexity import cache_bytes
 from care_mla.formats.transformers_api import cache_kwargs, returned_cache
 from care_mla.io import assets
 from care_mla.io.text import load_windows
-from care_mla.pipeline.convert import convert, resolve_model_path
+from care_mla.pipeline.convert import convert
+from care_mla.pipeline.load import resolve_model_path
 from care_mla.settings import ConvertSettings
 
 
@@ -97,7 +98,7 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    from care_mla.pipeline.convert import torch_dtype
+    from care_mla.pipeline.load import torch_dtype
 
     dtype = torch_dtype(a.dtype, torch.device("cpu"))
     path = resolve_model_path(a.model)

@@ -21,7 +21,8 @@ import torch
 from care_mla.evaluation.perplexity import perplexity
 from care_mla.formats.deepseek import to_deepseek
 from care_mla.io.text import load_windows
-from care_mla.pipeline.convert import calibrate, load_model
+from care_mla.pipeline.calibration import calibrate
+from care_mla.pipeline.load import load_model
 from care_mla.settings import ConvertSettings
 
 

@@ -72,10 +72,18 @@ def cases(models: dict[str, Path], text: Path) -> list[tuple[str, list[str]]]:
     return runs
 
 
-def digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix not in (".lock",)
-            and p.name != "report.json" and not p.name.endswith(".md") and p.suffix != ".png"}
+def digest(folder: Path, work: Path) -> dict[str, str]:
+    """SHA-256 of every file (settings files with the run's temporary folder written as ``<work>``); reports are
+    compared by their numbers instead, plots and tables not at all."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or p.suffix in (".lock", ".png", ".md") or p.name in ("report.json", "heal_report.json"):
+            continue
+        data = p.read_bytes()
+        if p.suffix == ".json":
+            data = data.replace(str(work).encode(), b"<work>")
+        out[str(p.relative_to(folder))] = hashlib.sha256(data).hexdigest()
+    return out
 
 
 def numbers(value):
@@ -117,8 +125,9 @@ def record(smollm2: bool) -> dict:
             out = tmp / name
             print(f"{name} ...", flush=True)
             run(args, out, tmp / "cache")
-            report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
-            manifest[name] = {"files": digest(out), "report": numbers(report)}
+            found = [out / n for n in ("report.json", "heal_report.json", "sweep.json") if (out / n).is_file()]
+            report = json.loads(found[0].read_text()) if found else None
+            manifest[name] = {"files": digest(out, tmp), "report": numbers(report)}
     return manifest
 
 

@@ -11,7 +11,7 @@
 #      change vLLM's torch/transformers; the few extra modules care-mla needs to convert are
 #      installed by name.
 #   2. models (under $WORK, default /tmp/vllm-work): the Llama-3-8B-geometry random model
-#      (scripts/geometry_model.py: hidden 4096, 32 heads, 8 KV heads, head_dim 128, 2 layers)
+#      (benchmarks/geometry_model.py: hidden 4096, 32 heads, 8 KV heads, head_dim 128, 2 layers)
 #      and its DeepSeek-V3 export at vLLM's 512 + 64 MLA geometry
 #      (--kv-fraction 0.28125 = 576 / 2048, --rope-dim 64, --portable), converted with the
 #      venv's care-mla.
@@ -66,7 +66,7 @@ EOF
 
 models() {
     local orig="$WORK/geom-l$LAYERS" export="$WORK/geom-l$LAYERS-ds576"
-    [ -f "$orig/config.json" ] || "$PY" "$ROOT/scripts/geometry_model.py" "$orig" --layers "$LAYERS"
+    [ -f "$orig/config.json" ] || "$PY" "$ROOT/benchmarks/geometry_model.py" "$orig" --layers "$LAYERS"
     [ -f "$export/config.json" ] || "$VENV/bin/care-mla" convert "$orig" --out "$export" --format deepseek --portable \
         --kv-fraction 0.28125 --rope-dim 64 --calib-samples 16 --calib-seq-len 128 --no-eval --dtype float32 \
         --device cpu --quiet

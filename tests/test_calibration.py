@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from conftest import tiny_model
 
-from care_mla.pipeline.calibration import CalibrationStats, SecondMoment, collect_statistics
+from care_mla.method.statistics import CalibrationStats, SecondMoment
+from care_mla.pipeline.calibration import collect_statistics
 
 
 def reference_stats(model, ids):

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 import care_mla  # noqa: F401
 from care_mla.cli import main
 from care_mla.formats.families import UnsupportedModelError
-from care_mla.pipeline import calibration
+from care_mla.pipeline import calibration, load
 from care_mla.pipeline import convert as api
 from care_mla.settings import ConvertSettings, SettingsError
 
@@ -102,7 +102,7 @@ def test_second_conversion_reuses_calibration(tiny_model_dir, text_file, tmp_pat
     def boom(*a, **k):
         raise AssertionError("calibration should come from the cache")
 
-    monkeypatch.setattr(api, "collect_statistics", boom)
+    monkeypatch.setattr(calibration, "collect_statistics", boom)
     api.convert(
         settings_for(tiny_model_dir("llama"), text_file, tmp_path, out=str(tmp_path / "b"), method="svd", kv_fraction=0.25, evaluate=False)
     )
@@ -176,8 +176,8 @@ def test_offline_hub_id_fails_with_a_clear_message(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 does
-    with pytest.raises(api.ModelLoadError, match="local model folder"):
-        api.load_model("no-such-org/no-such-model", torch.float32, torch.device("cpu"))
+    with pytest.raises(load.ModelLoadError, match="local model folder"):
+        load.load_model("no-such-org/no-such-model", torch.float32, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])

@@ -10,15 +10,15 @@ import pytest
 import torch
 from conftest import tiny_model
 from test_convert import settings_for
-from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM
+from transformers import AutoModelForCausalLM
 
 import care_mla  # noqa: F401  (registers care_mla with the Auto classes)
 from care_mla.cli import main
 from care_mla.evaluation.perplexity import cache_bytes
-from care_mla.formats import deepseek as ds
 from care_mla.formats.mapping import build_decoupled_model
 from care_mla.formats.modeling_care_mla import CareMlaForCausalLM
 from care_mla.formats.transformers_api import returned_cache
+from care_mla.method import decoupled
 from care_mla.pipeline import convert as api
 from care_mla.pipeline.calibration import collect_statistics
 from care_mla.settings import SettingsError
@@ -45,8 +45,8 @@ def calibrated():
 
 
 def _decoupled(model, stats, rope: int, ranks: list[int], exact: bool = False):
-    split = ds.plan_rope_split(model, stats, qk_rope_head_dim=rope, exact=exact)
-    layout = ds.mla_layout(split, ranks)
+    split = decoupled.plan_rope_split(model, stats, qk_rope_head_dim=rope, exact=exact)
+    layout = decoupled.mla_layout(split, ranks)
     return split, layout, build_decoupled_model(model, layout)
 
 

@@ -21,8 +21,10 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from care_mla.formats import deepseek as ds
+from care_mla.formats import engines
 from care_mla.formats.families import UnsupportedModelError
 from care_mla.formats.transformers_api import returned_cache
+from care_mla.method import rope_split
 from care_mla.pipeline.calibration import collect_statistics
 
 # tiny_config: D = 64, 4 query heads, g = 2 KV heads, d_h = 16 → GQA cache 2·2·16 = 64 per layer
@@ -80,11 +82,11 @@ def _random_unitary(n: int, seed: int) -> torch.Tensor:
 
 def test_pair_layouts_round_trip():
     W = torch.randn(5, 3 * 8, dtype=torch.float64)
-    Z = ds.to_pairs(W, 3)
+    Z = rope_split.to_pairs(W, 3)
     assert Z.shape == (5, 3, 4)
     assert torch.equal(Z[:, 1, 2], torch.complex(W[:, 8 + 2], W[:, 8 + 6]))  # dims (p, p + d/2) of head 1
-    assert torch.equal(ds.from_pairs(Z), W)
-    X = ds.interleave(Z[:, 0])
+    assert torch.equal(rope_split.from_pairs(Z), W)
+    X = rope_split.interleave(Z[:, 0])
     assert torch.equal(X[:, 0::2], Z[:, 0].real) and torch.equal(X[:, 1::2], Z[:, 0].imag)
 
 
@@ -98,10 +100,10 @@ def test_mixed_rope_pairs_reproduce_every_heads_rotated_scores():
     q = torch.randn(1, heads * d, dtype=torch.float64)  # one token's projections (R = 1 row)
     k = torch.randn(1, g * d, dtype=torch.float64)
     inv_freq = 1.0 / (100.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    plan = ds.RopePlan(mixing=torch.stack([_random_unitary(g, p) for p in range(h)]),
+    plan = rope_split.RopePlan(mixing=torch.stack([_random_unitary(g, p) for p in range(h)]),
                        energy=torch.ones(h, g, dtype=torch.float64), counts=torch.full((h,), g))
-    q_pe = ds.interleave(ds.rope_query(ds.to_pairs(q, heads), plan, groups))[0]  # (heads, g·d)
-    k_pe = ds.interleave(ds.rope_key(ds.to_pairs(k, g), plan))[0]  # (g·d,)
+    q_pe = rope_split.interleave(rope_split.rope_query(rope_split.to_pairs(q, heads), plan, groups))[0]  # (heads, g·d)
+    k_pe = rope_split.interleave(rope_split.rope_key(rope_split.to_pairs(k, g), plan))[0]  # (g·d,)
     freq, _ = plan.slots
     for t_q, t_k in [(0, 0), (7, 3), (40, 11)]:
         # GQA side: rotate_half RoPE on d dims per head
@@ -128,11 +130,11 @@ def test_kept_plus_rest_is_the_unrotated_score():
     groups = torch.arange(heads) // 2
     torch.manual_seed(1)
     q, k = torch.randn(1, heads * d, dtype=torch.float64), torch.randn(1, g * d, dtype=torch.float64)
-    plan = ds.RopePlan(mixing=torch.stack([_random_unitary(g, 10 + p) for p in range(h)]),
+    plan = rope_split.RopePlan(mixing=torch.stack([_random_unitary(g, 10 + p) for p in range(h)]),
                        energy=torch.ones(h, g, dtype=torch.float64), counts=torch.tensor([2, 1, 0, 1]))
-    kept = (ds.interleave(ds.rope_query(ds.to_pairs(q, heads), plan, groups))[0]
-            * ds.interleave(ds.rope_key(ds.to_pairs(k, g), plan))[0]).sum(-1)
-    rest = ds.from_pairs(ds.rest_key(ds.to_pairs(k, g), plan)).view(g, d)[groups]
+    kept = (rope_split.interleave(rope_split.rope_query(rope_split.to_pairs(q, heads), plan, groups))[0]
+            * rope_split.interleave(rope_split.rope_key(rope_split.to_pairs(k, g), plan))[0]).sum(-1)
+    rest = rope_split.from_pairs(rope_split.rest_key(rope_split.to_pairs(k, g), plan)).view(g, d)[groups]
     got = kept + (q.view(heads, d) * rest).sum(-1)
     want = (q.view(heads, d) * k.view(g, d)[groups]).sum(-1)
     assert torch.allclose(got, want, atol=1e-12, rtol=0)
@@ -146,16 +148,16 @@ def test_pca_keeps_the_top_eigen_energy_and_beats_partial():
     W = torch.randn(D, g * 2 * h, dtype=torch.float64)
     X = torch.randn(500, D, dtype=torch.float64) * torch.linspace(0.2, 3, D)
     C = X.T @ X / 500
-    H = ds.key_pair_covariance(ds.to_pairs(W, g), C)
+    H = rope_split.key_pair_covariance(rope_split.to_pairs(W, g), C)
     # H is the covariance of the complex key pairs
-    kz = X.to(torch.complex128) @ ds.to_pairs(W, g).reshape(D, -1)
+    kz = X.to(torch.complex128) @ rope_split.to_pairs(W, g).reshape(D, -1)
     emp = torch.einsum("ni,nj->ij", kz, kz.conj()).reshape(g, h, g, h) / 500
     assert torch.allclose(H, torch.einsum("gphp->pgh", emp), atol=1e-10)
     counts = torch.tensor([2, 1, 0, 1])
     plans = {}
     for strategy in ("pca", "partial"):
-        mixing, energy = ds.rope_components(H, strategy)
-        plans[strategy] = ds.plan_rope(mixing, energy, energy, counts)
+        mixing, energy = rope_split.rope_components(H, strategy)
+        plans[strategy] = rope_split.plan_rope(mixing, energy, energy, counts)
     pca, partial = plans["pca"], plans["partial"]
     eig = torch.linalg.eigvalsh(H).flip(-1)
     want = sum(float(eig[p, :c].sum()) for p, c in enumerate(counts.tolist()))
@@ -168,11 +170,11 @@ def test_pca_keeps_the_top_eigen_energy_and_beats_partial():
 def test_global_pair_counts_share_frequencies_by_normalised_energy():
     e1 = torch.tensor([[10.0, 1.0], [5.0, 0.0], [0.0, 0.0]])
     e2 = torch.tensor([[1.0, 0.0], [100.0, 90.0], [1.0, 0.0]])  # 10× the total energy: normalised away
-    counts = ds.global_pair_counts([e1, e2], 3)
+    counts = rope_split.global_pair_counts([e1, e2], 3)
     assert counts.tolist() == [1, 2, 0]
-    assert ds.global_pair_counts([e1, e2], 6).tolist() == [2, 2, 2]
-    with pytest.raises(ds.DeepseekExportError):
-        ds.global_pair_counts([e1], 7)
+    assert rope_split.global_pair_counts([e1, e2], 6).tolist() == [2, 2, 2]
+    with pytest.raises(rope_split.DeepseekExportError):
+        rope_split.global_pair_counts([e1], 7)
 
 
 def test_linear_norm_prescale_makes_rmsnorm_the_identity_for_every_input():
@@ -201,66 +203,66 @@ def test_linear_norm_prescale_makes_rmsnorm_the_identity_for_every_input():
 def test_longrope_factors_give_bitwise_frequencies():
     inv_freq = 1.0 / (100000.0 ** (torch.arange(0, 64, 2, dtype=torch.int64).float() / 64))
     freqs = inv_freq[torch.tensor([0, 0, 0, 5, 5, 31])]
-    f = torch.tensor(ds.longrope_factors(freqs), dtype=torch.float32)
+    f = torch.tensor(rope_split.longrope_factors(freqs), dtype=torch.float32)
     assert torch.equal(1.0 / (f * (1.0 ** torch.arange(0, 12, 2).float())), freqs)
 
 
 def test_rope_parameters_default_when_possible():
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.int64).float() / 16))
     src = {"rope_type": "default", "rope_theta": 10000.0}
-    assert ds.rope_parameters(inv_freq, src, 256) == {"rope_type": "default", "rope_theta": 10000.0}
-    params = ds.rope_parameters(inv_freq.repeat_interleave(2), src, 256)
+    assert rope_split.rope_parameters(inv_freq, src, 256) == {"rope_type": "default", "rope_theta": 10000.0}
+    params = rope_split.rope_parameters(inv_freq.repeat_interleave(2), src, 256)
     assert params["rope_type"] == "longrope" and len(params["short_factor"]) == 16
     assert params["attention_factor"] == 1.0 and params["short_factor"] == params["long_factor"]
 
 
 def test_default_rope_theta_recognises_prefix_and_strided_tables():
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.int64).float() / 16))  # 8 frequencies
-    assert ds.default_rope_theta(inv_freq) == pytest.approx(10000.0, rel=1e-5)
-    assert ds.default_rope_theta(inv_freq[:4]) == pytest.approx(100.0, rel=1e-5)  # θ^(2·4/16)
-    assert ds.default_rope_theta(inv_freq[::2]) == pytest.approx(10000.0, rel=1e-5)
-    assert ds.default_rope_theta(inv_freq[1:5]) is None  # does not start at frequency 1
-    assert ds.default_rope_theta(inv_freq[torch.tensor([0, 1, 3])]) is None
+    assert rope_split.default_rope_theta(inv_freq) == pytest.approx(10000.0, rel=1e-5)
+    assert rope_split.default_rope_theta(inv_freq[:4]) == pytest.approx(100.0, rel=1e-5)  # θ^(2·4/16)
+    assert rope_split.default_rope_theta(inv_freq[::2]) == pytest.approx(10000.0, rel=1e-5)
+    assert rope_split.default_rope_theta(inv_freq[1:5]) is None  # does not start at frequency 1
+    assert rope_split.default_rope_theta(inv_freq[torch.tensor([0, 1, 3])]) is None
     src = {"rope_type": "default", "rope_theta": 10000.0}
-    params = ds.rope_parameters(inv_freq[:4], src, 256, bitwise=False)
+    params = rope_split.rope_parameters(inv_freq[:4], src, 256, bitwise=False)
     assert params["rope_type"] == "default"
     table = 1.0 / (params["rope_theta"] ** (torch.arange(0, 8, 2, dtype=torch.int64).float() / 8))
     assert torch.allclose(table, inv_freq[:4], rtol=1e-6, atol=0)
-    with pytest.raises(ds.DeepseekExportError, match="portable"):
-        ds.rope_parameters(inv_freq[torch.tensor([0, 1, 3])], src, 256, bitwise=False, portable=True)
+    with pytest.raises(rope_split.DeepseekExportError, match="portable"):
+        rope_split.rope_parameters(inv_freq[torch.tensor([0, 1, 3])], src, 256, bitwise=False, portable=True)
 
 
 def test_rotation_weight_discounts_frequencies_that_hardly_turn():
     inv_freq = torch.tensor([1.0, 0.1, 1e-2, 1e-4, 1e-7])
-    w = ds.rotation_weight(inv_freq, 256)
+    w = rope_split.rotation_weight(inv_freq, 256)
     assert torch.all(w[:-1] > w[1:])  # faster frequencies cost more to leave unrotated
     assert w[0] == pytest.approx(1 - math.sin(256) / 256) and w[-1] < 1e-9
-    assert torch.equal(ds.rotation_weight(inv_freq, None), torch.ones(5, dtype=torch.float64))
+    assert torch.equal(rope_split.rotation_weight(inv_freq, None), torch.ones(5, dtype=torch.float64))
 
 
 def test_portable_pair_counts_pick_one_pair_per_strided_frequency():
     score = torch.tensor([[1.0, 0.5], [0.1, 0.0], [2.0, 0.0], [0.1, 0.0], [3.0, 1.0], [0.0, 0.0]])
-    counts = ds.portable_pair_counts([score], 3)
+    counts = rope_split.portable_pair_counts([score], 3)
     assert counts.tolist() == [1, 0, 1, 0, 1, 0]  # stride 2 beats the prefix 0, 1, 2
-    assert ds.portable_pair_counts([score], 6).tolist() == [1] * 6
+    assert rope_split.portable_pair_counts([score], 6).tolist() == [1] * 6
 
 
 def test_split_budget_rules_and_errors():
     kw = {"num_kv_heads": 3, "head_dim_": 64, "hidden_size": 576}
-    assert ds.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=None, kv_fraction=None) == (192, 192)
-    assert ds.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=None, kv_fraction=0.5) == (128, 64)
-    assert ds.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=None, kv_fraction=0.25) == (64, 32)
-    assert ds.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=32, kv_fraction=0.5) == (160, 32)
-    assert ds.split_budget(**kw, kv_lora_rank=320, qk_rope_head_dim=None, kv_fraction=None) == (320, 64)
-    assert ds.split_budget(**kw, kv_lora_rank=100, qk_rope_head_dim=32, kv_fraction=None) == (100, 32)
-    with pytest.raises(ds.DeepseekExportError, match="even"):
-        ds.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=33, kv_fraction=0.5)
-    with pytest.raises(ds.DeepseekExportError, match="exceeds the GQA cache 384"):
-        ds.split_budget(**kw, kv_lora_rank=300, qk_rope_head_dim=100, kv_fraction=None)
-    with pytest.raises(ds.DeepseekExportError, match="smallest cache"):
-        ds.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=96, kv_fraction=0.25)
-    with pytest.raises(ds.DeepseekExportError, match="kv_fraction"):
-        ds.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=None, kv_fraction=1.5)
+    assert rope_split.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=None, kv_fraction=None) == (192, 192)
+    assert rope_split.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=None, kv_fraction=0.5) == (128, 64)
+    assert rope_split.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=None, kv_fraction=0.25) == (64, 32)
+    assert rope_split.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=32, kv_fraction=0.5) == (160, 32)
+    assert rope_split.split_budget(**kw, kv_lora_rank=320, qk_rope_head_dim=None, kv_fraction=None) == (320, 64)
+    assert rope_split.split_budget(**kw, kv_lora_rank=100, qk_rope_head_dim=32, kv_fraction=None) == (100, 32)
+    with pytest.raises(rope_split.DeepseekExportError, match="even"):
+        rope_split.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=33, kv_fraction=0.5)
+    with pytest.raises(rope_split.DeepseekExportError, match="exceeds the GQA cache 384"):
+        rope_split.split_budget(**kw, kv_lora_rank=300, qk_rope_head_dim=100, kv_fraction=None)
+    with pytest.raises(rope_split.DeepseekExportError, match="smallest cache"):
+        rope_split.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=96, kv_fraction=0.25)
+    with pytest.raises(rope_split.DeepseekExportError, match="kv_fraction"):
+        rope_split.split_budget(**kw, kv_lora_rank=None, qk_rope_head_dim=None, kv_fraction=1.5)
 
 
 # ============================================================================ round trips on tiny models
@@ -361,7 +363,7 @@ def test_qwen3_norm_folding_is_a_bounded_approximation(calibrated, tmp_path):
     # (seeds 1, 2: 0.12 / 0.16 and 3.0e-4 / 2.8e-4)
     assert (ref - got).abs().max().item() <= 0.2
     assert _mean_kl(ref, got) <= 1e-3
-    with pytest.raises(ds.DeepseekExportError, match="statistics"):
+    with pytest.raises(rope_split.DeepseekExportError, match="statistics"):
         ds.to_deepseek(model, None)
 
 
@@ -376,11 +378,11 @@ def test_runtime_support_and_export_summary():
 
 def test_errors_name_the_fix(calibrated):
     model, stats = calibrated("llama")
-    with pytest.raises(ds.DeepseekExportError, match="needs calibration statistics"):
+    with pytest.raises(rope_split.DeepseekExportError, match="needs calibration statistics"):
         ds.to_deepseek(model, None, kv_fraction=0.5)
-    with pytest.raises(ds.DeepseekExportError, match="float16"):
+    with pytest.raises(rope_split.DeepseekExportError, match="float16"):
         ds.to_deepseek(tiny_model("llama").half(), None)
-    with pytest.raises(ds.DeepseekExportError, match="rope_strategy"):
+    with pytest.raises(rope_split.DeepseekExportError, match="rope_strategy"):
         ds.to_deepseek(model, stats, kv_fraction=0.5, rope_strategy="freqfold")
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(UnsupportedModelError, match="llama"):
@@ -410,9 +412,9 @@ def test_portable_export_uses_default_rope_and_no_biases(calibrated, tmp_path):
     with torch.no_grad():
         assert _mean_kl(ref, near(ids).logits) < 1e-3
     qwen2, qwen2_stats = calibrated("qwen2")
-    with pytest.raises(ds.DeepseekExportError, match="biases"):
+    with pytest.raises(rope_split.DeepseekExportError, match="biases"):
         ds.to_deepseek(qwen2, qwen2_stats, kv_fraction=0.5, portable=True)
-    with pytest.raises(ds.DeepseekExportError, match="portable"):
+    with pytest.raises(rope_split.DeepseekExportError, match="portable"):
         ds.to_deepseek(model, stats, kv_fraction=0.5, qk_rope_head_dim=20, portable=True)
 
 
@@ -435,8 +437,8 @@ def _engine_config(kv_heads: int, d: int):
 ])
 def test_engine_geometry_is_one_the_engine_runs(engine, kv_heads, d, fraction, expected):
     config = _engine_config(kv_heads, d)
-    assert ds.engine_geometry(config, engine, fraction) == expected
-    assert expected in ds.ENGINE_GEOMETRIES[engine]
+    assert engines.engine_geometry(config, engine, fraction) == expected
+    assert expected in engines.ENGINE_GEOMETRIES[engine]
 
 
 @pytest.mark.parametrize("engine, kv_heads, d, needle", [
@@ -444,8 +446,8 @@ def test_engine_geometry_is_one_the_engine_runs(engine, kv_heads, d, fraction, e
     ("vllm", 2, 64, "256 + 64 = 320 (F = 1.25)"),  # Qwen2.5-0.5B: 256 cached per layer
 ])
 def test_engine_geometry_refuses_a_model_whose_cache_is_already_smaller(engine, kv_heads, d, needle):
-    with pytest.raises(ds.DeepseekExportError, match="already") as err:
-        ds.engine_geometry(_engine_config(kv_heads, d), engine, 0.5)
+    with pytest.raises(rope_split.DeepseekExportError, match="already") as err:
+        engines.engine_geometry(_engine_config(kv_heads, d), engine, 0.5)
     assert needle in str(err.value) and "without --engine" in str(err.value)
 
 
@@ -483,5 +485,5 @@ def test_strided_frequencies_of_a_128_dim_head_are_a_default_table(stride):
     default tables (θ' = θ^(stride/2)); the fit once failed on the float32 rounding of stride 1."""
     theta = 500000.0
     full = 1.0 / (theta ** (torch.arange(0, 128, 2).float() / 128))
-    fitted = ds.default_rope_theta(full[torch.arange(32) * stride])
+    fitted = rope_split.default_rope_theta(full[torch.arange(32) * stride])
     assert fitted == pytest.approx(theta ** (stride / 2), rel=1e-5)

@@ -19,6 +19,7 @@ from care_mla.healing.settings import HealSettings
 from care_mla.io.outputs import OutputError
 from care_mla.io.text import load_windows, token_windows
 from care_mla.pipeline import convert as api
+from care_mla.pipeline import load
 from care_mla.settings import ConvertSettings, SettingsError
 
 
@@ -364,9 +365,9 @@ def test_a_trained_teacher_closes_the_gap(tiny_model_dir, text_file, tmp_path):
 
 def test_bad_inputs_give_clear_errors(converted, tiny_model_dir, text_file, tmp_path):
     src, teacher = converted("care_mla"), tiny_model_dir("llama")
-    with pytest.raises(api.ModelLoadError, match="model folder not found"):
+    with pytest.raises(load.ModelLoadError, match="model folder not found"):
         healing.heal(heal_settings(tmp_path / "missing", teacher, text_file, tmp_path))
-    with pytest.raises(api.ModelLoadError, match="convert it first"):
+    with pytest.raises(load.ModelLoadError, match="convert it first"):
         healing.heal(heal_settings(teacher, teacher, text_file, tmp_path))
     with pytest.raises(OutputError, match="is the converted model itself"):
         healing.heal(heal_settings(src, teacher, text_file, tmp_path, out=str(src), overwrite=True))

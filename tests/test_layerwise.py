@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import care_mla  # noqa: F401
 from care_mla.io.checkpoint import CheckpointFormatError, CheckpointReader, ShardWriter
+from care_mla.pipeline import calibration, load
 from care_mla.pipeline import convert as api
 from care_mla.pipeline.calibration import collect_statistics
 from care_mla.pipeline.layerwise import layer_prefix, skeleton
@@ -201,7 +202,8 @@ def test_conversion_reads_one_layer_at_a_time(tiny_model_dir, text_file, tmp_pat
         return real_read(self, names, dtype)
 
     monkeypatch.setattr(CheckpointReader, "_read", read)
-    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("the model was loaded whole"))
+    for stage in (load, calibration):
+        monkeypatch.setattr(stage, "load_model", lambda *a, **k: pytest.fail("the model was loaded whole"))
     allocation = "uniform" if fmt == "deepseek" else "adjusted"
     report = api.convert(settings_for(folder, text_file, tmp_path, "out", latent=latent, format=fmt,
                                       allocation=allocation, kv_fraction=0.5))

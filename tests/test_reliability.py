@@ -25,9 +25,8 @@ from safetensors.torch import load_file, save_file
 
 import care_mla  # noqa: F401
 from care_mla.cli import main
-from care_mla.evaluation import perplexity as evaluation
 from care_mla.io.outputs import MARKER, OutputLock
-from care_mla.pipeline import calibration
+from care_mla.pipeline import calibration, evaluate
 from care_mla.pipeline import convert as api
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -195,7 +194,7 @@ def test_overwrite_replaces_the_output_and_leaves_no_trash(work, capsys):
 
 def test_folder_that_appears_meanwhile_is_kept_and_the_result_too(work, capsys, monkeypatch):
     out = work.root / "out"
-    real = api.calibrate
+    real = calibration.calibrate
 
     def calibrate_then_someone_writes_out(*a, **kw):
         stats = real(*a, **kw)
@@ -385,7 +384,7 @@ def test_heal_never_deletes_a_work_folder_it_did_not_make(work, converted, capsy
 
 def test_failed_evaluation_keeps_the_model_and_says_how_to_rerun_it(work, capsys, monkeypatch):
     out = work.root / "out"
-    monkeypatch.setattr(api, "evaluate_pair", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(evaluate, "evaluate_pair", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     line = assert_refused(work, capsys, work.args(out), 1, "evaluation failed", f"care-mla eval {out}")
     report = json.loads((out / "report.json").read_text())
     assert report["evaluation_status"].startswith("failed: RuntimeError: boom")
@@ -395,15 +394,15 @@ def test_failed_evaluation_keeps_the_model_and_says_how_to_rerun_it(work, capsys
 
 def test_non_finite_perplexity_fails_the_run_but_keeps_valid_json(work, capsys, monkeypatch):
     out = work.root / "out"
-    monkeypatch.setattr(api, "perplexity", lambda *a, **k: math.nan)
-    monkeypatch.setattr(api, "original_perplexity", lambda *a, **k: math.nan)
+    monkeypatch.setattr(evaluate, "perplexity", lambda *a, **k: math.nan)
+    monkeypatch.setattr(evaluate, "original_perplexity", lambda *a, **k: math.nan)
     assert_refused(work, capsys, work.args(out), 1, "perplexity is nan")
     report = json.loads((out / "report.json").read_text())  # strict JSON: no NaN
     assert "ppl" not in report and report["evaluation_status"].startswith("failed")
 
 
 def test_eval_of_a_model_with_non_finite_perplexity_exits_1_without_printing_nan(work, capsys, monkeypatch):
-    monkeypatch.setattr(api, "perplexity", lambda *a, **k: math.inf)
+    monkeypatch.setattr(evaluate, "perplexity", lambda *a, **k: math.inf)
     argv = ["eval", str(work.model_dir), "--eval-text", str(work.text_path), "--eval-samples", "2",
             "--eval-seq-len", "16", "--quiet"]
     before = work.digests()
@@ -413,12 +412,10 @@ def test_eval_of_a_model_with_non_finite_perplexity_exits_1_without_printing_nan
 
 
 def test_disk_full_is_one_line_and_leaves_nothing(work, capsys, monkeypatch):
-    import care_mla.pipeline.layerwise as layerwise
-
     def full(*a, **k):
         raise OSError(28, "No space left on device", str(work.root / "out"))
 
-    monkeypatch.setattr(layerwise, "write_model", full)
+    monkeypatch.setattr(api, "write_model", full)
     assert_refused(work, capsys, work.args(work.root / "out"), 1, "disk full")
     assert not (work.root / "out").exists()
 

@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from care_mla.evaluation.perplexity import perplexity
 from care_mla.io.checkpoint import CheckpointReader
+from care_mla.io.text import load_windows
+from care_mla.pipeline import build, calibration, load, plan, selection
 from care_mla.pipeline import convert as api
 from care_mla.pipeline.selection import best, streamed_losses
 from care_mla.settings import ConvertSettings, SettingsError
@@ -24,14 +26,14 @@ def test_streamed_losses_equal_the_built_models_loss(tiny_model_dir, text_file, 
     folder = tiny_model_dir("llama")
     s = settings_for(folder, text_file, tmp_path, latent="joint", allocation="adjusted", kv_fraction=0.4,
                      objective="activation", refit_output=False)  # candidates are scored as plain conversions
-    model, tokenizer, _ = api.load_model(str(folder), torch.float32, torch.device("cpu"))
-    stats = api.calibrate(model, tokenizer, str(folder), s)
-    windows = api.selection_windows(tokenizer, s)
+    model, tokenizer, _ = load.load_model(str(folder), torch.float32, torch.device("cpu"))
+    stats = calibration.calibrate(model, tokenizer, str(folder), s)
+    windows = selection.selection_windows(tokenizer, s)
     candidates = [dataclasses.replace(s, objective=o, key_emphasis=e) for o, e in
                   (("activation", 1.0), ("value", 2.0), ("attention", 4.0))]
-    expected = [math.log(perplexity(api.build_converted(model, stats, c)[0], windows)) for c in candidates]
+    expected = [math.log(perplexity(build.build_converted(model, stats, c)[0], windows)) for c in candidates]
     reader = CheckpointReader(folder)
-    streams = [api._latent_stream(model.config, reader, stats, c, torch.float32) for c in candidates]
+    streams = [build.latent_stream(model.config, reader, stats, c, torch.float32) for c in candidates]
     assert len({tuple(map(tuple, p.fields["ranks"])) for p in streams}) > 1  # the rank plans differ
     got = streamed_losses(streams[0].model_class, streams[0].tensor, [(p.config, p.layer) for p in streams],
                           windows, dtype=torch.float32, device=torch.device("cpu"), batch_size=3)
@@ -103,13 +105,13 @@ def test_compensation_reproduces_the_original_better(tiny_model_dir, text_file, 
     folder = tiny_model_dir("llama")
     common = dict(allocation="uniform", kv_fraction=0.25, objective="activation", calib_samples=16, layerwise=False,
                   key_emphasis=1.0, refit_output=False, **layout)
-    model, tokenizer, _ = api.load_model(str(folder), torch.float32, torch.device("cpu"))
+    model, tokenizer, _ = load.load_model(str(folder), torch.float32, torch.device("cpu"))
     plain_s = settings_for(folder, text_file, tmp_path, **common)
     comp_s = dataclasses.replace(plain_s, compensate=True)
-    stats = api.calibrate(model, tokenizer, str(folder), plain_s)
-    windows, _ = api.load_windows(tokenizer, str(text_file), "calibration", 16, 32)
-    plain_model = api.build_converted(model, stats, plain_s)[0]
-    converted, fields = api.build_converted(model, stats, comp_s, windows)
+    stats = calibration.calibrate(model, tokenizer, str(folder), plain_s)
+    windows, _ = load_windows(tokenizer, str(text_file), "calibration", 16, 32)
+    plain_model = build.build_converted(model, stats, plain_s)[0]
+    converted, fields = build.build_converted(model, stats, comp_s, windows)
     assert _final_drift(model, converted, windows) < 0.95 * _final_drift(model, plain_model, windows)
     if plain_s.latent == "joint":
         assert perplexity(converted, windows) < perplexity(plain_model, windows)
@@ -125,13 +127,13 @@ def test_output_refit_reproduces_the_original_better(tiny_model_dir, text_file, 
     folder = tiny_model_dir("llama")
     common = dict(allocation="uniform", kv_fraction=0.25, objective="activation", calib_samples=16, layerwise=False,
                   key_emphasis=1.0, refit_output=False, **layout)
-    model, tokenizer, _ = api.load_model(str(folder), torch.float32, torch.device("cpu"))
+    model, tokenizer, _ = load.load_model(str(folder), torch.float32, torch.device("cpu"))
     plain_s = settings_for(folder, text_file, tmp_path, **common)
-    stats = api.calibrate(model, tokenizer, str(folder), plain_s)
-    windows, _ = api.load_windows(tokenizer, str(text_file), "calibration", 16, 32)
+    stats = calibration.calibrate(model, tokenizer, str(folder), plain_s)
+    windows, _ = load_windows(tokenizer, str(text_file), "calibration", 16, 32)
 
     def drift(**kw) -> tuple[float, dict]:
-        converted, fields = api.build_converted(model, stats, dataclasses.replace(plain_s, **kw), windows)
+        converted, fields = build.build_converted(model, stats, dataclasses.replace(plain_s, **kw), windows)
         return _final_drift(model, converted, windows), fields
 
     plain, _ = drift()
@@ -145,23 +147,23 @@ def test_output_refit_reproduces_the_original_better(tiny_model_dir, text_file, 
 def test_decoupled_compensation_with_an_exact_upstream_is_the_plain_layout(tiny_model_dir, text_file, tmp_path):
     """moments = (C, C): the compensated latent and RoPE keys are those of the plain decoupled layout; a drifted
     upstream changes both (the RoPE keys become the least-squares map to the original ones)."""
-    from care_mla.formats import deepseek
+    from care_mla.method import decoupled
 
     folder = tiny_model_dir("qwen2")  # with biases: the RoPE key's bias row must stay
     s = settings_for(folder, text_file, tmp_path, latent="decoupled", allocation="uniform", kv_fraction=0.25,
                      rope_dim=8, objective="attention", key_emphasis=2.0)
-    model, tokenizer, _ = api.load_model(str(folder), torch.float32, torch.device("cpu"))
-    stats = api.calibrate(model, tokenizer, str(folder), s)
-    split, ranks = api.plan_decoupled(model, stats, s)
-    kw = api._decoupled_kw(s)
+    model, tokenizer, _ = load.load_model(str(folder), torch.float32, torch.device("cpu"))
+    stats = calibration.calibrate(model, tokenizer, str(folder), s)
+    split, ranks = plan.plan_decoupled(model, stats, s)
+    kw = plan.decoupled_kwargs(s)
     C = stats.second_moments[1].double()
-    plain = deepseek.layer_layout(split, 1, ranks[1], **kw)
-    same = deepseek.layer_layout(split, 1, ranks[1], moments=(C, C), **kw)
+    plain = decoupled.layer_layout(split, 1, ranks[1], **kw)
+    same = decoupled.layer_layout(split, 1, ranks[1], moments=(C, C), **kw)
     for name in ("kv_latent", "k_pe", "up_k", "up_v", "q", "o_weight", "o_bias"):
         assert torch.allclose(getattr(same, name), getattr(plain, name), rtol=1e-6, atol=1e-7), name
     g = torch.Generator().manual_seed(0)
     A = torch.eye(C.shape[0], dtype=torch.float64) + 0.05 * torch.randn(C.shape, generator=g, dtype=torch.float64)
-    drifted = deepseek.layer_layout(split, 1, ranks[1], moments=(A.T @ C @ A, A.T @ C), **kw)  # X̃ = X·A
+    drifted = decoupled.layer_layout(split, 1, ranks[1], moments=(A.T @ C @ A, A.T @ C), **kw)  # X̃ = X·A
     D = C.shape[0]
     assert torch.equal(drifted.k_pe[D:], plain.k_pe[D:])  # the bias row is not refitted
 

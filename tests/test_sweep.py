@@ -12,7 +12,7 @@ import care_mla  # noqa: F401
 from care_mla.evaluation import plots
 from care_mla.evaluation.report import add_report_parser, run_report_command
 from care_mla.evaluation.sweep import SweepSettings, add_sweep_parser, format_table, run_sweep_command, sweep
-from care_mla.pipeline import convert as api
+from care_mla.pipeline import build, calibration
 from care_mla.settings import SettingsError
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -131,7 +131,7 @@ def test_second_sweep_reuses_calibration_and_needs_overwrite(grid, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("calibration should come from the cache")
 
-    monkeypatch.setattr(api, "collect_statistics", boom)
+    monkeypatch.setattr(calibration, "collect_statistics", boom)
     with pytest.raises(FileExistsError, match="--overwrite"):
         sweep(s)
     small = SweepSettings.from_dict({**s.to_dict(), "kv_fractions": [0.25], "methods": ["care"], "latents": ["separate"],
@@ -146,7 +146,7 @@ def test_interrupted_sweep_leaves_no_output(tiny_model_dir, text_file, tmp_path,
     def killed(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "build_converted", killed)
+    monkeypatch.setattr(build, "build_converted", killed)
     with pytest.raises(KeyboardInterrupt):
         sweep(sweep_settings(tiny_model_dir("llama"), text_file, tmp_path, kv_fractions=(0.5,), methods=("care",)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]

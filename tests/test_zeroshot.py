@@ -153,7 +153,7 @@ def test_smollm2_reads_the_austen_passages(tmp_path):
     bf16 (2× faster than fp32 on CPU): ~30 s on 2 idle cores.
     """
     from care_mla.io import assets
-    from care_mla.pipeline.convert import load_model
+    from care_mla.pipeline.load import load_model
 
     model, tokenizer, _ = load_model(assets.DEFAULT_MODEL, torch.bfloat16, torch.device("cpu"))
     lastword = zs.evaluate_zero_shot(model, tokenizer, ["lastword"], limit=100, batch_size=16, cache_dir=tmp_path)

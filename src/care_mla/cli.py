@@ -72,16 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "DeepseekV3ForCausalLM that plain transformers loads (one kv_lora_rank, decoupled RoPE)")
     c.add_argument("--method", choices=METHODS, default=DEFAULTS.method)
     c.add_argument("--allocation", choices=ALLOCATIONS, default=None,
-                   help="per-layer latent widths: adjusted (default for care_mla) or uniform (default and only "
-                        "choice for deepseek)")
+                   help="per-layer latent widths: uniform, or adjusted (greedy on the whitened spectra, bounded by "
+                        "--rank-min-ratio/--rank-max-ratio). Default: uniform for joint and decoupled latents (measured "
+                        "better), adjusted for separate latents; deepseek: uniform only")
     c.add_argument("--allocation-score", choices=("energy", "paper"), default=DEFAULTS.allocation_score,
                    help="adjusted allocation priority: 'energy' (next gain / layer energy) or the paper's (next gain / tail)")
     c.add_argument("--latent", choices=LATENTS, default=None,
-                   help="separate K and V latents (default for care_mla), one joint latent, or decoupled: "
+                   help="joint: one K/V latent (default for care_mla; methods without a joint form, svd, asvd and "
+                        "svd-llm, build separate ones); separate: K and V latents (the paper's CARE); decoupled: "
                         "DeepSeek's layout, a shared RoPE key + joint latent, absorbed decode (always for deepseek)")
     c.add_argument("--rope-dim", type=int, default=None,
-                   help="decoupled: RoPE numbers cached per token and layer (qk_rope_head_dim; default a third "
-                        "of the cache, at most d_h; g·d_h at parity = exact)")
+                   help="decoupled: RoPE numbers cached per token and layer (qk_rope_head_dim). Default: chosen by "
+                        "calibration loss among a sixth, a quarter, a third and a half of the cache; g·d_h at "
+                        "parity (exact); --engine pins it")
     c.add_argument("--rope-strategy", choices=ROPE_STRATEGIES, default=DEFAULTS.rope_strategy,
                    help="decoupled: per-frequency PCA across KV heads, or per-head partial RoPE")
     c.add_argument("--rope-context", type=int, default=None,
@@ -96,11 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-balance-kv", dest="balance_kv", action="store_false", help="joint latent: do not balance K against V")
     c.add_argument("--objective", choices=("auto", *OBJECTIVES), default=None,
                    help="care: what the factors minimise: activation (the paper's K/V activation error), value (V's "
-                        "error through o_proj), attention (that and K's error through the queries), auto (value or "
-                        "attention, by calibration loss; the default for joint/decoupled latents)")
+                        "error through o_proj), attention (that and K's error through the queries), auto (activation, "
+                        "value or attention, by calibration loss). Default: auto for joint/decoupled latents of care, "
+                        "activation otherwise")
     c.add_argument("--key-emphasis", type=_emphasis, default=DEFAULTS.key_emphasis, metavar="auto|X",
                    help="joint/decoupled latents: weight of K's error against V's after balancing (>1: K counts "
-                        "more); auto (default) tries 1, 2, 4 and keeps the lowest calibration loss")
+                        "more); auto tries 1, 2, 4 and keeps the lowest calibration loss")
     c.add_argument("--compensate", action="store_true",
                    help="care, every layout and format: fit each layer on the outputs of the converted layers "
                         "before it to the original layer's outputs (error compensation; ~2x a calibration's "
@@ -117,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-samples", type=int, default=DEFAULTS.calib_samples)
     c.add_argument("--calib-seq-len", type=int, default=DEFAULTS.calib_seq_len)
     c.add_argument("--calib-dtype", choices=CALIB_DTYPES, default=DEFAULTS.calib_dtype,
-                   help="dtype of the calibration forward passes: auto (default) measures this machine and takes "
+                   help="dtype of the calibration forward passes: auto measures this machine and takes "
                         "the fastest safe one (bf16 where native, else fp32); statistics are accumulated in fp32/fp64")
     c.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip perplexity and cache measurements")
     c.add_argument("--zero-shot-tasks", type=lambda text: [t for t in text.split(",") if t], default=[],
@@ -125,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(built offline from --eval-text) and/or lm-eval task names such as arc_easy")
     c.add_argument("--zero-shot-limit", type=int, default=DEFAULTS.zero_shot_limit, help="items per zero-shot task")
     c.add_argument("--overwrite", action="store_true")
-    c.add_argument("--cache-dir", default=None, help="where calibration statistics are kept")
+    c.add_argument("--cache-dir", default=None,
+                   help="where calibration statistics are kept (default: $CARE_MLA_CACHE, else ~/.cache/care-mla)")
     c.add_argument("--no-layerwise", dest="layerwise", action="store_false",
                    help="load the whole model in memory instead of reading, calibrating and writing one decoder "
                         "layer at a time (same output bytes; .bin checkpoints and hub ids always load it whole)")
@@ -151,11 +156,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sweep_parser(sub)
     add_report_parser(sub)
+    for command in sub.choices.values():
+        state_defaults(command)
     for command in sub.choices.values():  # `care-mla convert ... --debug` works as well as `care-mla --debug convert`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         command.add_argument("--threads", type=_positive_int, default=argparse.SUPPRESS,
                              help="CPU threads for torch (default: the physical cores this process may use)")
     return parser
+
+
+def state_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append "(default: X)" to the help of every option whose default is a value (taken from the settings
+    dataclasses above, so the help cannot drift from them); options whose default depends on other options
+    (None here) state their rule in their own help."""
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS or "%(default)" in (action.help or ""):
+            continue
+        if action.default is None or isinstance(action.default, bool) or action.default == argparse.SUPPRESS:
+            continue
+        if isinstance(action.default, (list, tuple)):
+            shown = ",".join(str(v) for v in action.default) or "none"
+        else:
+            shown = "%(default)s"
+        action.help = f"{action.help} (default: {shown})" if action.help else f"default: {shown}"
 
 
 def _add_heal_parser(sub) -> None:
@@ -201,14 +224,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """What bad input raises: one line and exit 2, before (or instead of) any work."""
     from care_mla.evaluation.report import ReportError
     from care_mla.evaluation.zeroshot import ZeroShotError
-    from care_mla.formats.deepseek import DeepseekExportError
     from care_mla.formats.families import UnsupportedModelError
     from care_mla.io.assets import AssetError
     from care_mla.io.checkpoint import CheckpointCorruptError
     from care_mla.io.outputs import OutputError
     from care_mla.io.text import TextError
-    from care_mla.pipeline.convert import ModelLoadError
+    from care_mla.method.rope_split import DeepseekExportError
     from care_mla.pipeline.layerwise import PlacementError
+    from care_mla.pipeline.load import ModelLoadError
     from care_mla.settings import SettingsError
 
     return (AssetError, ModelLoadError, OutputError, TextError, UnsupportedModelError, SettingsError,
@@ -274,7 +297,7 @@ def _runtime_message(err: BaseException) -> str:
         return f"disk full{where}: free some space (or choose another --out / --cache-dir) and run again"
     if isinstance(err, MemoryError):
         return "out of memory: use a smaller --batch-size, --calib-samples or --eval-samples"
-    from care_mla.pipeline.convert import EvaluationError
+    from care_mla.pipeline.evaluate import EvaluationError
 
     if isinstance(err, EvaluationError):
         return _one_line(err)
@@ -287,6 +310,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from care_mla.io.hardware import configure_threads
     from care_mla.pipeline import convert as api  # import torch/transformers only once the arguments are valid
+    from care_mla.pipeline import evaluate
 
     configure_threads(args.threads)  # logs how many
     if args.quiet:
@@ -321,7 +345,7 @@ def _run(args: argparse.Namespace) -> int:
 
         print(run_demo(args.out, kv_fraction=args.kv_fraction, overwrite=args.overwrite, progress=not args.quiet))
     else:
-        report = api.evaluate_folder(
+        report = evaluate.evaluate_folder(
             args.model, eval_text=args.eval_text, eval_samples=args.eval_samples, eval_seq_len=args.eval_seq_len,
             dtype=args.dtype, device=args.device, batch_size=args.batch_size, progress=not args.quiet,
         )

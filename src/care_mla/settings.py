@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -63,9 +63,9 @@ def _one_of(name: str, value, allowed) -> None:
 class ConvertSettings:
     """Everything that decides a conversion. Unknown keys are refused by `from_dict`.
 
-    `latent` and `allocation` left as None take the format's default (care_mla: separate —
-    joint for --method mha2mla, which builds nothing else —, adjusted — uniform for a
-    decoupled latent; deepseek: decoupled, uniform) and are stored resolved.
+    `latent` and `allocation` left as None take the format's default (care_mla: joint — separate for the
+    methods that build no joint latent: svd, asvd, svd-llm —, uniform — adjusted for separate latents;
+    deepseek: decoupled, uniform) and are stored resolved; so do `objective` and `refit_output`.
     """
 
     model: str = "smollm2-135m-instruct"
@@ -76,7 +76,7 @@ class ConvertSettings:
     allocation: Literal["uniform", "adjusted"] | None = None
     allocation_score: Literal["energy", "paper"] = "energy"
     latent: Literal["separate", "joint", "decoupled"] | None = None
-    rope_dim: int | None = None  # decoupled: qk_rope_head_dim (default: a third of the cache, ≤ d_h)
+    rope_dim: int | None = None  # decoupled: qk_rope_head_dim (None: chosen by calibration loss, `selection`)
     rope_strategy: Literal["pca", "partial"] = "pca"  # decoupled: how RoPE components are chosen
     rope_context: int | None = None  # decoupled: relative distance the RoPE choice is judged over
     portable: bool = False  # deepseek: only what vLLM/SGLang run (default RoPE, no biases)
@@ -86,7 +86,7 @@ class ConvertSettings:
     balance_kv: bool = True  # joint latent of care/transmla: scale K against V first (mha2mla never does)
     # care: what the factors minimise. "activation": the K/V activation error (the paper's CARE); "value": V's
     # error as o_proj writes it to the residual stream; "attention": that and K's error as the queries read it
-    # (`objectives`); "auto": value or attention, whichever gives the lower calibration loss. None: auto for the
+    # (`objectives`); "auto": activation, value or attention, whichever gives the lowest calibration loss. None: auto for the
     # joint and decoupled latents of care (measured better, README), activation otherwise (the paper's CARE)
     objective: Literal["auto", "activation", "value", "attention"] | None = None
     # joint/decoupled latents of care: weight of K's error against V's after balancing (>1: K counts more);

@@ -307,13 +307,13 @@ def write_plots(result: dict, folder: Path) -> list[str]:
 def _whitened_spectra(model, stats, s: SweepSettings) -> dict:
     """Whitened K/V spectra (CARE at rank 0) of the first, middle and last layer."""
     from care_mla.method.factorization import whitened_spectrum
-    from care_mla.pipeline.convert import _kv_weights
+    from care_mla.pipeline.plan import layer_kv_weights
 
     n = model.config.num_hidden_layers
     layers = sorted({0, n // 2, n - 1})
     branches: dict[str, dict] = {"K": {}, "V": {}}
     for i in layers:
-        for name, W in zip(("K", "V"), _kv_weights(model.model.layers[i])):
+        for name, W in zip(("K", "V"), layer_kv_weights(model.model.layers[i])):
             sigma = whitened_spectrum(W, stats.second_moments[i], method=s.whitening, damping=s.damping)
             branches[name][f"layer {i}"] = [round(float(x), 6) for x in sigma]
     return {"layers": layers, "branches": branches}
@@ -343,23 +343,23 @@ def _sweep(s: SweepSettings, folder) -> dict:
     from care_mla.evaluation.perplexity import kv_bytes_per_token, kv_cache_width, perplexity
     from care_mla.formats.families import get_family, gqa_kv_width
     from care_mla.io.text import load_windows
-    from care_mla.pipeline import convert as cv
+    from care_mla.pipeline import build, calibration, evaluate, load, plan, reporting, selection
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    device = cv.resolve_device(s.device)
-    dtype = cv.torch_dtype(s.dtype, device)
+    device = load.resolve_device(s.device)
+    dtype = load.torch_dtype(s.dtype, device)
     base = s.cell(*_first_buildable(s))
 
     t = time.perf_counter()
-    model, tokenizer, model_path = cv.load_model(s.model, dtype, device)
+    model, tokenizer, model_path = load.load_model(s.model, dtype, device)
     get_family(model.config)
     for f in s.kv_fractions:  # a budget the model cannot meet is the user's to fix, not a cell to skip
-        cv.rank_budget(model.config, dataclasses.replace(base, kv_fraction=f, method="care", latent="separate"))
+        plan.rank_budget(model.config, dataclasses.replace(base, kv_fraction=f, method="care", latent="separate"))
     timings["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    stats = cv.calibrate(model, tokenizer, model_path, base)
+    stats = calibration.calibrate(model, tokenizer, model_path, base)
     timings["calibrate"] = time.perf_counter() - t
 
     windows, text_path = load_windows(tokenizer, s.eval_text, "evaluation", s.eval_samples, s.eval_seq_len)
@@ -375,7 +375,7 @@ def _sweep(s: SweepSettings, folder) -> dict:
     t = time.perf_counter()
     gqa_width = gqa_kv_width(model.config)
     original = {
-        "ppl": cv.original_perplexity(model, model_path, windows, base, dtype),
+        "ppl": evaluate.original_perplexity(model, model_path, windows, base, dtype),
         "kv_cache_width_per_layer": gqa_width,
         "kv_bytes_per_token": kv_bytes_per_token(model.config, dtype),
         "zero_shot": zero_shot(model),
@@ -399,7 +399,7 @@ def _sweep(s: SweepSettings, folder) -> dict:
             reason = s.cell_error(method, latent)
             if reason is None and latent == "joint":
                 try:  # a joint latent can need more dims than the input has (2·g·d_h > D)
-                    cv.rank_budget(model.config, s.cell(method, allocation, latent, f))
+                    plan.rank_budget(model.config, s.cell(method, allocation, latent, f))
                 except SettingsError as err:
                     reason = str(err)
             if reason is not None:
@@ -410,11 +410,11 @@ def _sweep(s: SweepSettings, folder) -> dict:
                 cells.append({**cell, "status": "exact", "same_as": rep, **_metrics(done[rep])})
                 continue
             c0 = time.perf_counter()
-            cs, choice = cv.choose_settings_whole(model, tokenizer, stats, s.cell(method, allocation, latent, f))
+            cs, choice = selection.choose_settings_whole(model, tokenizer, stats, s.cell(method, allocation, latent, f))
             if cs.sequential_fit and calib_windows is None:
                 calib_windows, _ = load_windows(tokenizer, s.calib_text, "calibration", s.calib_samples,
                                                 s.calib_seq_len, assets.resolve_cache_dir(s.cache_dir))
-            converted, fields = cv.build_converted(model, stats, cs, calib_windows if cs.sequential_fit else None)
+            converted, fields = build.build_converted(model, stats, cs, calib_windows if cs.sequential_fit else None)
             ppl = perplexity(converted, windows, batch_size=s.batch_size, progress=s.progress)
             width = kv_cache_width(converted.config) / converted.config.num_hidden_layers
             measured = {
@@ -463,7 +463,7 @@ def _sweep(s: SweepSettings, folder) -> dict:
         timings["write"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
         result["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-        result["peak_rss_mb"] = round(cv.peak_rss_mb(), 1)
+        result["peak_rss_mb"] = round(reporting.peak_rss_mb(), 1)
         (tmp / SWEEP_FILE).write_text(json.dumps(result, indent=1) + "\n")
         (tmp / SETTINGS_FILE).write_text(json.dumps(s.to_dict(), indent=2) + "\n")
     return result
@@ -489,8 +489,8 @@ def _folder_name(key: str) -> str:
 
 def _save_model(folder: Path, converted, tokenizer, cs: ConvertSettings, cell: dict, original: dict, model_path: str):
     """A kept model: the same files `care-mla convert` writes (so `care-mla report` reads it)."""
-    from care_mla.pipeline.convert import REPORT_FILE
     from care_mla.pipeline.convert import SETTINGS_FILE as CONVERT_SETTINGS
+    from care_mla.pipeline.reporting import REPORT_FILE
 
     folder.mkdir(parents=True)
     converted.save_pretrained(folder)

@@ -23,7 +23,7 @@ from care_mla.formats.modeling_care_mla import CareMlaForCausalLM
 from care_mla.method.factorization import Factors
 
 if TYPE_CHECKING:
-    from care_mla.formats.deepseek import LayerLayout, MlaLayout, RopeSplit
+    from care_mla.method.decoupled import LayerLayout, MlaLayout, RopeSplit
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,8 @@ from care_mla.io.text import (
     tokenize_file,
     user_text,
 )
-from care_mla.pipeline.convert import ModelLoadError, load_model, peak_rss_mb, resolve_device, resolve_model_path
+from care_mla.pipeline.load import ModelLoadError, load_model, resolve_device, resolve_model_path
+from care_mla.pipeline.reporting import peak_rss_mb
 from care_mla.settings import SettingsError
 
 logger = logging.getLogger(__name__)

@@ -9,118 +9,32 @@ layer's `input_layernorm`, and its outputs become layer l+1's inputs.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import AutoConfig
+
+from care_mla.io import assets
+from care_mla.io.checkpoint import CheckpointReader
+from care_mla.io.fingerprint import model_digest
+from care_mla.io.outputs import OutputExistsError, OutputFolder, write_text_atomic  # noqa: F401  (OutputExistsError: API)
+from care_mla.io.text import load_windows, resolve_text
+from care_mla.method.statistics import CalibrationCacheError, CalibrationStats, SecondMoment
+from care_mla.pipeline.load import calib_dtype, load_model, resolve_device, torch_dtype
+from care_mla.settings import ConvertSettings
 
 logger = logging.getLogger(__name__)
 
+
 #: Seconds between two saves of the calibration's progress (hidden states + statistics so far).
 RESUME_INTERVAL_S = 60.0
-
-
-class CalibrationCacheError(ValueError):
-    """A cached statistics file that is corrupt or was computed for something else."""
-
-
-class SecondMoment:
-    """Running Σ x xᵀ, Σ |x| and token count of one layer's input.
-
-    Each batch is reduced with one fp32 GEMM and added to fp64 totals, so the accumulation
-    error does not grow with the number of batches.
-    """
-
-    def __init__(self, dim: int, device: torch.device | str = "cpu"):
-        self.dim = dim
-        self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-        self.sum_abs = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.count = 0
-
-    @torch.no_grad()
-    def add_batch(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, self.dim).to(device=self.sum_outer.device, dtype=torch.float32)
-        self.sum_outer += (x.T @ x).to(torch.float64)
-        self.sum_abs += x.abs().sum(0, dtype=torch.float64)
-        self.count += x.shape[0]
-
-    @property
-    def second_moment(self) -> torch.Tensor:
-        return self.sum_outer / max(self.count, 1)
-
-    @property
-    def abs_mean(self) -> torch.Tensor:
-        return self.sum_abs / max(self.count, 1)
-
-
-@dataclass
-class CalibrationStats:
-    """Per-layer statistics of the attention inputs, what every factorization needs."""
-
-    second_moments: list[torch.Tensor]  # (D, D) float32 each (accumulated in float64, see `SecondMoment`)
-    abs_means: list[torch.Tensor]  # (D,) float32 each
-    num_tokens: int
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.second_moments)
-
-    def save(self, path: Path, *, key: str = "", extra: dict[str, torch.Tensor] | None = None) -> None:
-        """Write atomically (temp file + rename), so a killed run leaves no partial file; `key` (what the
-        statistics were computed from) is stored inside and checked by `load`."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = dict(extra or {})
-        for i, (c, a) in enumerate(zip(self.second_moments, self.abs_means)):
-            tensors[f"layers.{i}.second_moment"] = c.contiguous().cpu()
-            tensors[f"layers.{i}.abs_mean"] = a.contiguous().cpu()
-        meta = {"num_tokens": str(self.num_tokens), "meta": json.dumps(self.meta, sort_keys=True), "key": key,
-                "layers": str(self.num_layers)}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file(tensors, str(tmp), metadata=meta)
-            tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-    @classmethod
-    def load(cls, path: Path, *, key: str | None = None, extra: bool = False):
-        """Statistics saved by `save`; raises `CalibrationCacheError` for a corrupt file or another `key`.
-
-        With `extra`, returns ``(stats, other tensors of the file)``.
-        """
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), "pt") as f:
-                header = f.metadata() or {}
-            tensors = load_file(str(path))
-            n = int(header["layers"]) if "layers" in header else len([k for k in tensors if k.endswith(".second_moment")])
-            stats = cls(
-                second_moments=[tensors.pop(f"layers.{i}.second_moment") for i in range(n)],
-                abs_means=[tensors.pop(f"layers.{i}.abs_mean") for i in range(n)],
-                num_tokens=int(header["num_tokens"]),
-                meta=json.loads(header["meta"]),
-            )
-        except (OSError, SafetensorError, KeyError, ValueError) as err:
-            raise CalibrationCacheError(f"{path} is unreadable ({type(err).__name__}: {err})") from err
-        if key is not None and header.get("key") != key:
-            raise CalibrationCacheError(f"{path} was computed for other inputs (its key does not match)")
-        bad = [i for i, c in enumerate(stats.second_moments) if not bool(torch.isfinite(c).all())]
-        if bad:
-            raise CalibrationCacheError(f"{path} holds non-finite statistics (layer {bad[0]})")
-        return (stats, tensors) if extra else stats
 
 
 def _save_progress(path: Path, key: str, stats: list, hidden: list[torch.Tensor]) -> None:
@@ -148,12 +62,12 @@ class _StopForward(Exception):
     pass
 
 
-def _layer_output(out):
+def layer_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
 @contextmanager
-def _materialised(module: nn.Module, state: dict[str, torch.Tensor] | None, device: torch.device,
+def materialised(module: nn.Module, state: dict[str, torch.Tensor] | None, device: torch.device,
                   placement: dict[str, int | str] | None = None):
     """`module` holding `state` (its full state dict) for the block, then back on the meta device; no-op for None.
 
@@ -265,11 +179,11 @@ def collect_statistics(
         if idx < start:
             continue
         t = time.perf_counter()
-        with _materialised(layer, None if layer_weights is None else layer_weights(idx), device, layer_placement):
+        with materialised(layer, None if layer_weights is None else layer_weights(idx), device, layer_placement):
             moment = SecondMoment(layer.input_layernorm.weight.shape[0], device=device)
             handle = layer.input_layernorm.register_forward_hook(lambda _m, _a, out: moment.add_batch(out))
             try:
-                hidden = [_layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+                hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
             finally:
                 handle.remove()
         # kept in fp32 (half the memory of L·D² fp64): a relative rounding ≤ 2⁻²⁴ ≈ 6e-8 per entry,
@@ -289,3 +203,98 @@ def collect_statistics(
         num_tokens=stats[0][2],
         meta=dict(meta or {}),
     )
+
+
+#: Version of the cached statistics (2: second moments stored in float32; 3: keyed by content); part of the key.
+STATS_FORMAT = 3
+
+
+def model_fingerprint(model_path: str, cache_root: Path) -> bytes:
+    """Identity of a model folder by content (`fingerprint.model_digest`, digests remembered per file)."""
+    return bytes.fromhex(model_digest(model_path, cache_root / "hashes"))
+
+
+def _fingerprint(model_path: str, text_path: Path, settings: ConvertSettings, dtype: torch.dtype,
+                 cache_root: Path) -> str:
+    """Key of the calibration cache: content of the model files and of the text, calibration shape and dtype."""
+    h = hashlib.sha256(model_fingerprint(model_path, cache_root))
+    h.update(hashlib.sha256(text_path.read_bytes()).digest())
+    h.update(f"{settings.calib_samples}x{settings.calib_seq_len}:{dtype}:{STATS_FORMAT}".encode())
+    return h.hexdigest()
+
+
+def calibrate(model, tokenizer, model_path: str, settings: ConvertSettings, *,
+              reader: CheckpointReader | None = None) -> CalibrationStats:
+    """Statistics from the cache when this model, text and shape were calibrated before, else collected.
+
+    The forward passes run in `settings.calib_dtype` ("auto" by default: the fastest numerically safe
+    dtype of this machine, measured — bf16 where native, fp32 on AVX2-only CPUs; the statistics are
+    accumulated in fp32/fp64 either way). With a `reader` (`model` is then None)
+    the layers are read from the checkpoint one at a time in that dtype; otherwise a second copy
+    of the model is loaded in it when it differs from the model's.
+    """
+    if reader is not None:
+        device = resolve_device(settings.device)
+        model_dtype = torch_dtype(settings.dtype, device)
+        config = AutoConfig.from_pretrained(model_path)
+    else:
+        device, model_dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        config = model.config
+    dtype, hardware_info = calib_dtype(settings, config, device, model_dtype)
+    stats = _calibrate(model, tokenizer, model_path, settings, reader, device, dtype, config, model_dtype)
+    stats.meta["hardware"] = hardware_info or {"step": "calibration", "dtype": str(dtype).removeprefix("torch."),
+                                               "reason": f"--calib-dtype {settings.calib_dtype}"}
+    stats.meta["hardware"]["threads"] = torch.get_num_threads()
+    return stats
+
+
+def _calibrate(model, tokenizer, model_path: str, settings: ConvertSettings, reader, device, dtype,
+               config, model_dtype) -> CalibrationStats:
+    cache_root = assets.resolve_cache_dir(settings.cache_dir)
+    text_path = resolve_text(settings.calib_text, "calibration")
+    key = _fingerprint(model_path, text_path, settings, dtype, cache_root)
+    cache = cache_root / "calibration" / f"{key[:20]}.safetensors"
+    if cache.is_file():  # checked before tokenising: the statistics are all that is needed
+        try:
+            stats = CalibrationStats.load(cache, key=key)
+        except CalibrationCacheError as err:
+            logger.warning("ignoring the cached calibration statistics: %s; calibrating again", err)
+        else:
+            logger.info("calibration statistics from %s", cache)
+            stats.meta["cache_file"] = str(cache)
+            return stats
+    windows, _ = load_windows(
+        tokenizer, settings.calib_text, "calibration", settings.calib_samples, settings.calib_seq_len, cache_root
+    )
+    meta = {
+        "model": model_path,
+        "text": str(text_path),
+        "samples": settings.calib_samples,
+        "seq_len": settings.calib_seq_len,
+        "dtype": str(dtype).removeprefix("torch."),
+        "key": key,
+    }
+    resume = cache.with_name(cache.stem + ".partial.safetensors")  # layers done so far, if a run was killed
+    if reader is not None:
+        from care_mla.pipeline.layerwise import collect_statistics_layerwise
+
+        stats = collect_statistics_layerwise(reader, config, windows, dtype=dtype,
+                                             device=device, batch_size=settings.batch_size,
+                                             progress=settings.progress, meta=meta,
+                                             max_memory=settings.max_memory_map, resume=resume)
+    else:
+        runner = model if dtype == model_dtype else load_model(model_path, dtype, device, settings.max_memory_map)[0]
+        stats = collect_statistics(runner, windows, batch_size=settings.batch_size, progress=settings.progress,
+                                   meta=meta, resume=resume)
+        del runner
+    stats.save(cache, key=key)
+    resume.unlink(missing_ok=True)
+    stats.meta["cache_file"] = str(cache)
+    return stats
+
+
+def calibration_windows(tokenizer, settings: ConvertSettings) -> torch.Tensor:
+    """The calibration token windows (N, T) of `settings` (tokenised once, kept in the cache folder)."""
+    windows, _ = load_windows(tokenizer, settings.calib_text, "calibration", settings.calib_samples,
+                              settings.calib_seq_len, assets.resolve_cache_dir(settings.cache_dir))
+    return windows

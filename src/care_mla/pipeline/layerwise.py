@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from care_mla.io.checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader, ShardWriter
-from care_mla.pipeline.calibration import CalibrationStats, collect_statistics
+from care_mla.method.statistics import CalibrationStats
+from care_mla.pipeline.calibration import collect_statistics
 
 
 def skeleton(config, device: torch.device | str = "cpu", model_class: type[nn.Module] | None = None) -> nn.Module:

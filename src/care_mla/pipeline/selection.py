@@ -11,6 +11,7 @@ states of the (few) selection windows are carried per candidate, so the search c
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -19,8 +20,19 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from care_mla.pipeline.calibration import _layer_output, _materialised, capture_layer_inputs
+from care_mla.evaluation.perplexity import (
+    perplexity,
+)
+from care_mla.formats import deepseek
+from care_mla.formats.families import head_dim
+from care_mla.io.checkpoint import CheckpointReader
+from care_mla.io.outputs import OutputExistsError, OutputFolder, write_text_atomic  # noqa: F401  (OutputExistsError: API)
+from care_mla.method import rope_split
+from care_mla.method.statistics import CalibrationStats
+from care_mla.pipeline.build import build_converted, decoupled_stream, latent_stream
+from care_mla.pipeline.calibration import calibration_windows, capture_layer_inputs, layer_output, materialised
 from care_mla.pipeline.layerwise import skeleton
+from care_mla.settings import ConvertSettings
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +85,8 @@ def streamed_losses(model_class: type[nn.Module], tensor: Callable[[str], torch.
     for i in range(len(inner.layers)):
         for c, (model, (_, state)) in enumerate(zip(models, candidates)):
             layer = model.model.layers[i]
-            with _materialised(layer, {k: v.to(dtype) for k, v in state(i).items()}, device):
-                streams[c] = [_layer_output(layer(h, **kw)) for h, kw in zip(streams[c], kwargs[c])]
+            with materialised(layer, {k: v.to(dtype) for k, v in state(i).items()}, device):
+                streams[c] = [layer_output(layer(h, **kw)) for h, kw in zip(streams[c], kwargs[c])]
     _load(inner.norm, {"weight": tensor("model.norm.weight")}, device, dtype)
     tied = getattr(candidates[0][0], "tie_word_embeddings", False)
     head = tensor("model.embed_tokens.weight" if tied else "lm_head.weight").to(device=device, dtype=dtype)
@@ -101,3 +113,128 @@ def best(values: Sequence, losses: Sequence[float], what: str) -> tuple[object, 
     table = {str(v): round(loss, 6) for v, loss in zip(values, losses)}
     logger.info("%s by calibration loss: %s (tried %s)", what, values[k], table)
     return values[k], {"chosen": values[k], "calibration_loss": table}
+
+
+def selection_windows(tokenizer, settings: ConvertSettings) -> torch.Tensor:
+    """`selection.SELECTION_WINDOWS` calibration windows, evenly spaced over the calibration set (held-in)."""
+    from care_mla.pipeline.selection import SELECTION_WINDOWS
+
+    windows = calibration_windows(tokenizer, settings)
+    step = max(1, windows.shape[0] // SELECTION_WINDOWS)
+    return windows[::step][:SELECTION_WINDOWS]
+
+
+def objective_candidates(settings: ConvertSettings) -> list[ConvertSettings]:
+    """The settings to choose from by calibration loss: every "auto" objective and key_emphasis spelled out
+    (`selection.OBJECTIVE_CHOICES` × `selection.KEY_EMPHASIS_GRID`); one entry when nothing is left to choose."""
+    from care_mla.pipeline.selection import KEY_EMPHASIS_GRID, OBJECTIVE_CHOICES
+
+    objectives = OBJECTIVE_CHOICES if settings.objective == "auto" else (settings.objective,)
+    out = []
+    for objective in objectives:
+        emphases = (settings.key_emphasis,)
+        if settings.key_emphasis == "auto":
+            emphases = (1.0,) if objective == "activation" else KEY_EMPHASIS_GRID
+        out += [dataclasses.replace(settings, objective=objective, key_emphasis=e) for e in emphases]
+    return out
+
+
+def rope_dim_candidates(config, settings: ConvertSettings) -> list[ConvertSettings]:
+    """Decoupled layouts below parity with no pinned ``--rope-dim``: splits of the cache between
+    ``qk_rope_head_dim`` and ``kv_lora_rank`` to choose from by calibration loss (`selection.ROPE_SHARES` of the
+    cache, even, valid for the export); one entry when there is nothing to choose."""
+    from care_mla.pipeline.selection import ROPE_SHARES
+
+    if settings.latent != "decoupled" or settings.rope_dim is not None or settings.engine is not None:
+        return [settings]
+    g, d = config.num_key_value_heads, head_dim(config)
+    cache = round(settings.kv_fraction * 2 * g * d)
+    if cache >= 2 * g * d:
+        return [settings]  # parity: the exact layout
+    dims = []
+    for share in ROPE_SHARES:
+        rope = max(2, int(cache * share) // 2 * 2)
+        try:
+            deepseek.export_budget(config, qk_rope_head_dim=rope, kv_fraction=settings.kv_fraction,
+                                   portable=settings.portable)
+        except rope_split.DeepseekExportError:
+            continue
+        if rope not in dims:
+            dims.append(rope)
+    return [dataclasses.replace(settings, rope_dim=r) for r in dims] or [settings]
+
+
+#: The stages of a choice by calibration loss: (report field, candidates, how a candidate is named).
+_STAGES = (
+    ("objective_choice", lambda config, s: objective_candidates(s),
+     lambda c: f"{c.objective}, key_emphasis {c.key_emphasis:g}"),
+    ("rope_dim_choice", rope_dim_candidates, lambda c: f"qk_rope_head_dim {c.rope_dim}"),
+)
+
+
+def choose_settings(config, settings: ConvertSettings,
+                    score: Callable[[list[ConvertSettings]], list[float]]) -> tuple[ConvertSettings, dict]:
+    """`settings` with what is "auto" resolved by calibration loss, one stage after the other (`_STAGES`: first
+    the objective and the K/V balance, then, for a decoupled layout, the RoPE/latent split), and the report
+    fields of each choice made. `score` gives the calibration loss of each candidate."""
+    from care_mla.pipeline.selection import best
+
+    fields = {}
+    for field, candidates_of, name_of in _STAGES:
+        candidates = candidates_of(config, settings)
+        if len(candidates) == 1:
+            settings = candidates[0]
+            continue
+        names = [name_of(c) for c in candidates]
+        # scored as plain conversions: compensation and output refit rerun every layer, multiplying the cost
+        losses = score([dataclasses.replace(c, compensate=False, refit_output=False) for c in candidates])
+        name, info = best(names, losses, field.removesuffix("_choice"))
+        settings = candidates[names.index(name)]
+        fields[field] = info
+    if fields:
+        fields["objective"], fields["key_emphasis"] = settings.objective, settings.key_emphasis
+    return settings, fields
+
+
+def choose_settings_whole(model, tokenizer, stats: CalibrationStats,
+                          settings: ConvertSettings) -> tuple[ConvertSettings, dict]:
+    """`choose_settings` with each candidate built in memory and scored on `selection_windows`."""
+    windows = None
+
+    def score(candidates: list[ConvertSettings]) -> list[float]:
+        nonlocal windows
+        windows = selection_windows(tokenizer, settings) if windows is None else windows
+        losses = []
+        for candidate in candidates:
+            converted, _ = build_converted(model, stats, candidate)
+            losses.append(math.log(perplexity(converted, windows, batch_size=settings.batch_size)))
+            del converted
+        return losses
+
+    return choose_settings(model.config, settings, score)
+
+
+def choose_settings_streamed(config, reader: CheckpointReader, tokenizer, stats: CalibrationStats,
+                              settings: ConvertSettings, dtype: torch.dtype,
+                              device: torch.device) -> tuple[ConvertSettings, dict]:
+    """Stage 3: `choose_settings` with one decoder layer of one candidate in memory at a time (`streamed_losses`);
+    the candidates read each layer of `reader` (a checkpoint, or a model in memory) once (`layerwise.LayerMemo`)."""
+    from care_mla.pipeline.layerwise import LayerMemo
+    from care_mla.pipeline.selection import streamed_losses
+
+    windows = None
+    memo = LayerMemo(reader)
+
+    def score(candidates: list[ConvertSettings]) -> list[float]:
+        nonlocal windows
+        windows = selection_windows(tokenizer, settings) if windows is None else windows
+        make = decoupled_stream if settings.latent == "decoupled" else latent_stream
+        streams = [make(config, memo, stats, candidates[0], dtype)]
+        for c in candidates[1:]:  # a RoPE plan depends on rope_dim only: shared by candidates that share it
+            same = settings.latent == "decoupled" and c.rope_dim == candidates[0].rope_dim
+            streams.append(make(config, memo, stats, c, dtype, **({"split": streams[0].split} if same else {})))
+        first = streams[0]
+        return streamed_losses(first.model_class, first.tensor, [(p.config, p.layer) for p in streams], windows,
+                               dtype=dtype, device=device, batch_size=settings.batch_size)
+
+    return choose_settings(config, settings, score)

@@ -13,7 +13,7 @@ tied lm_head a random model repeats its last token (e·e dominates); untied, the
 depends on the whole context through attention (at std 0.02 the layers' outputs outweigh the
 embedding in the residual stream), which is what a token-agreement check of MLA serving needs.
 
-    python scripts/geometry_model.py OUT [--layers 2] [--intermediate 1024] [--dtype float32]
+    python benchmarks/geometry_model.py OUT [--layers 2] [--intermediate 1024] [--dtype float32]
 """
 
 from __future__ import annotations

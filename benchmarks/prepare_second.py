@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Prepare a second real model and a second English text domain for the generalisation benchmark.
 
-Usage: ``python scripts/prepare_second.py --out DIR [--keep] [--skip-model] [--skip-text] [--check]``
+Usage: ``python benchmarks/prepare_second.py --out DIR [--keep] [--skip-model] [--skip-text] [--check]``
 
 Makes, under ``DIR``:
 
@@ -319,7 +319,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
         files = {entry.name: entry.stat().st_size for entry in sorted(tmp.iterdir()) if entry.is_file()}
         marker = {
-            "made_by": "scripts/prepare_second.py",
+            "made_by": "benchmarks/prepare_second.py",
             "source": [f"{wheel_dist(part)}=={WHEEL_VERSION}" for part in range(1, WHEEL_PARTS + 1)],
             "gguf_name": GGUF_NAME,
             "gguf_size": GGUF_SIZE,

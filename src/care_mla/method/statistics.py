@@ -1,0 +1,107 @@
+"""Calibration statistics (CARE.md §0): per layer, the running second moment C = (1/N) Σ x xᵀ of the attention input
+and its mean absolute value per channel, accumulated in float64 with a token count; saved and loaded with a key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class CalibrationCacheError(ValueError):
+    """A cached statistics file that is corrupt or was computed for something else."""
+
+
+class SecondMoment:
+    """Running Σ x xᵀ, Σ |x| and token count of one layer's input.
+
+    Each batch is reduced with one fp32 GEMM and added to fp64 totals, so the accumulation
+    error does not grow with the number of batches.
+    """
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu"):
+        self.dim = dim
+        self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.sum_abs = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.count = 0
+
+    @torch.no_grad()
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.dim).to(device=self.sum_outer.device, dtype=torch.float32)
+        self.sum_outer += (x.T @ x).to(torch.float64)
+        self.sum_abs += x.abs().sum(0, dtype=torch.float64)
+        self.count += x.shape[0]
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        return self.sum_outer / max(self.count, 1)
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.sum_abs / max(self.count, 1)
+
+
+@dataclass
+class CalibrationStats:
+    """Per-layer statistics of the attention inputs, what every factorization needs."""
+
+    second_moments: list[torch.Tensor]  # (D, D) float32 each (accumulated in float64, see `SecondMoment`)
+    abs_means: list[torch.Tensor]  # (D,) float32 each
+    num_tokens: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.second_moments)
+
+    def save(self, path: Path, *, key: str = "", extra: dict[str, torch.Tensor] | None = None) -> None:
+        """Write atomically (temp file + rename), so a killed run leaves no partial file; `key` (what the
+        statistics were computed from) is stored inside and checked by `load`."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = dict(extra or {})
+        for i, (c, a) in enumerate(zip(self.second_moments, self.abs_means)):
+            tensors[f"layers.{i}.second_moment"] = c.contiguous().cpu()
+            tensors[f"layers.{i}.abs_mean"] = a.contiguous().cpu()
+        meta = {"num_tokens": str(self.num_tokens), "meta": json.dumps(self.meta, sort_keys=True), "key": key,
+                "layers": str(self.num_layers)}
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Path, *, key: str | None = None, extra: bool = False):
+        """Statistics saved by `save`; raises `CalibrationCacheError` for a corrupt file or another `key`.
+
+        With `extra`, returns ``(stats, other tensors of the file)``.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                header = f.metadata() or {}
+            tensors = load_file(str(path))
+            n = int(header["layers"]) if "layers" in header else len([k for k in tensors if k.endswith(".second_moment")])
+            stats = cls(
+                second_moments=[tensors.pop(f"layers.{i}.second_moment") for i in range(n)],
+                abs_means=[tensors.pop(f"layers.{i}.abs_mean") for i in range(n)],
+                num_tokens=int(header["num_tokens"]),
+                meta=json.loads(header["meta"]),
+            )
+        except (OSError, SafetensorError, KeyError, ValueError) as err:
+            raise CalibrationCacheError(f"{path} is unreadable ({type(err).__name__}: {err})") from err
+        if key is not None and header.get("key") != key:
+            raise CalibrationCacheError(f"{path} was computed for other inputs (its key does not match)")
+        bad = [i for i, c in enumerate(stats.second_moments) if not bool(torch.isfinite(c).all())]
+        if bad:
+            raise CalibrationCacheError(f"{path} holds non-finite statistics (layer {bad[0]})")
+        return (stats, tensors) if extra else stats
