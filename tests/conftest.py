@@ -20,6 +20,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from care_mla.settings import ConvertSettings
+
 FAMILY_CLASSES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
@@ -108,3 +110,22 @@ def tiny_model_dir(tmp_path_factory, text_file):
         return made[family]
 
     return make
+
+
+def settings_for(model_dir, text_file, tmp_path, **kw) -> ConvertSettings:
+    """Settings of a small, quiet conversion of `model_dir` on `text_file` (calibration 8 x 32, evaluation 4 x 32)
+    into `tmp_path`; `kw` overrides."""
+    base = dict(
+        model=str(model_dir),
+        out=str(tmp_path / "out"),
+        calib_text=str(text_file),
+        eval_text=str(text_file),
+        calib_samples=8,
+        calib_seq_len=32,
+        eval_samples=4,
+        eval_seq_len=32,
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
+    base.update(kw)
+    return ConvertSettings(**base)

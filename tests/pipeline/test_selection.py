@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from test_convert import settings_for
+from conftest import settings_for
 from transformers import AutoModelForCausalLM
 
 from care_mla.evaluation.perplexity import perplexity

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_convert import settings_for
+from conftest import settings_for
 
 from care_mla.evaluation import plots
 from care_mla.evaluation.report import REPORT_FILE, ReportError, report

@@ -29,7 +29,7 @@ from care_mla.io.outputs import MARKER, OutputLock
 from care_mla.pipeline import calibration, evaluate
 from care_mla.pipeline import convert as api
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 LEFTOVER_MARKS = (".partial-", ".lock", ".old-", ".tmp", MARKER)
 
 

@@ -8,8 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_convert import settings_for
+from conftest import settings_for, tiny_model
 from transformers import AutoModelForCausalLM
 
 import care_mla  # noqa: F401  (registers care_mla with the Auto classes)

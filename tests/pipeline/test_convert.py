@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILY_CLASSES
+from conftest import FAMILY_CLASSES, settings_for
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import care_mla  # noqa: F401
@@ -17,23 +17,6 @@ from care_mla.formats.families import UnsupportedModelError
 from care_mla.pipeline import calibration, load
 from care_mla.pipeline import convert as api
 from care_mla.settings import ConvertSettings, SettingsError
-
-
-def settings_for(model_dir, text_file, tmp_path, **kw) -> ConvertSettings:
-    base = dict(
-        model=str(model_dir),
-        out=str(tmp_path / "out"),
-        calib_text=str(text_file),
-        eval_text=str(text_file),
-        calib_samples=8,
-        calib_seq_len=32,
-        eval_samples=4,
-        eval_seq_len=32,
-        cache_dir=str(tmp_path / "cache"),
-        progress=False,
-    )
-    base.update(kw)
-    return ConvertSettings(**base)
 
 
 def folder_digest(path) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_convert import settings_for
+from conftest import settings_for
 
 from care_mla.method.factorization import (
     activation_error,
