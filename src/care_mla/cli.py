@@ -35,14 +35,36 @@ def _emphasis(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number > 0, got {text!r}") from None
 
 
-def _add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--eval-text", default=DEFAULTS.eval_text, help="held-out text: 'austen' or a UTF-8 file")
-    p.add_argument("--eval-samples", type=int, default=DEFAULTS.eval_samples)
-    p.add_argument("--eval-seq-len", type=int, default=DEFAULTS.eval_seq_len)
-    p.add_argument("--device", choices=DEVICES, default=DEFAULTS.device)
-    p.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype)
-    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+def _add_eval_args(p: argparse.ArgumentParser, defaults=DEFAULTS,
+                   eval_text_help: str = "held-out text: 'austen' or a UTF-8 file") -> None:
+    p.add_argument("--eval-text", default=defaults.eval_text, help=eval_text_help)
+    p.add_argument("--eval-samples", type=int, default=defaults.eval_samples)
+    p.add_argument("--eval-seq-len", type=int, default=defaults.eval_seq_len)
+    p.add_argument("--device", choices=DEVICES, default=defaults.device)
+    p.add_argument("--dtype", choices=DTYPES, default=defaults.dtype)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_factorization_args(p: argparse.ArgumentParser, defaults) -> None:
+    """Options of the factorization and the rank allocation shared by convert and sweep."""
+    p.add_argument("--allocation-score", choices=("energy", "paper"), default=defaults.allocation_score,
+                   help="adjusted allocation priority: 'energy' (next gain / layer energy) or the paper's (next gain / tail)")
+    p.add_argument("--no-balance-kv", dest="balance_kv", action="store_false",
+                   help="joint latent: do not balance K against V")
+    p.add_argument("--whitening", choices=("cholesky", "sqrt"), default=defaults.whitening)
+    p.add_argument("--damping", type=float, default=defaults.damping)
+    p.add_argument("--rank-min-ratio", type=float, default=defaults.rank_min_ratio)
+    p.add_argument("--rank-max-ratio", type=float, default=defaults.rank_max_ratio)
+
+
+def _add_calibration_args(p: argparse.ArgumentParser, defaults) -> None:
+    p.add_argument("--calib-text", default=defaults.calib_text, help="calibration text: 'austen' or a UTF-8 file")
+    p.add_argument("--calib-samples", type=int, default=defaults.calib_samples)
+    p.add_argument("--calib-seq-len", type=int, default=defaults.calib_seq_len)
+    p.add_argument("--calib-dtype", choices=CALIB_DTYPES, default=defaults.calib_dtype,
+                   help="dtype of the calibration forward passes: auto measures this machine and takes "
+                        "the fastest safe one (bf16 where native, else fp32); statistics are accumulated in fp32/fp64")
 
 
 def _positive_int(text: str) -> int:
@@ -75,8 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-layer latent widths: uniform, or adjusted (greedy on the whitened spectra, bounded by "
                         "--rank-min-ratio/--rank-max-ratio). Default: uniform for joint and decoupled latents (measured "
                         "better), adjusted for separate latents; deepseek: uniform only")
-    c.add_argument("--allocation-score", choices=("energy", "paper"), default=DEFAULTS.allocation_score,
-                   help="adjusted allocation priority: 'energy' (next gain / layer energy) or the paper's (next gain / tail)")
     c.add_argument("--latent", choices=LATENTS, default=None,
                    help="joint: one K/V latent (default for care_mla; methods without a joint form, svd, asvd and "
                         "svd-llm, build separate ones); separate: K and V latents (the paper's CARE); decoupled: "
@@ -96,7 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "options when the model's cache is already smaller")
     c.add_argument("--portable", action="store_true",
                    help="deepseek: only what vLLM/SGLang run (default RoPE, ≤ d_h RoPE dims, no biases)")
-    c.add_argument("--no-balance-kv", dest="balance_kv", action="store_false", help="joint latent: do not balance K against V")
     c.add_argument("--objective", choices=("auto", *OBJECTIVES), default=None,
                    help="care: what the factors minimise: activation (the paper's K/V activation error), value (V's "
                         "error through o_proj), attention (that and K's error through the queries), auto (activation, "
@@ -113,16 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refit each layer's o_proj (not cached) by least squares from the converted attention's "
                         "heads to the original attention's output on the same inputs, layer after layer (~2x a "
                         "calibration's forward time); default: on for care below parity")
-    c.add_argument("--whitening", choices=("cholesky", "sqrt"), default=DEFAULTS.whitening)
-    c.add_argument("--damping", type=float, default=DEFAULTS.damping)
-    c.add_argument("--rank-min-ratio", type=float, default=DEFAULTS.rank_min_ratio)
-    c.add_argument("--rank-max-ratio", type=float, default=DEFAULTS.rank_max_ratio)
-    c.add_argument("--calib-text", default=DEFAULTS.calib_text, help="calibration text: 'austen' or a UTF-8 file")
-    c.add_argument("--calib-samples", type=int, default=DEFAULTS.calib_samples)
-    c.add_argument("--calib-seq-len", type=int, default=DEFAULTS.calib_seq_len)
-    c.add_argument("--calib-dtype", choices=CALIB_DTYPES, default=DEFAULTS.calib_dtype,
-                   help="dtype of the calibration forward passes: auto measures this machine and takes "
-                        "the fastest safe one (bf16 where native, else fp32); statistics are accumulated in fp32/fp64")
+    _add_factorization_args(c, DEFAULTS)
+    _add_calibration_args(c, DEFAULTS)
     c.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip perplexity and cache measurements")
     c.add_argument("--zero-shot-tasks", type=lambda text: [t for t in text.split(",") if t], default=[],
                    help="zero-shot accuracy (lm-eval) of the original and the converted model: lastword, nextsent "
@@ -152,7 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_heal_parser(sub)
     from care_mla.evaluation.report import add_report_parser
-    from care_mla.evaluation.sweep import add_sweep_parser
 
     add_sweep_parser(sub)
     add_report_parser(sub)
@@ -179,6 +189,71 @@ def state_defaults(parser: argparse.ArgumentParser) -> None:
         else:
             shown = "%(default)s"
         action.help = f"{action.help} (default: {shown})" if action.help else f"default: {shown}"
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from err
+
+    parse.__name__ = f"comma-separated {kind.__name__}s"
+    return parse
+
+
+def add_sweep_parser(sub) -> argparse.ArgumentParser:
+    """The ``care-mla sweep`` subcommand (add to the CLI's subparsers)."""
+    from care_mla.evaluation.sweep import SweepSettings
+
+    D = SweepSettings()
+    p = sub.add_parser("sweep", help="convert with every method/allocation at several KV budgets from one calibration; "
+                                     "write sweep.json, a Markdown table and plots")
+    p.add_argument("model", nargs="?", default=D.model, help="local HF folder, hub id, or 'smollm2-135m-instruct'")
+    p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    p.add_argument("--kv-fractions", type=_csv(float), default=list(D.kv_fractions),
+                   help="kept fractions of the GQA KV cache (1.0 = parity, evaluated once)")
+    p.add_argument("--methods", type=_csv(str), default=list(D.methods),
+                   help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--allocations", type=_csv(str), default=list(D.allocations),
+                   help=f"comma-separated, of {', '.join(ALLOCATIONS)}")
+    p.add_argument("--latents", type=_csv(str), default=list(D.latents),
+                   help="comma-separated, of separate, joint (a method that cannot build one is skipped there)")
+    p.add_argument("--zero-shot", action=argparse.BooleanOptionalAction, default=D.zero_shot,
+                   help="zero-shot accuracy through lm-eval for every model (the slow part on a CPU)")
+    p.add_argument("--zero-shot-tasks", type=_csv(str), default=list(D.zero_shot_tasks),
+                   help="lastword, nextsent (built offline from the evaluation text) and/or lm-eval task names "
+                        "(arc_easy, hellaswag, piqa, winogrande, arc_challenge: reported unavailable offline)")
+    p.add_argument("--zero-shot-limit", type=int, default=D.zero_shot_limit, help="items per zero-shot task")
+    p.add_argument("--keep-models", action="store_true", help="also save every converted model under OUT/models/")
+    p.add_argument("--compensate", action="store_true",
+                   help="care cells: error compensation across layers (~2x calibration time)")
+    p.add_argument("--refit-output", action="store_true",
+                   help="care cells: refit each layer's o_proj to the original attention outputs (~2x calibration time)")
+    _add_factorization_args(p, D)
+    _add_calibration_args(p, D)
+    _add_eval_args(p, D, "held-out text (also the zero-shot tasks' source)")
+    p.add_argument("--cache-dir", default=None, help="where calibration statistics and task files are kept")
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    """Run ``care-mla sweep`` from parsed arguments; print the table. Returns the exit status."""
+    import sys
+
+    from care_mla.evaluation.sweep import SWEEP_FILE, TABLE_FILE, SweepSettings, format_table, sweep
+    from care_mla.evaluation.zeroshot import ZeroShotError
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "debug", "threads")}
+    try:
+        result = sweep(SweepSettings.from_dict({**fields, "progress": not args.quiet}))
+    except ZeroShotError as err:
+        print(f"care-mla: error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    print(f"written to {args.out}: {SWEEP_FILE}, {TABLE_FILE}, {', '.join(result['plots'])}")
+    return 0
 
 
 def _add_heal_parser(sub) -> None:
@@ -333,8 +408,6 @@ def _run(args: argparse.Namespace) -> int:
         summary = {k: report[k] for k in ("ppl", "tokens_seen", "wall_time_s", "tokens_per_s")}
         print(json.dumps({"out": args.out, **summary}, indent=2))
     elif args.command == "sweep":
-        from care_mla.evaluation.sweep import run_sweep_command
-
         return run_sweep_command(args)
     elif args.command == "report":
         from care_mla.evaluation.report import run_report_command

@@ -59,8 +59,31 @@ def _one_of(name: str, value, allowed) -> None:
         raise SettingsError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
 
+class SettingsFile:
+    """What every settings dataclass of care-mla does with its fields: `to_dict`, `from_dict` (unknown keys refused,
+    missing required ones named) and `save` (the JSON written next to every output)."""
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise SettingsError(f"unknown setting(s): {', '.join(unknown)}")
+        missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and n not in data]
+        if missing:
+            raise SettingsError(f"missing setting(s): {', '.join(missing)}")
+        return cls(**data)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
 @dataclass(frozen=True)
-class ConvertSettings:
+class ConvertSettings(SettingsFile):
     """Everything that decides a conversion. Unknown keys are refused by `from_dict`.
 
     `latent` and `allocation` left as None take the format's default (care_mla: joint — separate for the
@@ -236,19 +259,6 @@ class ConvertSettings:
         """`max_memory` as accelerate takes it (device → bytes), None when not set."""
         return None if self.max_memory is None else parse_max_memory(self.max_memory)
 
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ConvertSettings":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SettingsError(f"unknown setting(s): {', '.join(unknown)}")
-        return cls(**data)
-
-    def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def parse_max_memory(text: str) -> dict[int | str, int]:

@@ -9,9 +9,10 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 import care_mla  # noqa: F401
+from care_mla.cli import add_sweep_parser, run_sweep_command
 from care_mla.evaluation import plots
 from care_mla.evaluation.report import add_report_parser, run_report_command
-from care_mla.evaluation.sweep import SweepSettings, add_sweep_parser, format_table, run_sweep_command, sweep
+from care_mla.evaluation.sweep import SweepSettings, format_table, sweep
 from care_mla.pipeline import build, calibration
 from care_mla.settings import SettingsError
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from care_mla.io import assets
-from care_mla.io.assets import AUSTEN_SPLITS, AssetError, austen_text, default_model_dir
+from care_mla.io import assets, austen
+from care_mla.io.assets import AssetError, default_model_dir
+from care_mla.io.austen import AUSTEN_SPLITS, austen_text
 
 # A distinctive opening line of each novel (as wrapped in janeaustenr).
 OPENING_LINES = {
@@ -75,9 +76,9 @@ def test_splits_are_fixed_and_disjoint() -> None:
 
 
 def test_missing_apt_get_names_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv(assets.AUSTEN_DEB_ENV, raising=False)
+    monkeypatch.delenv(austen.AUSTEN_DEB_ENV, raising=False)
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(AssetError, match=assets.AUSTEN_DEB_ENV) as info:
+    with pytest.raises(AssetError, match=austen.AUSTEN_DEB_ENV) as info:
         austen_text("evaluation", cache_dir=tmp_path)
     assert "apt-get" in str(info.value)
     # the temporary download folder was cleaned up
@@ -87,17 +88,17 @@ def test_missing_apt_get_names_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 def test_lazyload_blob_formats() -> None:
     payload = b"X\n" + bytes(range(256)) * 10
     header = struct.pack(">I", len(payload))
-    assert assets._unpack_lazyload_blob(header + zlib.compress(payload), True) == payload
-    assert assets._unpack_lazyload_blob(header + b"Z" + zlib.compress(payload), 3) == payload
-    assert assets._unpack_lazyload_blob(header + b"2" + bz2.compress(payload), 2) == payload
-    assert assets._unpack_lazyload_blob(header + b"0" + payload, 3) == payload
-    assert assets._unpack_lazyload_blob(payload, False) == payload
+    assert austen._unpack_lazyload_blob(header + zlib.compress(payload), True) == payload
+    assert austen._unpack_lazyload_blob(header + b"Z" + zlib.compress(payload), 3) == payload
+    assert austen._unpack_lazyload_blob(header + b"2" + bz2.compress(payload), 2) == payload
+    assert austen._unpack_lazyload_blob(header + b"0" + payload, 3) == payload
+    assert austen._unpack_lazyload_blob(payload, False) == payload
     with pytest.raises(ValueError):
-        assets._unpack_lazyload_blob(struct.pack(">I", 3) + zlib.compress(payload), True)
+        austen._unpack_lazyload_blob(struct.pack(">I", 3) + zlib.compress(payload), True)
 
 
 def test_join_novels_keeps_paragraphs() -> None:
-    text = assets._join_novels([["", "TITLE", "", "a", "b  ", "", "c", "", ""], ["X", "", "y"]])
+    text = austen._join_novels([["", "TITLE", "", "a", "b  ", "", "c", "", ""], ["X", "", "y"]])
     assert text == "TITLE\n\na\nb\n\nc\n\nX\n\ny\n"
 
 
@@ -110,13 +111,13 @@ def test_install_dir_race_outcomes(tmp_path: Path) -> None:
 
     target = tmp_path / "target"
     # no target yet: the build is moved into place
-    assets._install_dir(build("t1", "one"), target, lambda p: True)
+    assets.install_dir(build("t1", "one"), target, lambda p: True)
     assert (target / "f").read_text() == "one" and not (tmp_path / "t1").exists()
     # a valid target won the race: it is kept and the loser's build is removed
-    assets._install_dir(build("t2", "two"), target, lambda p: True)
+    assets.install_dir(build("t2", "two"), target, lambda p: True)
     assert (target / "f").read_text() == "one" and not (tmp_path / "t2").exists()
     # an invalid target is replaced
-    assets._install_dir(build("t3", "three"), target, lambda p: False)
+    assets.install_dir(build("t3", "three"), target, lambda p: False)
     assert (target / "f").read_text() == "three" and not (tmp_path / "t3").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
 

@@ -6,15 +6,8 @@ import pytest
 import torch
 from conftest import settings_for
 
-from care_mla.method.factorization import (
-    activation_error,
-    balance_scale,
-    care_factorize,
-    mha2mla_factorize,
-    svd_factorize,
-    transmla_factorize,
-    transmla_joint_factorize,
-)
+from care_mla.method.baselines import mha2mla_factorize, svd_factorize, transmla_factorize, transmla_joint_factorize
+from care_mla.method.factorization import activation_error, balance_scale, care_factorize
 from care_mla.pipeline import convert as api
 from care_mla.settings import ConvertSettings, SettingsError
 

@@ -7,15 +7,13 @@ import warnings
 import pytest
 import torch
 
+from care_mla.method.baselines import asvd_factorize, svd_factorize, svd_llm_factorize
 from care_mla.method.factorization import (
     Factors,
     activation_error,
-    asvd_factorize,
     balance_scale,
     care_factorize,
     joint_factorize,
-    svd_factorize,
-    svd_llm_factorize,
     whitened_spectrum,
     whitening,
 )

@@ -30,7 +30,6 @@ Which cells are evaluated:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -41,19 +40,17 @@ from pathlib import Path
 from care_mla.io import assets
 from care_mla.settings import (
     ALLOCATIONS,
-    CALIB_DTYPES,
-    DEVICES,
-    DTYPES,
     METHODS,
     ConvertSettings,
     SettingsError,
+    SettingsFile,
     check_finite_numbers,
     method_latent_error,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SweepSettings", "sweep", "format_table", "add_sweep_parser", "run_sweep_command"]
+__all__ = ["SweepSettings", "sweep", "format_table"]
 
 SWEEP_FILE = "sweep.json"
 TABLE_FILE = "sweep.md"
@@ -69,7 +66,7 @@ SHARED_FIELDS = (
 
 
 @dataclass(frozen=True)
-class SweepSettings:
+class SweepSettings(SettingsFile):
     """Everything that decides a sweep; lists are stored as tuples. Unknown keys are refused by `from_dict`."""
 
     model: str = assets.DEFAULT_MODEL
@@ -150,17 +147,6 @@ class SweepSettings:
     def cell_error(self, method: str, latent: str) -> str | None:
         """Why `method` cannot build `latent` (None when it can)."""
         return method_latent_error(method, latent)
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "SweepSettings":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SettingsError(f"unknown setting(s): {', '.join(unknown)}")
-        return cls(**data)
 
 
 def cell_key(method: str, allocation: str, latent: str, kv_fraction: float) -> str:
@@ -508,83 +494,3 @@ def _save_model(folder: Path, converted, tokenizer, cs: ConvertSettings, cell: d
         "from_sweep": cell["key"],
     }
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def _csv(kind):
-    def parse(text: str) -> list:
-        try:
-            return [kind(v.strip()) for v in text.split(",") if v.strip()]
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from err
-
-    parse.__name__ = f"comma-separated {kind.__name__}s"
-    return parse
-
-
-def add_sweep_parser(sub) -> argparse.ArgumentParser:
-    """The ``care-mla sweep`` subcommand (add to the CLI's subparsers)."""
-    D = SweepSettings()
-    p = sub.add_parser("sweep", help="convert with every method/allocation at several KV budgets from one calibration; "
-                                     "write sweep.json, a Markdown table and plots")
-    p.add_argument("model", nargs="?", default=D.model, help="local HF folder, hub id, or 'smollm2-135m-instruct'")
-    p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
-    p.add_argument("--kv-fractions", type=_csv(float), default=list(D.kv_fractions),
-                   help="kept fractions of the GQA KV cache (default 1.0,0.5,0.25,0.125; 1.0 = parity, evaluated once)")
-    p.add_argument("--methods", type=_csv(str), default=list(D.methods),
-                   help=f"comma-separated, of {', '.join(METHODS)} (default {','.join(D.methods)})")
-    p.add_argument("--allocations", type=_csv(str), default=list(D.allocations),
-                   help=f"comma-separated, of {', '.join(ALLOCATIONS)}")
-    p.add_argument("--latents", type=_csv(str), default=list(D.latents),
-                   help="comma-separated, of separate, joint (a method that cannot build one is skipped there)")
-    p.add_argument("--zero-shot", action=argparse.BooleanOptionalAction, default=D.zero_shot,
-                   help="zero-shot accuracy through lm-eval for every model (the slow part on a CPU)")
-    p.add_argument("--zero-shot-tasks", type=_csv(str), default=list(D.zero_shot_tasks),
-                   help="lastword, nextsent (built offline from the evaluation text) and/or lm-eval task names "
-                        "(arc_easy, hellaswag, piqa, winogrande, arc_challenge: reported unavailable offline)")
-    p.add_argument("--zero-shot-limit", type=int, default=D.zero_shot_limit, help="items per zero-shot task")
-    p.add_argument("--keep-models", action="store_true", help="also save every converted model under OUT/models/")
-    p.add_argument("--compensate", action="store_true",
-                   help="care cells: error compensation across layers (~2x calibration time)")
-    p.add_argument("--refit-output", action="store_true",
-                   help="care cells: refit each layer's o_proj to the original attention outputs (~2x calibration time)")
-    p.add_argument("--allocation-score", choices=("energy", "paper"), default=D.allocation_score)
-    p.add_argument("--no-balance-kv", dest="balance_kv", action="store_false",
-                   help="joint latent: do not balance K against V")
-    p.add_argument("--whitening", choices=("cholesky", "sqrt"), default=D.whitening)
-    p.add_argument("--damping", type=float, default=D.damping)
-    p.add_argument("--rank-min-ratio", type=float, default=D.rank_min_ratio)
-    p.add_argument("--rank-max-ratio", type=float, default=D.rank_max_ratio)
-    p.add_argument("--calib-text", default=D.calib_text, help="calibration text: 'austen' or a UTF-8 file")
-    p.add_argument("--calib-samples", type=int, default=D.calib_samples)
-    p.add_argument("--calib-seq-len", type=int, default=D.calib_seq_len)
-    p.add_argument("--calib-dtype", choices=CALIB_DTYPES, default=D.calib_dtype)
-    p.add_argument("--eval-text", default=D.eval_text, help="held-out text (also the zero-shot tasks' source)")
-    p.add_argument("--eval-samples", type=int, default=D.eval_samples)
-    p.add_argument("--eval-seq-len", type=int, default=D.eval_seq_len)
-    p.add_argument("--device", choices=DEVICES, default=D.device)
-    p.add_argument("--dtype", choices=DTYPES, default=D.dtype)
-    p.add_argument("--batch-size", type=int, default=D.batch_size)
-    p.add_argument("--cache-dir", default=None, help="where calibration statistics and task files are kept")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
-
-
-def run_sweep_command(args: argparse.Namespace) -> int:
-    """Run ``care-mla sweep`` from parsed arguments; print the table. Returns the exit status."""
-    import sys
-
-    from care_mla.evaluation.zeroshot import ZeroShotError
-
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "debug", "threads")}
-    try:
-        result = sweep(SweepSettings.from_dict({**fields, "progress": not args.quiet}))
-    except ZeroShotError as err:
-        print(f"care-mla: error: {err}", file=sys.stderr)
-        return 2
-    print(format_table(result))
-    print(f"written to {args.out}: {SWEEP_FILE}, {TABLE_FILE}, {', '.join(result['plots'])}")
-    return 0

@@ -40,22 +40,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def _init_heads(attention: nn.Module, config, layer_idx: int):
+    """Set what every attention of this model knows of its heads (upstream attribute names); returns the family."""
+    attention.config = config
+    attention.layer_idx = layer_idx
+    attention.head_dim = head_dim(config)
+    attention.num_heads = config.num_attention_heads
+    attention.num_key_value_heads = config.num_key_value_heads
+    attention.num_key_value_groups = attention.num_heads // attention.num_key_value_heads
+    attention.attention_dropout = getattr(config, "attention_dropout", 0.0)
+    attention.is_causal = True
+    return FAMILIES[config.model_type]
+
+
 class CareMlaAttention(nn.Module):
     """GQA attention whose K/V cache is a low-rank latent."""
 
     def __init__(self, config, layer_idx: int, kv_latent: str, ranks: list[int]):
         super().__init__()
-        family = FAMILIES[config.model_type]
-        self.config = config
-        self.layer_idx = layer_idx
+        family = _init_heads(self, config, layer_idx)
         self.kv_latent = kv_latent
-        self.head_dim = head_dim(config)
-        self.num_heads = config.num_attention_heads
-        self.num_key_value_heads = config.num_key_value_heads
-        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
         self.scaling = self.head_dim**-0.5
-        self.attention_dropout = getattr(config, "attention_dropout", 0.0)
-        self.is_causal = True
         qkv_bias, o_bias = family.biases(config)
         hidden, kv_width = config.hidden_size, self.num_key_value_heads * self.head_dim
 
@@ -170,20 +175,12 @@ class CareMlaDecoupledAttention(nn.Module):
 
     def __init__(self, config, layer_idx: int, rank: int, mla_config):
         super().__init__()
-        family = FAMILIES[config.model_type]
-        self.config = config
-        self.layer_idx = layer_idx
+        family = _init_heads(self, config, layer_idx)
         self.rank = rank
-        self.head_dim = head_dim(config)
-        self.num_heads = config.num_attention_heads
-        self.num_key_value_heads = config.num_key_value_heads
-        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
         self.nope = mla_config.qk_nope_head_dim
         self.rope = mla_config.qk_rope_head_dim
         self.absorb = mla_config.absorb
         self.scaling = (self.nope + self.rope) ** -0.5
-        self.attention_dropout = getattr(config, "attention_dropout", 0.0)
-        self.is_causal = True
         qkv_bias, o_bias = family.biases(config)
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.num_heads * (self.nope + self.rope), bias=qkv_bias)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-from care_mla.settings import DEVICES, SettingsError, _one_of, check_finite_numbers
+from care_mla.settings import DEVICES, SettingsError, SettingsFile, _one_of, check_finite_numbers
 
 # float16 weights cannot be trained with Adam without loss scaling, and they cannot hold the
 # ~1e-7 pre-norm latents of a DeepSeek export; bfloat16 and float32 can.
@@ -20,7 +17,7 @@ RESUMABLE_CHANGES = ("overwrite", "resume", "progress")
 
 
 @dataclass(frozen=True)
-class HealSettings:
+class HealSettings(SettingsFile):
     """Everything that decides a healing run. Unknown keys are refused by `from_dict`.
 
     Loss per predicted token: ``CE + kd_weight·τ²·KL(teacher ‖ student)`` at temperature τ
@@ -95,23 +92,6 @@ class HealSettings:
     @property
     def num_windows(self) -> int:
         return -(-self.tokens // self.seq_len)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> HealSettings:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise SettingsError(f"unknown setting(s): {', '.join(unknown)}")
-        missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in data]
-        if missing:
-            raise SettingsError(f"missing setting(s): {', '.join(missing)}")
-        return cls(**data)
-
-    def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def differences(self, other: HealSettings) -> list[str]:
         """Names of the settings that differ from `other`, except those a resumed run may change."""

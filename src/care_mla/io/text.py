@@ -1,7 +1,7 @@
 """Text sources and fixed token windows for calibration and evaluation.
 
 A text is named either by the embedded corpus ("austen": calibration and evaluation use
-disjoint novels, see `assets.AUSTEN_SPLITS`) or by the path of a local UTF-8 file.
+disjoint novels, see `austen.AUSTEN_SPLITS`) or by the path of a local UTF-8 file.
 Windows are non-overlapping and evenly spaced over the whole tokenised text, so they are
 deterministic and cover all of it.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from care_mla.io import assets
+from care_mla.io import assets, austen
 
 
 class TextError(ValueError):
@@ -26,7 +26,7 @@ class TextError(ValueError):
 def resolve_text(spec: str, split: str) -> Path:
     """Path of the text named `spec`; `split` ("calibration"/"evaluation") selects the embedded novels."""
     if spec == assets.DEFAULT_TEXT:
-        return assets.austen_text(split)
+        return austen.austen_text(split)
     path = Path(spec).expanduser()
     if not path.is_file():
         raise TextError(

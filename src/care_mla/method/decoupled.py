@@ -429,7 +429,7 @@ def latent_spectra(split: RopeSplit, *, whitening: str = "cholesky", damping: fl
     return spectra
 
 
-def _check_rank(split: RopeSplit, rank: int) -> None:
+def check_rank(split: RopeSplit, rank: int) -> None:
     if split.exact and rank != split.dims.kv_heads * split.dims.d:
         raise DeepseekExportError("the exact parity layout has kv_lora_rank = g·d_h in every layer")
 
@@ -444,7 +444,7 @@ def layer_layout(split: RopeSplit, i: int, kv_lora_rank: int, *, whitening: str 
     the latent and the RoPE keys are fitted to the original layer's outputs (`_layer_layout`). The RoPE plan
     (which components stay rotated) is the split's, made on the original statistics.
     """
-    _check_rank(split, kv_lora_rank)
+    check_rank(split, kv_lora_rank)
     C, cross = (split.C(i), None) if moments is None or split.exact else (m.double() for m in moments)
     return _layer_layout(weights or split.weights(i), split.plans[i], split.dims, split.nope, kv_lora_rank,
                          C, split.q_scale, whitening, damping, balance_kv, objective, key_emphasis, cross)
@@ -457,7 +457,7 @@ def mla_layout(split: RopeSplit, kv_lora_ranks: list[int], *, whitening: str = "
     if len(kv_lora_ranks) != split.num_layers:
         raise DeepseekExportError(f"need one kv_lora_rank per layer ({split.num_layers}), got {len(kv_lora_ranks)}")
     for r in kv_lora_ranks:
-        _check_rank(split, r)
+        check_rank(split, r)
     kw = {"whitening": whitening, "damping": damping, "balance_kv": balance_kv, "objective": objective,
           "key_emphasis": key_emphasis}
     return assemble_layout(split, [layer_layout(split, i, r, **kw) for i, r in enumerate(kv_lora_ranks)])

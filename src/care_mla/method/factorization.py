@@ -31,33 +31,25 @@ from torch import Tensor
 
 from care_mla.method.objectives import Weighting
 
-__all__ = [
-    "Factors",
-    "Weighting",
-    "whitening",
-    "care_factorize",
-    "svd_factorize",
-    "asvd_factorize",
-    "svd_llm_factorize",
-    "activation_error",
-    "balance_scale",
-    "joint_factorize",
-    "mha2mla_factorize",
-    "transmla_factorize",
-    "transmla_joint_factorize",
-    "whitened_spectrum",
-]
-
 WhiteningMethod = Literal["cholesky", "sqrt"]
+
 
 #: Above this input width the maths defaults to float32 instead of float64.
 FLOAT64_MAX_DIM = 16384
+
+
 #: Tolerated asymmetry of C, relative to max|C| (covers float32 accumulation).
 _SYMMETRY_RTOL = 1e-4
+
+
 #: Cholesky retries multiply the relative damping by this factor ...
 _DAMPING_GROWTH = 10.0
+
+
 #: ... starting from at least this relative damping ...
 _DAMPING_FIRST_RETRY = 1e-10
+
+
 #: ... and give up above this one.
 _DAMPING_MAX = 1.0
 
@@ -96,10 +88,7 @@ class Factors:
         return (self.down.double() @ self.up.double()).to(self.down.dtype)
 
 
-# --------------------------------------------------------------------------- validation
-
-
-def _compute_dtype(dim: int, compute_dtype: torch.dtype | None) -> torch.dtype:
+def working_dtype(dim: int, compute_dtype: torch.dtype | None) -> torch.dtype:
     if compute_dtype is None:
         return torch.float64 if dim <= FLOAT64_MAX_DIM else torch.float32
     if compute_dtype not in (torch.float32, torch.float64):
@@ -107,7 +96,7 @@ def _compute_dtype(dim: int, compute_dtype: torch.dtype | None) -> torch.dtype:
     return compute_dtype
 
 
-def _check_weight(W: Tensor, name: str = "W") -> None:
+def check_weight(W: Tensor, name: str = "W") -> None:
     if not isinstance(W, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(W).__name__}")
     if W.ndim != 2:
@@ -118,7 +107,7 @@ def _check_weight(W: Tensor, name: str = "W") -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-def _check_covariance(C: Tensor, dim: int | None) -> None:
+def check_covariance(C: Tensor, dim: int | None) -> None:
     if not isinstance(C, Tensor):
         raise TypeError(f"C must be a torch.Tensor, got {type(C).__name__}")
     if C.ndim != 2 or C.shape[0] != C.shape[1]:
@@ -142,7 +131,7 @@ def _check_covariance(C: Tensor, dim: int | None) -> None:
             )
 
 
-def _check_rank(rank: int, dim: int, width: int) -> int:
+def check_rank(rank: int, dim: int, width: int) -> int:
     if isinstance(rank, bool):
         raise TypeError("rank must be an int, got bool")
     try:
@@ -162,9 +151,6 @@ def _check_damping(damping: float) -> float:
     if not math.isfinite(d) or d < 0:
         raise ValueError(f"damping must be a finite number >= 0, got {damping}")
     return d
-
-
-# --------------------------------------------------------------------------- whitening
 
 
 def _damping_scale(C: Tensor) -> float:
@@ -262,9 +248,9 @@ def whitening(
     Returned in float32 (computed in float64 for D ≤ 16384 unless ``compute_dtype`` says
     otherwise).
     """
-    _check_covariance(C, None)
+    check_covariance(C, None)
     damping = _check_damping(damping)
-    dtype = _compute_dtype(C.shape[0], compute_dtype)
+    dtype = working_dtype(C.shape[0], compute_dtype)
     S, S_inv = _whiten(C, method, damping, dtype)
     if S_inv is None:  # Cholesky: S is upper triangular
         eye = torch.eye(S.shape[0], dtype=dtype, device=S.device)
@@ -272,10 +258,7 @@ def whitening(
     return S.float(), S_inv.float()
 
 
-# --------------------------------------------------------------------------- SVD helpers
-
-
-def _fixed_sign_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def fixed_sign_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD with deterministic signs: the largest-|.| entry of each U column is > 0."""
     U, sigma, Vh = torch.linalg.svd(A, full_matrices=False)
     if U.shape[1]:
@@ -287,12 +270,12 @@ def _fixed_sign_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return U, sigma, Vh
 
 
-def _truncate(U: Tensor, sigma: Tensor, Vh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+def truncate(U: Tensor, sigma: Tensor, Vh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """(U_r Σ_r, V_rᵀ)."""
     return U[:, :rank] * sigma[:rank], Vh[:rank]
 
 
-def _factors(down: Tensor, up: Tensor, spectrum: Tensor) -> Factors:
+def factors_of(down: Tensor, up: Tensor, spectrum: Tensor) -> Factors:
     """Package compute-dtype results as float32 Factors."""
     return Factors(
         down=down.float().contiguous(),
@@ -301,7 +284,7 @@ def _factors(down: Tensor, up: Tensor, spectrum: Tensor) -> Factors:
     )
 
 
-def _care(
+def whitened_factors(
     W: Tensor,
     C: Tensor,
     rank: int,
@@ -318,7 +301,7 @@ def _care(
     With `cross` (X = X̃ᵀX/N): SVD of S⁻ᵀ(X + δI)W instead of S·W (`care_factorize`); with a
     `right` weighting T: of (…)·T, and up = V_rᵀT⁻¹.
     """
-    dtype = _compute_dtype(W.shape[0], compute_dtype)
+    dtype = working_dtype(W.shape[0], compute_dtype)
     S, S_inv, delta = _whiten_damped(C, method, damping, dtype, warn=warn)
     Wd = W.to(dtype)
     if cross is None:
@@ -329,8 +312,8 @@ def _care(
         target = torch.linalg.solve_triangular(S.mT, B, upper=False) if S_inv is None else S_inv @ B
     if right is not None:
         target = target @ right.matrix.to(dtype)
-    U, sigma, Vh = _fixed_sign_svd(target)
-    left, up = _truncate(U, sigma, Vh, rank)
+    U, sigma, Vh = fixed_sign_svd(target)
+    left, up = truncate(U, sigma, Vh, rank)
     if right is not None:
         up = up @ right.inverse.to(dtype)
     if S_inv is None:
@@ -338,9 +321,6 @@ def _care(
     else:
         down = S_inv @ left
     return down, up, sigma
-
-
-# --------------------------------------------------------------------------- factorizations
 
 
 def _check_cross(cross: Tensor | None, dim: int) -> None:
@@ -384,89 +364,30 @@ def care_factorize(
     SVD of ``S·W·T``, ``up = V_rᵀT⁻¹``. The spectrum is then that of the weighted matrix, whose
     tail is the weighted error (`objectives.weighted_error`).
     """
-    _check_weight(W)
-    _check_covariance(C, W.shape[0])
+    check_weight(W)
+    check_covariance(C, W.shape[0])
     _check_cross(cross, W.shape[0])
     _check_weighting(weighting, W.shape[1], "weighting")
-    r = _check_rank(rank, *W.shape)
-    return _factors(*_care(W, C, r, method, _check_damping(damping), compute_dtype, cross=cross, right=weighting))
+    r = check_rank(rank, *W.shape)
+    return factors_of(*whitened_factors(W, C, r, method, _check_damping(damping), compute_dtype, cross=cross, right=weighting))
 
 
-def svd_factorize(W: Tensor, rank: int, *, compute_dtype: torch.dtype | None = None) -> Factors:
-    """Weight-only truncated SVD (baseline): ``down = U_rΣ_r``, ``up = V_rᵀ``."""
-    _check_weight(W)
-    r = _check_rank(rank, *W.shape)
-    dtype = _compute_dtype(W.shape[0], compute_dtype)
-    U, sigma, Vh = _fixed_sign_svd(W.to(dtype))
-    down, up = _truncate(U, sigma, Vh, r)
-    return _factors(down, up, sigma)
-
-
-def asvd_factorize(
-    W: Tensor,
-    abs_mean: Tensor,
-    rank: int,
-    *,
-    alpha: float = 0.5,
-    compute_dtype: torch.dtype | None = None,
-) -> Factors:
-    """ASVD baseline: SVD of ``diag(s)·W`` with ``s = mean|x|^alpha`` per input channel.
-
-    ``s`` is clamped to at least ``1e-6·max(s)`` (1 if all zero) so that dead channels do
-    not make ``diag(1/s)`` blow up. ``down = diag(1/s)U_rΣ_r``, ``up = V_rᵀ``.
-    """
-    _check_weight(W)
-    r = _check_rank(rank, *W.shape)
-    if not isinstance(abs_mean, Tensor):
-        raise TypeError(f"abs_mean must be a torch.Tensor, got {type(abs_mean).__name__}")
-    if abs_mean.ndim != 1 or abs_mean.shape[0] != W.shape[0]:
-        raise ValueError(
-            f"abs_mean must have shape ({W.shape[0]},) to match W {tuple(W.shape)}, "
-            f"got {tuple(abs_mean.shape)}"
-        )
-    if not bool(torch.isfinite(abs_mean).all()) or bool((abs_mean < 0).any()):
-        raise ValueError("abs_mean must be finite and non-negative (it is mean|x| per channel)")
-    alpha = float(alpha)
-    if not math.isfinite(alpha):
-        raise ValueError(f"alpha must be finite, got {alpha}")
-    dtype = _compute_dtype(W.shape[0], compute_dtype)
-    s = abs_mean.to(dtype) ** alpha
-    top = float(s.max()) if s.numel() else 0.0
-    eps = max(1e-6 * top, torch.finfo(dtype).tiny) if top > 0 else 1.0
-    s = s.clamp_min(eps)
-    U, sigma, Vh = _fixed_sign_svd(s[:, None] * W.to(dtype))
-    left, up = _truncate(U, sigma, Vh, r)
-    return _factors(left / s[:, None], up, sigma)
-
-
-def svd_llm_factorize(
-    W: Tensor, C: Tensor, rank: int, *, compute_dtype: torch.dtype | None = None
-) -> Factors:
-    """SVD-LLM baseline: Cholesky whitening with damping only as large as needed.
-
-    The objective is the same as CARE's (``‖S(W − Ŵ)‖_F`` with ``SᵀS ≈ C``) and so is the
-    optimum; the two differ only in the whitening details: SVD-LLM uses a Cholesky factor
-    with the smallest damping that factors (relative damping 1e-6, grown ×10 on failure,
-    silently, since that is the method's normal path), whereas CARE uses a fixed, larger
-    regulariser (1e-2 by default) and, in the paper, the symmetric square root.
-    """
-    _check_weight(W)
-    _check_covariance(C, W.shape[0])
-    r = _check_rank(rank, *W.shape)
-    return _factors(*_care(W, C, r, "cholesky", 1e-6, compute_dtype, warn=False))
-
-
-def _check_joint(W_k: Tensor, W_v: Tensor, C: Tensor, rank: int) -> tuple[int, int]:
-    """(m_k, rank) of a joint K/V factorization, after checking the shapes agree."""
-    _check_weight(W_k, "W_k")
-    _check_weight(W_v, "W_v")
+def _check_kv(W_k: Tensor, W_v: Tensor, C: Tensor) -> None:
+    """W_k (D, m_k) and W_v (D, m_v) finite with one input width D, and C a D×D second moment."""
+    check_weight(W_k, "W_k")
+    check_weight(W_v, "W_v")
     if W_k.shape[0] != W_v.shape[0]:
         raise ValueError(
             f"W_k {tuple(W_k.shape)} and W_v {tuple(W_v.shape)} must have the same input width D"
         )
-    _check_covariance(C, W_k.shape[0])
+    check_covariance(C, W_k.shape[0])
+
+
+def check_joint(W_k: Tensor, W_v: Tensor, C: Tensor, rank: int) -> tuple[int, int]:
+    """(m_k, rank) of a joint K/V factorization, after checking the shapes agree."""
+    _check_kv(W_k, W_v, C)
     m_k = int(W_k.shape[1])
-    return m_k, _check_rank(rank, W_k.shape[0], m_k + W_v.shape[1])
+    return m_k, check_rank(rank, W_k.shape[0], m_k + W_v.shape[1])
 
 
 def joint_factorize(
@@ -496,7 +417,7 @@ def joint_factorize(
     is the error of its objective ``‖S(W_k − Ŵ_k)T_k‖²/α² + ‖S(W_v − Ŵ_v)T_v‖²``.
     `cross` compensates upstream error as in `care_factorize`.
     """
-    m_k, r = _check_joint(W_k, W_v, C, rank)
+    m_k, r = check_joint(W_k, W_v, C, rank)
     damping = _check_damping(damping)
     _check_cross(cross, W_k.shape[0])
     _check_weighting(key_weight, m_k, "key_weight")
@@ -504,109 +425,21 @@ def joint_factorize(
     emphasis = float(key_emphasis)
     if not math.isfinite(emphasis) or emphasis <= 0:
         raise ValueError(f"key_emphasis must be a finite number > 0, got {key_emphasis}")
-    dtype = _compute_dtype(W_k.shape[0], compute_dtype)
+    dtype = working_dtype(W_k.shape[0], compute_dtype)
     A_k, A_v = W_k.to(dtype), W_v.to(dtype)
     if key_weight is not None:
         A_k = A_k @ key_weight.matrix.to(dtype)
     if value_weight is not None:
         A_v = A_v @ value_weight.matrix.to(dtype)
     alpha = (balance_scale(A_k, A_v, C) if balance else 1.0) / emphasis
-    down, up, sigma = _care(torch.cat([A_k / alpha, A_v], dim=1), C, r, method, damping, compute_dtype,
+    down, up, sigma = whitened_factors(torch.cat([A_k / alpha, A_v], dim=1), C, r, method, damping, compute_dtype,
                             cross=cross)
     up_k, up_v = up[:, :m_k] * alpha, up[:, m_k:]
     if key_weight is not None:
         up_k = up_k @ key_weight.inverse.to(dtype)
     if value_weight is not None:
         up_v = up_v @ value_weight.inverse.to(dtype)
-    return _factors(down, torch.cat([up_k, up_v], dim=1), sigma), m_k
-
-
-def mha2mla_factorize(
-    W_k: Tensor, W_v: Tensor, rank: int, *, compute_dtype: torch.dtype | None = None
-) -> tuple[Factors, int]:
-    """MHA2MLA-style joint latent (baseline): weight-only SVD of the stacked ``[W_k, W_v]``.
-
-    One truncated SVD of the (D, m_k + m_v) concatenation, no activations and no balancing
-    of K against V (MHA2MLA's "SVD-joint"; its partial-RoPE step is not part of this
-    factorization: here RoPE stays exact). Returns ``(factors, m_k)`` like
-    :func:`joint_factorize`; ``spectrum`` is the weight spectrum of the stack.
-    """
-    _check_weight(W_k, "W_k")
-    _check_weight(W_v, "W_v")
-    if W_k.shape[0] != W_v.shape[0]:
-        raise ValueError(
-            f"W_k {tuple(W_k.shape)} and W_v {tuple(W_v.shape)} must have the same input width D"
-        )
-    stacked = torch.cat([W_k, W_v.to(W_k.dtype)], dim=1)
-    return svd_factorize(stacked, rank, compute_dtype=compute_dtype), int(W_k.shape[1])
-
-
-def _output_pca(W: Tensor, C: Tensor, rank: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(W·U_r, U_rᵀ, √λ) with U, λ the eigenpairs of WᵀCW, descending (compute dtype)."""
-    Wd = W.to(dtype)
-    Cd = C.to(dtype)
-    cov = Wd.mT @ ((Cd + Cd.mT) / 2) @ Wd  # (m, m): second moment of the outputs x·W
-    evals, evecs = torch.linalg.eigh((cov + cov.mT) / 2)
-    evals, evecs = evals.flip(0), evecs.flip(1)  # descending
-    if evecs.shape[1]:  # deterministic signs, as for the SVDs: largest-|.| entry of each column > 0
-        idx = evecs.abs().argmax(dim=0, keepdim=True)
-        signs = torch.gather(evecs, 0, idx).squeeze(0).sign()
-        evecs = evecs * torch.where(signs == 0, torch.ones_like(signs), signs)
-    U = evecs[:, :rank]
-    spectrum = evals.clamp_min(0).sqrt()[: min(W.shape)]  # rank(WᵀCW) ≤ min(D, m)
-    return Wd @ U, U.mT, spectrum
-
-
-def transmla_factorize(
-    W: Tensor, C: Tensor, rank: int, *, compute_dtype: torch.dtype | None = None
-) -> Factors:
-    """TransMLA-style output PCA (baseline): keep the top-r principal directions of ``x·W``.
-
-    With ``U_r`` the top-r eigenvectors of the outputs' (uncentered) second moment
-    ``WᵀCW = (1/N)(XW)ᵀ(XW)``: ``down = W·U_r`` (D, r), ``up = U_rᵀ`` (r, m), so
-    ``Ŵ = W·U_r·U_rᵀ`` projects every output onto its principal subspace. ``spectrum`` is
-    √λ (the singular values of ``XW/√N``), comparable with CARE's whitened spectrum.
-
-    How it relates to CARE. Its error ``(1/N)‖X(W − Ŵ)‖²_F = Σ_{i>r} λ_i`` is the
-    Eckart–Young optimum for the outputs, so it minimises the *same* activation error as
-    CARE and reaches the same minimum. In fact for any invertible S with SᵀS = C, CARE's
-    ``down = S⁻¹U_rΣ_r = W·V_r`` with V_r the top eigenvectors of ``WᵀSᵀSW = WᵀCW``: undamped
-    CARE on a positive-definite C returns this very factorization. The two differ because
-    CARE regularises: it whitens with ``C + δ·mean(diag C)·I``, i.e. it is output PCA on
-    ``WᵀCW + δ·mean(diag C)·WᵀW`` — a blend towards weight SVD that keeps directions of
-    W that calibration did not excite (δ = 0.01 by default). Output PCA takes C as
-    measured, needs no inverse (a singular C is no problem), and computes in the m-wide
-    output space; forming WᵀCW squares the condition number, which float64 absorbs at
-    these sizes.
-    """
-    _check_weight(W)
-    _check_covariance(C, W.shape[0])
-    r = _check_rank(rank, *W.shape)
-    return _factors(*_output_pca(W, C, r, _compute_dtype(W.shape[0], compute_dtype)))
-
-
-def transmla_joint_factorize(
-    W_k: Tensor,
-    W_v: Tensor,
-    C: Tensor,
-    rank: int,
-    *,
-    balance: bool = True,
-    compute_dtype: torch.dtype | None = None,
-) -> tuple[Factors, int]:
-    """TransMLA-style joint latent: output PCA of ``[x·W_k/α, x·W_v]``.
-
-    ``α = balance_scale(W_k, W_v, C)`` when ``balance`` (TransMLA divides K by the ratio of
-    the K and V output norms before its PCA), else 1; the K columns of ``up`` are multiplied
-    back by α. Returns ``(factors, m_k)`` like :func:`joint_factorize`.
-    """
-    m_k, r = _check_joint(W_k, W_v, C, rank)
-    dtype = _compute_dtype(W_k.shape[0], compute_dtype)
-    alpha = balance_scale(W_k, W_v, C) if balance else 1.0
-    stacked = torch.cat([W_k.to(dtype) / alpha, W_v.to(dtype)], dim=1)
-    down, up, spectrum = _output_pca(stacked, C, r, dtype)
-    up = torch.cat([up[:, :m_k] * alpha, up[:, m_k:]], dim=1)
-    return _factors(down, up, spectrum), m_k
+    return factors_of(down, torch.cat([up_k, up_v], dim=1), sigma), m_k
 
 
 def whitened_spectrum(
@@ -618,15 +451,12 @@ def whitened_spectrum(
     compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Singular values (descending, float32) of ``S·W``, without building factors."""
-    _check_weight(W)
-    _check_covariance(C, W.shape[0])
+    check_weight(W)
+    check_covariance(C, W.shape[0])
     damping = _check_damping(damping)
-    dtype = _compute_dtype(W.shape[0], compute_dtype)
+    dtype = working_dtype(W.shape[0], compute_dtype)
     S, _ = _whiten(C, method, damping, dtype)
     return torch.linalg.svdvals(S @ W.to(dtype)).float()
-
-
-# --------------------------------------------------------------------------- errors
 
 
 def _c_norm_sq(W: Tensor, C: Tensor, dtype: torch.dtype) -> float:
@@ -639,12 +469,12 @@ def activation_error(
     W: Tensor, W_hat: Tensor, C: Tensor, *, compute_dtype: torch.dtype | None = None
 ) -> float:
     """``(1/N)‖X(W − Ŵ)‖²_F = trace((W − Ŵ)ᵀ C (W − Ŵ))``, computed from C."""
-    _check_weight(W)
-    _check_weight(W_hat, "W_hat")
+    check_weight(W)
+    check_weight(W_hat, "W_hat")
     if W.shape != W_hat.shape:
         raise ValueError(f"W {tuple(W.shape)} and W_hat {tuple(W_hat.shape)} differ in shape")
-    _check_covariance(C, W.shape[0])
-    dtype = _compute_dtype(W.shape[0], compute_dtype)
+    check_covariance(C, W.shape[0])
+    dtype = working_dtype(W.shape[0], compute_dtype)
     return _c_norm_sq(W.to(dtype) - W_hat.to(dtype), C, dtype)
 
 
@@ -656,14 +486,8 @@ def balance_scale(
     Dividing K by α gives K and V equal output energy in a joint latent. Returns 1.0 when
     either norm is zero.
     """
-    _check_weight(W_k, "W_k")
-    _check_weight(W_v, "W_v")
-    if W_k.shape[0] != W_v.shape[0]:
-        raise ValueError(
-            f"W_k {tuple(W_k.shape)} and W_v {tuple(W_v.shape)} must have the same input width D"
-        )
-    _check_covariance(C, W_k.shape[0])
-    dtype = _compute_dtype(W_k.shape[0], compute_dtype)
+    _check_kv(W_k, W_v, C)
+    dtype = working_dtype(W_k.shape[0], compute_dtype)
     nk = _c_norm_sq(W_k, C, dtype)
     nv = _c_norm_sq(W_v, C, dtype)
     if nk <= 0 or nv <= 0:

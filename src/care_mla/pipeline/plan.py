@@ -16,7 +16,7 @@ from care_mla.formats import deepseek, engines
 from care_mla.formats.families import head_dim
 from care_mla.formats.mapping import LayerLatent, decoupled_config
 from care_mla.io.outputs import OutputExistsError, OutputFolder, write_text_atomic  # noqa: F401  (OutputExistsError: API)
-from care_mla.method import allocation, decoupled, factorization
+from care_mla.method import allocation, baselines, decoupled, factorization
 from care_mla.method.statistics import CalibrationStats
 from care_mla.pipeline.load import resolve_device
 from care_mla.settings import ConvertSettings, SettingsError
@@ -28,13 +28,13 @@ def _factorize(method: str, W, C, abs_mean, rank: int, s: ConvertSettings,
         return factorization.care_factorize(W, C, rank, method=s.whitening, damping=s.damping, weighting=weighting,
                                             cross=cross)
     if method == "svd":
-        return factorization.svd_factorize(W, rank)
+        return baselines.svd_factorize(W, rank)
     if method == "asvd":
-        return factorization.asvd_factorize(W, abs_mean, rank)
+        return baselines.asvd_factorize(W, abs_mean, rank)
     if method == "svd-llm":
-        return factorization.svd_llm_factorize(W, C, rank)
+        return baselines.svd_llm_factorize(W, C, rank)
     if method == "transmla":
-        return factorization.transmla_factorize(W, C, rank)
+        return baselines.transmla_factorize(W, C, rank)
     raise SettingsError(f"--method {method} builds no separate K and V latents")
 
 
@@ -47,9 +47,9 @@ def _joint_factorize(W_k, W_v, C, rank: int, s: ConvertSettings, weights: dict |
             key_emphasis=s.key_emphasis, **(weights or {}),
         )[0]
     if s.method == "mha2mla":
-        return factorization.mha2mla_factorize(W_k, W_v, rank)[0]
+        return baselines.mha2mla_factorize(W_k, W_v, rank)[0]
     if s.method == "transmla":
-        return factorization.transmla_joint_factorize(W_k, W_v, C, rank, balance=s.balance_kv)[0]
+        return baselines.transmla_joint_factorize(W_k, W_v, C, rank, balance=s.balance_kv)[0]
     raise SettingsError(f"--method {s.method} builds no joint latent")
 
 
