@@ -226,8 +226,10 @@ class ConvertSettings(SettingsFile):
             raise SettingsError(f"damping must be ≥ 0; got {self.damping}")
         if not (0 < self.rank_min_ratio <= 1 <= self.rank_max_ratio):
             raise SettingsError("need 0 < rank_min_ratio ≤ 1 ≤ rank_max_ratio")
-        if self.max_memory is not None and self.device == "cpu" and set(parse_max_memory(self.max_memory)) != {"cpu"}:
-            raise SettingsError("--max-memory names GPUs but --device is cpu; use --device cuda (or auto)")
+        if self.max_memory is not None:  # always parsed, whichever stages run (cached statistics, --no-eval)
+            devices = set(parse_max_memory(self.max_memory))
+            if self.device == "cpu" and devices != {"cpu"}:
+                raise SettingsError("--max-memory names GPUs but --device is cpu; use --device cuda (or auto)")
         for name in ("calib_samples", "calib_seq_len", "eval_samples", "eval_seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be a positive integer; got {getattr(self, name)}")
@@ -272,8 +274,11 @@ def parse_max_memory(text: str) -> dict[int | str, int]:
         if not sep or not (key.isdigit() or key == "cpu"):
             raise SettingsError(f"--max-memory entries are DEVICE=SIZE with DEVICE a GPU index or 'cpu' "
                                 f"(e.g. 0=20GiB,1=20GiB,cpu=64GiB); got {item!r}")
+        device = int(key) if key.isdigit() else key
+        if device in out:
+            raise SettingsError(f"--max-memory names device {key!r} twice; give each device one size")
         try:
-            out[int(key) if key.isdigit() else key] = convert_file_size_to_int(size.strip())
+            out[device] = convert_file_size_to_int(size.strip())
         except ValueError as err:
             raise SettingsError(f"--max-memory size {size.strip()!r} is not a size like 20GiB or 500MB") from err
     if not out:

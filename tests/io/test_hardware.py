@@ -269,3 +269,40 @@ def test_hardware_report_on_cpu():
     report = hardware.hardware_report("cpu")
     assert report["device_type"] == "cpu" and report["threads"] == torch.get_num_threads()
     assert report["device_name"] == report["cpu_model"] and "cuda_bf16_supported" not in report
+
+
+def test_a_probe_that_measured_nothing_sensible_is_not_cached(monkeypatch, tmp_path, caplog):
+    """A probe preempted by other work reads ~0 GFLOP/s: it may decide this run, never a later one."""
+    monkeypatch.setattr(hardware, "cpu_info", _fake_cpu("Intel Xeon 8481C", SPR))
+    calls = []
+
+    def busy_then_idle(names, shapes, device):
+        calls.append(list(names))
+        if len(calls) == 1:
+            return {"float32": 0.004, "bfloat16": 250.0}
+        return {"float32": 100.0, "bfloat16": 250.0}
+
+    with caplog.at_level(logging.WARNING, logger="care_mla.io.hardware"):
+        _, info = hardware.resolve_auto_dtype("cpu", cache_dir=tmp_path, step="calibration", probe=busy_then_idle)
+    assert any("implausible" in r.getMessage() for r in caplog.records)
+    assert not list((tmp_path / "hardware").glob("*.json"))  # nothing cached
+    _, info = hardware.resolve_auto_dtype("cpu", cache_dir=tmp_path, step="calibration", probe=busy_then_idle)
+    assert len(calls) == 2 and info["from_cache"] is False
+    assert json.loads(open(info["cache_file"]).read())["probe"] == {"float32": 100.0, "bfloat16": 250.0}
+    # a cache file written before this rule, holding an implausible figure, is measured again
+    with open(info["cache_file"], "w") as f:
+        json.dump({"version": hardware.CACHE_VERSION, "probe": {"float32": 0.0, "bfloat16": 250.0}}, f)
+    _, info = hardware.resolve_auto_dtype("cpu", cache_dir=tmp_path, step="calibration", probe=busy_then_idle)
+    assert len(calls) == 3 and info["from_cache"] is False
+
+
+def test_threads_above_the_usable_cpus_are_capped(caplog):
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.WARNING, logger="care_mla.io.hardware"):
+            threads = hardware.configure_threads(100000)
+        assert threads == hardware.usable_cpus() <= (os.cpu_count() or 1)
+        assert any("--threads 100000 is more than" in r.getMessage() for r in caplog.records)
+        assert hardware.configure_threads(1) == 1
+    finally:
+        torch.set_num_threads(before)

@@ -99,9 +99,17 @@ def engine_geometry(config, engine: str, kv_fraction: float) -> tuple[int, int]:
         raise DeepseekExportError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     parity = 2 * config.num_key_value_heads * head_dim(config)
     allowed = ENGINE_GEOMETRIES[engine]
-    smaller = [(r, p) for r, p in allowed if r + p < parity and r <= config.hidden_size]
+    below_parity = [(r, p) for r, p in allowed if r + p < parity]
+    smaller = [(r, p) for r, p in below_parity if r <= config.hidden_size]
     if not smaller:
         options = "; ".join(f"{r} + {p} = {r + p} (F = {(r + p) / parity:.3g})" for r, p in allowed)
+        if below_parity:  # the cache would be smaller, but the latent is wider than its input can fill
+            raise DeepseekExportError(
+                f"{engine} runs MLA caches of {options} numbers per token and layer; the ones below this model's GQA "
+                f"cache ({parity}) need kv_lora_rank {', '.join(str(r) for r, _ in below_parity)}, more than the "
+                f"hidden size {config.hidden_size} that the latent is projected from (its rank is at most "
+                f"{config.hidden_size}). Export without --engine (transformers and llama.cpp run any width)"
+            )
         raise DeepseekExportError(
             f"{engine} runs MLA caches of {options} numbers per token and layer, but this model's GQA cache is "
             f"already {parity}: an export for {engine} would cache more than the original. Export without --engine "

@@ -3,8 +3,9 @@
 A cache keyed by file names, sizes and whole-second times hands stale statistics to a model
 that was replaced in place with one of the same size. Here a file's identity is the SHA-256
 of its bytes; hashing a multi-GB checkpoint on every run would cost seconds, so each digest is
-remembered under (device, inode, size, mtime in ns) — any rewrite of the file changes at least
-the inode or the nanosecond mtime — in ``<cache>/hashes/``.
+remembered under (device, inode, size, mtime and ctime in ns) in ``<cache>/hashes/``. A rewrite changes
+the inode or the mtime; one that restores the mtime afterwards (``touch -d``, ``cp -p``, ``os.utime``) still
+changes the ctime, which no user call can set.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ def sha256_file(path: Path) -> str:
 
 
 def file_digest(path: str | Path, memo_dir: Path | None = None) -> str:
-    """SHA-256 of `path`'s bytes, remembered in `memo_dir` under its (device, inode, size, mtime_ns)."""
+    """SHA-256 of `path`'s bytes, remembered in `memo_dir` under its (device, inode, size, mtime_ns, ctime_ns)."""
     path = Path(path)
     st = path.stat()
     if memo_dir is None:
         return sha256_file(path)
-    ident = f"{path.resolve()}\0{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    ident = f"{path.resolve()}\0{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
     memo = memo_dir / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.sha256"
     try:
         digest = memo.read_text().strip()

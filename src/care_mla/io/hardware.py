@@ -192,10 +192,22 @@ def configure_threads(n: int | None = None) -> int:
     """Set torch's intra-op threads to `n` (default: physical cores, SMT siblings share a core's FPU); return it."""
     if n is not None and n < 1:
         raise ValueError(f"threads must be at least 1 (got {n}); leave it unset to use the physical cores")
+    usable = usable_cpus()
+    if n is not None and n > usable:  # far more threads than CPUs only slows down (100000 crashed OpenMP)
+        log.warning("--threads %d is more than the %d CPUs this process may use: using %d", n, usable, usable)
+        n = usable
     torch.set_num_threads(n or physical_cores())
     threads = torch.get_num_threads()
     log.info("torch threads: %d (%s)", threads, "requested" if n else "physical cores")
     return threads
+
+
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------- GEMM probe (timers)
@@ -394,6 +406,15 @@ def hardware_report(device: str | torch.device = "cpu") -> dict:
     return report
 
 
+#: Below this a GEMM probe measured nothing sensible: every CPU this runs on does ≥ 1 GFLOP/s in any dtype, even
+#: bf16 emulated on AVX2 (~2 GFLOP/s on 2 cores); a probe preempted by other work reads ~0.
+MIN_PLAUSIBLE_GFLOPS = 0.1
+
+
+def _plausible(gflops: float) -> bool:
+    return _finite(gflops) and gflops >= MIN_PLAUSIBLE_GFLOPS
+
+
 def _load_cache(path: Path) -> dict[str, float] | None:
     if not path.exists():
         return None
@@ -401,7 +422,7 @@ def _load_cache(path: Path) -> dict[str, float] | None:
         data = json.loads(path.read_text())
         probe = data["probe"]
         if data.get("version") != CACHE_VERSION or not all(
-                n in DTYPE_NAMES and _finite(v) for n, v in probe.items()):
+                n in DTYPE_NAMES and _finite(v) and _plausible(float(v)) for n, v in probe.items()):
             raise ValueError("unexpected content")
         return {n: float(v) for n, v in probe.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -451,7 +472,11 @@ def resolve_auto_dtype(device: str | torch.device = "cpu", *, shapes: Sequence[S
         start = time.perf_counter()
         figures.update(probe(missing, shapes, device))
         log.info("probed %s GEMMs in %.0f ms", ", ".join(missing), 1e3 * (time.perf_counter() - start))
-        if path:
+        implausible = {n: v for n, v in figures.items() if not _plausible(v)}
+        if implausible:  # a probe that measured nothing sensible (a busy machine) must not decide later runs
+            log.warning("the GEMM probe measured %s: implausible (the machine may be busy); not cached, probing "
+                        "again next run", ", ".join(f"{n} {v:.3g} GFLOP/s" for n, v in implausible.items()))
+        elif path:
             _write_atomic(path, {"version": CACHE_VERSION, "key": key_fields, "probe": figures})
     name, reason = choose_dtype(figures, device_type=device.type, cpu_flags=flags, step=step,
                                 cuda_bf16_supported=bf16_cuda)
