@@ -54,9 +54,6 @@ def run_demo(out: str | Path = "runs/demo", *, kv_fraction: float = 0.5, overwri
         done = time.perf_counter() - t
         logger.info("demo stage %d/%d done in %.0f s (%s)", n, len(DEMO_RUNS), done,
                     ", ".join(f"{k} {v:.0f} s" for k, v in report["timings_s"].items()))
-        if n < len(DEMO_RUNS):  # later stages reuse the calibration: they cost what this one did without it
-            rest = (done - report["timings_s"].get("calibrate", 0.0)) * (len(DEMO_RUNS) - n)
-            logger.info("demo: about %.0f s to go", rest)
         if original is None:
             original = {
                 "name": "original (GQA)",

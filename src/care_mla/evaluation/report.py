@@ -154,6 +154,9 @@ def _convert_section(folder: Path, r: dict) -> list[str]:
     if timings:
         lines += ["", "Timings: " + ", ".join(f"{k} {_num(v, 3)} s" for k, v in timings.items())
                   + (f"; peak RSS {_num(r.get('peak_rss_mb'))} MB" if r.get("peak_rss_mb") else "") + "."]
+    if r.get("peak_rss_mb_by_stage"):
+        lines += ["", "Peak memory by stage: " + ", ".join(f"{k} {_num(v)} MB"
+                                                          for k, v in r["peak_rss_mb_by_stage"].items()) + "."]
     return lines
 
 

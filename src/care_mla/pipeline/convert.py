@@ -71,9 +71,9 @@ def convert(settings: ConvertSettings) -> dict:
                                  {**converted.fields, **choice}, stats, settings, dtype, device,
                                  loading=source.loading)
             report["peak_rss_mb_conversion"] = round(peak_rss_mb(), 1)
-            write_report(report, stage.seconds, tmp, pending=settings.evaluate)
+            write_report(report, stage, tmp, pending=settings.evaluate)
         if settings.evaluate:
-            evaluate_saved(report, stage.seconds, folder, source, settings, dtype, device)
+            evaluate_saved(report, stage, folder, source, settings, dtype, device)
     return report
 
 

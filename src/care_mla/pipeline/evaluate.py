@@ -9,7 +9,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 
 import torch
 
@@ -26,7 +25,7 @@ from care_mla.pipeline.calibration import (
     model_fingerprint,
 )
 from care_mla.pipeline.load import ModelSource, load_model, load_pretrained, resolve_device, torch_dtype
-from care_mla.pipeline.reporting import write_report
+from care_mla.pipeline.reporting import StageTimer, write_report
 from care_mla.settings import ConvertSettings
 
 logger = logging.getLogger(__name__)
@@ -87,7 +86,7 @@ def zero_shot_pair(original, converted, tokenizer, settings: ConvertSettings) ->
             for name, m in (("original", original), ("converted", converted))}
 
 
-def evaluate_saved(report: dict, timings: dict, folder: OutputFolder, source: ModelSource, settings: ConvertSettings,
+def evaluate_saved(report: dict, stage: StageTimer, folder: OutputFolder, source: ModelSource, settings: ConvertSettings,
                    dtype: torch.dtype, device: torch.device) -> None:
     """Stage 6: evaluate the model written to `folder` against the original (`source`'s model when it is in
     memory, else loaded) and rewrite its report.
@@ -101,11 +100,11 @@ def evaluate_saved(report: dict, timings: dict, folder: OutputFolder, source: Mo
         if original is None:
             original = load_model(source.path, dtype, device, settings.max_memory_map)[0]
         converted = load_pretrained(str(folder.out), dtype, device, settings.max_memory_map)
-        evaluate_into(report, timings, original, converted, source.tokenizer, source.path, settings, dtype)
+        evaluate_into(report, stage, original, converted, source.tokenizer, source.path, settings, dtype)
     except BaseException as err:
         reason = "interrupted" if isinstance(err, (KeyboardInterrupt, SystemExit)) else f"{type(err).__name__}: {err}"
         report["evaluation_status"] = f"failed: {reason}"
-        write_report(report, timings, folder.out)
+        write_report(report, stage, folder.out)
         if isinstance(err, Exception):
             raise EvaluationError(
                 f"the converted model was written to {folder.out}, but its evaluation failed ({reason}); re-run only "
@@ -113,34 +112,39 @@ def evaluate_saved(report: dict, timings: dict, folder: OutputFolder, source: Mo
             ) from err
         raise
     report["evaluation_status"] = "done"
-    write_report(report, timings, folder.out)
+    write_report(report, stage, folder.out)
 
 
-def evaluate_into(report: dict, timings: dict, original, converted, tokenizer, model_path: str,
-                   settings: ConvertSettings, dtype) -> None:
-    t = time.perf_counter()
-    pair = evaluate_pair(original, converted, tokenizer, model_path, settings, dtype)
+def evaluate_into(report: dict, stage: StageTimer, original, converted, tokenizer, model_path: str,
+                  settings: ConvertSettings, dtype) -> None:
+    with stage("evaluate"):
+        pair = evaluate_pair(original, converted, tokenizer, model_path, settings, dtype)
     for name, value in pair["ppl"].items():  # report.json never holds NaN (it would not be JSON)
         check_finite_ppl(value, f"the {name} model's perplexity")
     report.update(pair)
     report["ppl"]["ratio"] = report["ppl"]["converted"] / report["ppl"]["original"]
-    timings["evaluate"] = time.perf_counter() - t
     if settings.zero_shot_tasks:
-        t = time.perf_counter()
-        report["zero_shot"] = zero_shot_pair(original, converted, tokenizer, settings)
-        timings["zero_shot"] = time.perf_counter() - t
+        with stage("zero_shot"):
+            report["zero_shot"] = zero_shot_pair(original, converted, tokenizer, settings)
 
 
 def evaluate_folder(path: str, *, eval_text: str = "austen", eval_samples: int = 64, eval_seq_len: int = 256,
-                    dtype: str = "float32", device: str = "auto", batch_size: int = 8, progress: bool = True) -> dict:
-    """Held-out perplexity and KV bytes per token of a saved model (converted or original)."""
+                    dtype: str = "float32", device: str = "auto", batch_size: int = 8, progress: bool = True,
+                    zero_shot_tasks: tuple[str, ...] | list[str] = (), zero_shot_limit: int | None = 500,
+                    cache_dir: str | None = None) -> dict:
+    """Held-out perplexity and KV bytes per token of a saved model (converted or original), and its zero-shot
+    accuracy (lm-eval) on `zero_shot_tasks` (``paper``: the paper's suite) when asked: ``report["zero_shot"]``."""
     dev = resolve_device(device)
     dt = torch_dtype(dtype, dev)
     check_text_file(eval_text, "evaluation")
+    if zero_shot_tasks:  # a missing lm-eval, an unknown task or tasks that cannot be built: before the model loads
+        from care_mla.evaluation.zeroshot import check_tasks
+
+        check_tasks(zero_shot_tasks, eval_text, cache_dir=cache_dir)
     model, tokenizer, model_path = load_model(path, dt, dev)
     windows, text_path = load_windows(tokenizer, eval_text, "evaluation", eval_samples, eval_seq_len)
     ppl = check_finite_ppl(perplexity(model, windows, batch_size=batch_size, progress=progress))
-    return {
+    report = {
         "model": model_path,
         "ppl": ppl,
         "kv_bytes_per_token": kv_bytes_per_token(model.config, dt),
@@ -148,3 +152,9 @@ def evaluate_folder(path: str, *, eval_text: str = "austen", eval_samples: int =
         "evaluation": {"text": str(text_path), "samples": eval_samples, "seq_len": eval_seq_len},
         "dtype": str(dt).removeprefix("torch."),
     }
+    if zero_shot_tasks:
+        from care_mla.evaluation.zeroshot import evaluate_zero_shot
+
+        report["zero_shot"] = evaluate_zero_shot(model, tokenizer, zero_shot_tasks, text=eval_text,
+                                                 limit=zero_shot_limit, batch_size=batch_size, cache_dir=cache_dir)
+    return report

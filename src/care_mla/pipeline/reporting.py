@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import psutil
 
 from care_mla.evaluation.perplexity import (
     kv_cache_width,
@@ -25,18 +28,49 @@ REPORT_FILE = "report.json"
 
 
 class StageTimer:
-    """Wall seconds per stage (report.json's ``timings_s``); the log says when each stage starts and ends."""
+    """Wall seconds and peak resident memory per stage (report.json's ``timings_s`` and ``peak_rss_mb_by_stage``);
+    the log says when each stage starts and ends, and what it took."""
 
-    def __init__(self):
+    def __init__(self, interval_s: float = 0.05):
         self.seconds: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}
+        self.interval_s = interval_s
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         logger.info("stage %s", name)
         start = time.perf_counter()
-        yield
+        with _RssPeak(self.interval_s) as peak:
+            yield
         self.seconds[name] = time.perf_counter() - start
-        logger.info("stage %s done in %.1f s", name, self.seconds[name])
+        self.peak_rss_mb[name] = round(peak.mb, 1)
+        logger.info("stage %s done in %.1f s (peak memory %.0f MB)", name, self.seconds[name], peak.mb)
+
+
+class _RssPeak:
+    """The largest resident set size of this process seen while the block runs, sampled by a daemon thread
+    (`ru_maxrss` is the peak of the whole run, which cannot tell one stage from another)."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s, self.mb = interval_s, 0.0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while True:
+            self.mb = max(self.mb, process.memory_info().rss / 2**20)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> "_RssPeak":
+        self._thread = threading.Thread(target=self._sample, name="care-mla-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.mb = max(self.mb, psutil.Process().memory_info().rss / 2**20)
 
 
 def peak_rss_mb() -> float:
@@ -78,10 +112,11 @@ def report_head(model_path: str, config, converted_config, architecture: str, fi
     }
 
 
-def write_report(report: dict, timings: dict, folder: Path, *, pending: bool = False) -> None:
+def write_report(report: dict, stages: StageTimer, folder: Path, *, pending: bool = False) -> None:
     """Write report.json (atomically) into `folder`; `pending`: the evaluation is still to come."""
     if pending:
         report["evaluation_status"] = "pending"
-    report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    report["timings_s"] = {k: round(v, 3) for k, v in stages.seconds.items()}
+    report["peak_rss_mb_by_stage"] = dict(stages.peak_rss_mb)
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
     write_text_atomic(Path(folder) / REPORT_FILE, json.dumps(report, indent=2, allow_nan=False) + "\n")

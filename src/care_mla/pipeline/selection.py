@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 from care_mla.evaluation.perplexity import (
     perplexity,
@@ -63,7 +64,8 @@ def _load(module: nn.Module, state: dict[str, torch.Tensor], device: torch.devic
 @torch.no_grad()
 def streamed_losses(model_class: type[nn.Module], tensor: Callable[[str], torch.Tensor],
                     candidates: Sequence[tuple[object, LayerState]], windows: torch.Tensor, *, dtype: torch.dtype,
-                    device: torch.device, batch_size: int = 8) -> list[float]:
+                    device: torch.device, batch_size: int = 8, progress: bool = False,
+                    desc: str = "scoring candidates") -> list[float]:
     """Mean next-token NLL (nats) of each candidate model on `windows` (N, T).
 
     Candidate c is ``model_class(config_c)`` with ``candidates[c] = (config_c, layer_c)``: its decoder
@@ -82,11 +84,14 @@ def streamed_losses(model_class: type[nn.Module], tensor: Callable[[str], torch.
         kwargs.append(kw)
     del embedding
     inner = models[0].model
+    bar = tqdm(total=len(inner.layers) * len(models), desc=desc, unit="layer", disable=not progress)
     for i in range(len(inner.layers)):
         for c, (model, (_, state)) in enumerate(zip(models, candidates)):
             layer = model.model.layers[i]
             with materialised(layer, {k: v.to(dtype) for k, v in state(i).items()}, device):
                 streams[c] = [layer_output(layer(h, **kw)) for h, kw in zip(streams[c], kwargs[c])]
+            bar.update(1)
+    bar.close()
     _load(inner.norm, {"weight": tensor("model.norm.weight")}, device, dtype)
     tied = getattr(candidates[0][0], "tie_word_embeddings", False)
     head = tensor("model.embed_tokens.weight" if tied else "lm_head.weight").to(device=device, dtype=dtype)
@@ -235,6 +240,7 @@ def choose_settings_streamed(config, reader: CheckpointReader, tokenizer, stats:
             streams.append(make(config, memo, stats, c, dtype, **({"split": streams[0].split} if same else {})))
         first = streams[0]
         return streamed_losses(first.model_class, first.tensor, [(p.config, p.layer) for p in streams], windows,
-                               dtype=dtype, device=device, batch_size=settings.batch_size)
+                               dtype=dtype, device=device, batch_size=settings.batch_size, progress=settings.progress,
+                               desc=f"choosing by calibration loss: {len(streams)} candidates x layers")
 
     return choose_settings(config, settings, score)

@@ -95,7 +95,8 @@ def output_moments(original: nn.Module, converted: nn.Module, hidden: list[torch
 def sequential_moments(original: nn.Module, converted: nn.Module, original_layer: Callable[[int], dict],
                        convert_layer: ConvertLayer, input_ids: torch.Tensor, *, embedding: torch.Tensor,
                        dtype: torch.dtype, device: torch.device, batch_size: int = 8,
-                       refit_output: RefitOutput | None = None, progress: bool = True) -> list[float]:
+                       refit_output: RefitOutput | None = None, progress: bool = True,
+                       desc: str = "fitting layers on the converted stream") -> list[float]:
     """Run the two streams over `input_ids` (N, T), converting layer after layer; returns, per layer, the drift
     of the converted stream after it, ``Σ‖h̃ − h‖² / Σ‖h‖²`` over the calibration tokens.
 
@@ -115,7 +116,7 @@ def sequential_moments(original: nn.Module, converted: nn.Module, original_layer
         embed.to("meta")
     (h_orig, kw_orig), (h_conv, kw_conv) = streams
     layers = len(original.model.layers)
-    bar = tqdm(range(layers), desc="converting with compensation", unit="layer", disable=not progress)
+    bar = tqdm(range(layers), desc=desc, unit="layer", disable=not progress)
     drift = []
     for i in bar:
         t = time.perf_counter()
@@ -195,7 +196,10 @@ def compensated_layers(config, target, model_class: type, fit: FitLayer, layer_s
     drift = sequential_moments(skeleton(config, c.device), skeleton(target, c.device, model_class), layer_state,
                                convert_layer, c.windows, embedding=embedding, dtype=c.dtype, device=c.device,
                                batch_size=settings.batch_size, progress=settings.progress,
-                               refit_output=refit_output if settings.refit_output else None)
+                               refit_output=refit_output if settings.refit_output else None,
+                               desc="fitting layers on the converted stream (" + ", ".join(
+                                   n for n, on in (("compensation", settings.compensate),
+                                                   ("output refit", settings.refit_output)) if on) + ")")
     for row, d in zip(rows, drift):
         row["drift"] = d  # relative error of the converted hidden states after this layer
     return products, rows
