@@ -157,8 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true")
     d.add_argument("--quiet", action="store_true")
 
-    e = sub.add_parser("eval", help="held-out perplexity and KV bytes/token of a saved model")
+    e = sub.add_parser("eval", help="held-out perplexity and KV bytes/token of a saved model, and its zero-shot "
+                                    "accuracy")
     e.add_argument("model", help="a converted folder, or any model care-mla convert accepts")
+    e.add_argument("--zero-shot-tasks", type=lambda text: [t for t in text.split(",") if t], default=[],
+                   help="zero-shot accuracy (lm-eval), a table on stderr and 'zero_shot' in the JSON: paper (the "
+                        "paper's suite, offline: arc_challenge, arc_easy, hellaswag, piqa, mmlu, openbookqa, "
+                        "winogrande), other lm-eval names (boolq, lambada_openai also offline), lastword, nextsent "
+                        "(built from --eval-text)")
+    e.add_argument("--zero-shot-limit", type=_positive_int, default=DEFAULTS.zero_shot_limit,
+                   help="documents per zero-shot task, drawn with a fixed seed (the same for every model)")
+    e.add_argument("--cache-dir", default=None,
+                   help="where the zero-shot tasks are built (default: $CARE_MLA_CACHE, else ~/.cache/care-mla)")
     _add_eval_args(e)
 
     _add_heal_parser(sub)
@@ -421,7 +431,12 @@ def _run(args: argparse.Namespace) -> int:
         report = evaluate.evaluate_folder(
             args.model, eval_text=args.eval_text, eval_samples=args.eval_samples, eval_seq_len=args.eval_seq_len,
             dtype=args.dtype, device=args.device, batch_size=args.batch_size, progress=not args.quiet,
+            zero_shot_tasks=args.zero_shot_tasks, zero_shot_limit=args.zero_shot_limit, cache_dir=args.cache_dir,
         )
+        if "zero_shot" in report:
+            from care_mla.evaluation.zeroshot import format_zero_shot
+
+            print(format_zero_shot(report["zero_shot"]), file=sys.stderr)
         print(json.dumps(report, indent=2, allow_nan=False))
     return 0
 

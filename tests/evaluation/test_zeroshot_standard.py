@@ -212,6 +212,29 @@ def test_the_paper_suite_runs_offline_with_stderrs_and_the_mean(built, text_file
     assert zs.format_zero_shot(result).splitlines()[-1].startswith("paper mean (7 tasks)")
 
 
+def test_care_mla_eval_prints_the_suite_with_stderrs(built, tiny_model_dir, text_file, tmp_path, capsys):
+    from care_mla.cli import main
+
+    argv = ["eval", str(tiny_model_dir("llama")), "--zero-shot-tasks", "paper,lastword", "--zero-shot-limit", "2",
+            "--cache-dir", str(tmp_path / "cache"), "--eval-text", str(text_file), "--eval-samples", "2",
+            "--eval-seq-len", "16", "--quiet"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)["zero_shot"]
+    assert list(result["tasks"]) == [*st.PAPER_TASKS, "text_lastword"]
+    assert all(row["samples"] == 2 for row in result["tasks"].values())
+    table = err[err.index("task "):].splitlines()  # the table on stderr, the JSON alone on stdout
+    assert [line.split()[0] for line in table[1:9]] == [*st.PAPER_TASKS, "text_lastword"]
+    arc = result["tasks"]["arc_easy"]
+    assert table[2].split() == ["arc_easy", "acc_norm", f"{100 * arc['score']:.2f}", "±",
+                                f"{100 * arc['score_stderr']:.2f}", "2"]
+    assert table[-2].split()[:4] == ["mean", "(8", "tasks)", f"{100 * result['average']['score']:.2f}"]
+    assert table[-1].split()[:4] == ["paper", "mean", "(7", "tasks)"]
+    with pytest.raises(SystemExit, match="2"):
+        main([*argv[:5], "0"])  # a limit must be positive (argparse)
+    assert "--zero-shot-limit: expected a positive integer, got 0" in capsys.readouterr().err
+
+
 def test_a_wrong_or_missing_wheel_says_how_to_fix_it(fake, tmp_path, monkeypatch):
     path, _ = fake
     monkeypatch.setenv(st.WHEEL_ENV, str(path))  # the real sha256 is pinned: the tiny wheel is refused

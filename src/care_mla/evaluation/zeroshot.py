@@ -286,6 +286,8 @@ def evaluate_zero_shot(
     and ``score``/``score_stderr``/``score_metric`` (:func:`score_metric`); a group's row is
     lm-eval's own aggregate (size-weighted) and lists its members under ``subtasks``.
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ZeroShotError(f"the zero-shot limit must be a positive number of documents (or None for all); got {limit!r}")
     lm_eval, HFLM, TaskManager = _import_lm_eval()
     names = list(dict.fromkeys(resolve_task_names(tasks, text)))
     text_names = set(offline_task_names(text))
