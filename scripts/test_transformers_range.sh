@@ -4,7 +4,7 @@
 #   bash scripts/test_transformers_range.sh [LOWEST [NEWEST]]      (default 5.15.0 and 5.24.0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TESTS="tests/test_modeling.py tests/test_decoupled.py tests/test_deepseek.py tests/test_layerwise.py tests/test_convert.py tests/test_evaluation.py"
+TESTS="tests/formats/test_modeling.py tests/formats/test_decoupled.py tests/formats/test_deepseek.py tests/pipeline/test_layerwise.py tests/pipeline/test_convert.py tests/evaluation/test_evaluation.py"
 for version in "${1:-5.15.0}" "${2:-5.24.0}"; do
   venv=".venv-transformers-$version"
   rm -rf "$venv"
