@@ -4,7 +4,8 @@
 ``DeepseekV3ForCausalLM``) on ``CE + β·τ²·KL(teacher ‖ student)`` with the original model as
 teacher (`distillation.kd_loss`), and saves it in the format it came in. The loop is
 transformers' `Trainer` (only `compute_loss` is ours): mixed precision on CUDA, gradient
-accumulation, checkpoints for ``--resume``, and ``accelerate launch`` for several GPUs.
+accumulation, checkpoints for ``--resume``, and several processes under ``accelerate launch``
+or ``torchrun``, data parallel or FSDP-sharded (`care_mla.healing.distributed`).
 
 Folders: checkpoints go to ``OUT.work`` (beside OUT, so they survive a kill); on success the
 healed model, ``heal_settings.json``, ``heal_report.json`` and ``heal_curve.png`` are moved
@@ -35,10 +36,9 @@ from transformers import (
     set_seed,
 )
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from care_mla.evaluation.perplexity import perplexity
-from care_mla.healing import linear_norms
+from care_mla.healing import distributed, linear_norms
 from care_mla.healing.distillation import kd_loss
 from care_mla.healing.settings import HealSettings
 from care_mla.io.outputs import (
@@ -59,7 +59,7 @@ from care_mla.io.text import (
     tokenize_file,
     user_text,
 )
-from care_mla.pipeline.load import ModelLoadError, load_model, resolve_device, resolve_model_path
+from care_mla.pipeline.load import ModelLoadError, load_model, load_pretrained, resolve_device, resolve_model_path
 from care_mla.pipeline.reporting import peak_rss_mb
 from care_mla.settings import SettingsError
 
@@ -107,16 +107,29 @@ class WindowDataset(torch.utils.data.Dataset):
 
 
 class HealTrainer(Trainer):
-    """`Trainer` whose loss is `kd_loss` against a frozen teacher (None: CE only)."""
+    """`Trainer` whose loss is `kd_loss` against a frozen teacher (None: CE only).
+
+    Under FSDP the teacher is sharded as the student is; otherwise each process holds it whole.
+    """
 
     loss_is_scaled_for_ga = False  # a per-micro-batch mean: the Trainer divides by the accumulation steps
 
     def __init__(self, *args, teacher=None, kd_weight: float = 1.0, kd_temperature: float = 1.0,
                  kd_top_k: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.to(self.args.device).eval() if teacher is not None else None
+        self.layout = distributed.layout(self.accelerator)
+        if teacher is not None:
+            teacher = teacher.to(self.args.device).eval()
+            if self.layout == "fsdp2":
+                teacher = distributed.shard_teacher(teacher)
+        self.teacher = teacher
         self.kd = {"beta": kd_weight, "tau": kd_temperature, "top_k": kd_top_k}
         self._parts = torch.zeros(3, device=self.args.device)  # CE sum, KL sum, micro-batches since the last log
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if distributed.enable_cpu_fsdp(self.accelerator):
+            self.is_fsdp_enabled = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs["input_ids"]
@@ -130,11 +143,12 @@ class HealTrainer(Trainer):
         return (loss.total, outputs) if return_outputs else loss.total
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
-        if "loss" in logs and self._parts[2] > 0:  # the two terms of the loss, this process's micro-batches
-            ce, kl, n = self._parts.tolist()
-            logs["ce"] = ce / n
-            if self.teacher is not None:
-                logs["kl"] = kl / n
+        if "loss" in logs:  # the two terms of the loss over every process's micro-batches (each process logs)
+            ce, kl, n = distributed.sum_across_processes(self._parts).tolist()
+            if n > 0:
+                logs["ce"] = ce / n
+                if self.teacher is not None:
+                    logs["kl"] = kl / n
             self._parts.zero_()
         super().log(logs, start_time)
 
@@ -205,6 +219,7 @@ def training_arguments(settings: HealSettings, work: Path) -> TrainingArguments:
         save_total_limit=1,
         include_num_input_tokens_seen="all",
         average_tokens_across_devices=False,
+        ddp_find_unused_parameters=False,  # every trainable weight takes part in the forward
         remove_unused_columns=False,
         disable_tqdm=not settings.progress,
         report_to="none",
@@ -231,8 +246,12 @@ def output_folder(settings: HealSettings) -> OutputFolder:
     return folder
 
 
-def _prepare_work(settings: HealSettings, work: Path) -> None:
-    """Start, restart or continue the work folder of `settings.out` (main process only)."""
+def _prepare_work(settings: HealSettings, work: Path, processes: int = 1) -> None:
+    """Start, restart or continue the work folder of `settings.out` (main process only).
+
+    A resumed run must have the settings and the launch (`processes`, FSDP or not) it began with.
+    """
+    launch = distributed.launch_record(processes)
     saved = work / HEAL_SETTINGS_FILE
     if work.exists() and owner(work) is None:
         raise OutputError(f"{work} exists and was not made by care-mla heal; care-mla keeps its checkpoints there: "
@@ -246,9 +265,10 @@ def _prepare_work(settings: HealSettings, work: Path) -> None:
                 "rerun with its settings (see its heal_settings.json), or drop --resume and pass --overwrite to "
                 "start over"
             )
+        distributed.check_launch(work, launch)
         return
     if work.exists() and not settings.resume:
-        if get_last_checkpoint(str(work)) is not None and not settings.overwrite:
+        if distributed.last_checkpoint(work) is not None and not settings.overwrite:
             raise OutputExistsError(
                 f"{work} holds the checkpoints of an interrupted heal of {settings.out}; pass --resume to continue "
                 "it, or --overwrite to start over"
@@ -259,6 +279,7 @@ def _prepare_work(settings: HealSettings, work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     mark(work, "heal work folder")
     settings.save(saved)
+    distributed.check_launch(work, launch)
 
 
 def converted_format(spec: str) -> tuple[str, str]:
@@ -326,20 +347,33 @@ def heal(settings: HealSettings, *, callbacks: Sequence[TrainerCallback] = ()) -
     work = work_dir(out)
     args = training_arguments(settings, work)
     main_process = args.process_index == 0
-    with folder if main_process else contextlib.nullcontext():  # the lock, held by the main process
+    with folder if main_process else contextlib.nullcontext(), _quiet_unless(main_process):
         return _heal_locked(settings, args, folder, work, converted_path, fmt, callbacks, t_start)
+
+
+@contextlib.contextmanager
+def _quiet_unless(main_process: bool):
+    """care-mla's progress messages from the main process only (warnings from every process)."""
+    package = logging.getLogger("care_mla")
+    level = package.level
+    if not main_process:
+        package.setLevel(max(logging.WARNING, level))
+    try:
+        yield
+    finally:
+        package.setLevel(level)
 
 
 def _heal_locked(settings: HealSettings, args: TrainingArguments, folder: OutputFolder, work: Path,
                  converted_path: str, fmt: str, callbacks, t_start: float) -> dict:
     with args.main_process_first(desc="work folder"):
         if args.process_index == 0:
-            _prepare_work(settings, work)
+            _prepare_work(settings, work, args.world_size)
     try:
         healed, tokenizer, report, timings = _heal(settings, args, converted_path, fmt, callbacks)
     except BaseException:
         if args.process_index == 0:
-            if not work.is_dir() or get_last_checkpoint(str(work)) is None:
+            if not work.is_dir() or distributed.last_checkpoint(work) is None:
                 remove_owned(work)  # nothing to resume
             else:
                 logger.warning("healing stopped; its checkpoints are in %s: rerun with --resume to continue", work)
@@ -347,7 +381,7 @@ def _heal_locked(settings: HealSettings, args: TrainingArguments, folder: Output
     report["wall_time_s"] = round(time.perf_counter() - t_start, 3)
     if args.process_index == 0:
         t = time.perf_counter()
-        with folder.staging() as tmp:
+        with folder.staging() as tmp:  # the whole model: under FSDP the main process gathered it
             healed.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             settings.save(tmp / HEAL_SETTINGS_FILE)
@@ -366,7 +400,7 @@ def _heal(settings: HealSettings, args: TrainingArguments, converted_path: str, 
     """(healed model, tokenizer, report, timings): load, measure, train, export, measure."""
     timings: dict[str, float] = {}
     device, dtype = args.device, getattr(torch, settings.dtype)
-    checkpoint = get_last_checkpoint(args.output_dir) if settings.resume else None
+    checkpoint = distributed.last_checkpoint(Path(args.output_dir)) if settings.resume else None
 
     t = time.perf_counter()
     student, tokenizer, converted_path = load_model(converted_path, dtype, device)
@@ -407,6 +441,8 @@ def _heal(settings: HealSettings, args: TrainingArguments, converted_path: str, 
             param.requires_grad_(False)
     model = _with_lora(student, settings.lora_rank, settings.seed) if settings.lora else student
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    architecture, student_bytes = type(student).__name__, distributed.whole_bytes(model.parameters())
+    teacher_bytes = distributed.whole_bytes(teacher.parameters()) if teacher is not None else 0
 
     held_out = HeldOutEval(eval_windows, settings.eval_every, settings.batch_size)
     trainer = HealTrainer(
@@ -414,6 +450,8 @@ def _heal(settings: HealSettings, args: TrainingArguments, converted_path: str, 
         callbacks=[held_out, *callbacks], teacher=teacher, kd_weight=settings.kd_weight,
         kd_temperature=settings.kd_temperature, kd_top_k=settings.kd_top_k,
     )
+    memory = distributed.ProcessMemory(trainer.teacher)
+    trainer.add_callback(memory)
     trainer.remove_callback(PrinterCallback)
     if settings.progress:
         trainer.remove_callback(ProgressCallback)
@@ -421,14 +459,20 @@ def _heal(settings: HealSettings, args: TrainingArguments, converted_path: str, 
     t = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     timings["train"] = time.perf_counter() - t
-    state = trainer.state
-    del trainer, teacher
+    state, layout = trainer.state, trainer.layout
+    teacher_held = "none" if trainer.teacher is None else "sharded" if layout == "fsdp2" else "whole in each process"
 
-    healed = model.merge_and_unload() if settings.lora else model
-    linear_norms.unfold(healed, norms)
-    healed.eval()
     t = time.perf_counter()
-    ppl["after"] = held_out_ppl(healed)
+    if layout == "fsdp2":  # every process measures the sharded model, then the main one gathers it whole
+        ppl["after"] = held_out_ppl(model.eval())
+        whole = distributed.full_state_dict(trainer.accelerator, model)
+        del trainer, teacher, model
+        healed = _export_form(_reload(converted_path, dtype, norms, settings, whole), norms, settings.lora) \
+            if args.process_index == 0 else None
+    else:
+        del trainer, teacher
+        healed = _export_form(model, norms, settings.lora)
+        ppl["after"] = held_out_ppl(healed)
     ppl["gap_closed"] = _gap_closed(ppl)
     timings["evaluate_after"] = time.perf_counter() - t
     logger.info("healed: held-out ppl %.4g → %.4g (original %.4g)", ppl["before"], ppl["after"], ppl["original"])
@@ -439,7 +483,7 @@ def _heal(settings: HealSettings, args: TrainingArguments, converted_path: str, 
         "converted": converted_path,
         "teacher": teacher_path,
         "format": fmt,
-        "architecture": type(healed).__name__,
+        "architecture": architecture,
         "mode": "lora" if settings.lora else "full",
         "ppl": ppl,
         "tokens_seen": state.num_input_tokens_seen,
@@ -459,8 +503,33 @@ def _heal(settings: HealSettings, args: TrainingArguments, converted_path: str, 
         "settings": settings.to_dict(),
         "dtype": settings.dtype,
         "device": str(device),
+        "processes": {
+            "count": args.world_size,
+            "layout": layout,
+            "teacher": teacher_held,
+            "global_batch": settings.batch_size * settings.grad_accum * args.world_size,
+            "student_param_bytes": student_bytes,  # whole; per_process: what each process holds
+            "teacher_param_bytes": teacher_bytes,
+            "per_process": memory.per_process,
+        },
     }
     return healed, tokenizer, report, timings
+
+
+def _export_form(model, norms: list, lora: bool):
+    """The trained model as it is saved: LoRA merged, the DeepSeek latent norms unfolded."""
+    healed = model.merge_and_unload() if lora else model
+    linear_norms.unfold(healed, norms)
+    return healed.eval()
+
+
+def _reload(converted_path: str, dtype: torch.dtype, norms: list, settings: HealSettings, state: dict):
+    """A whole copy of the trained model on the CPU: the converted model in its training form, given `state`."""
+    student = load_pretrained(converted_path, dtype, torch.device("cpu"), None)
+    linear_norms.fold(student, norms)
+    model = _with_lora(student, settings.lora_rank, settings.seed) if settings.lora else student
+    model.load_state_dict(state)
+    return model
 
 
 def _with_lora(model, rank: int, seed: int):

@@ -1,0 +1,230 @@
+"""Healing in several processes (``accelerate launch`` or ``torchrun``): what differs from one process.
+
+Two layouts, chosen by the launcher (``care-mla heal`` has no flag for them):
+
+- **Data parallel (DDP)**, the default of a multi-process launch: every process holds the whole
+  student and the whole teacher (replicated), reads its own ``batch_size`` windows of each
+  global batch and DDP averages the gradients. P processes with ``--batch-size b`` follow the
+  run of one process with ``--batch-size P·b`` (the same windows, in the same order, the same
+  steps); the curves differ by float rounding only (measured in docs/healing.md).
+- **FSDP, version 2** (``--use_fsdp --fsdp_version 2``): the student's parameters, gradients
+  and Adam state are sharded over the processes (each holds 1/P of them between layers), and
+  the teacher, which only runs forward, is sharded the same way. The data split and the curve
+  are DDP's. FSDP version 1 is refused: its wrapper hides the model from the callbacks.
+
+accelerate 1.15 turns FSDP on only for accelerators: under ``--use_fsdp`` on the CPU it runs
+DDP, silently (every process held every parameter whole when tried). `enable_cpu_fsdp` switches
+its state to FSDP there, which is what accelerate does itself on a GPU, so the CPU runs the
+same accelerate and transformers code as a GPU cluster, on gloo.
+
+Only the main process writes the output, its report and the work folder's settings, and saves
+the model, optimizer and trainer state of each checkpoint; the Trainer has every process write
+its own RNG state into a checkpoint (``rng_state_<rank>.pth``), and FSDP's sharded checkpoints
+have each process write its shard. Every process measures the held-out perplexity on all the
+evaluation windows (the same number on each; FSDP's forward needs them all to run it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from care_mla.settings import SettingsError
+
+PROCESSES_FILE = "heal_processes.json"  # in the work folder: the layout a --resume must launch again
+TRAINER_STATE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def sum_across_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over every process (in place); itself with one process."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def gather_objects(obj) -> list:
+    """`obj` of every process, in rank order (every process must call it)."""
+    if world_size() == 1:
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def layout(accelerator) -> str:
+    """'single', 'ddp' or 'fsdp2' (an FSDP version 1 run is refused)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        if not accelerator.is_fsdp2:
+            raise SettingsError("care-mla heal shards with FSDP version 2 only; launch with --fsdp_version 2 "
+                                "(or fsdp_version: 2 in the accelerate config)")
+        return "fsdp2"
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise SettingsError("care-mla heal was not tried under DeepSpeed; use FSDP (--use_fsdp --fsdp_version 2) "
+                            "or plain data parallel")
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def enable_cpu_fsdp(accelerator) -> bool:
+    """Turn on the FSDP that ``--use_fsdp`` asked for when accelerate left it off on the CPU; True if it did.
+
+    accelerate enables FSDP only for accelerator backends (``AcceleratorState``): on the CPU it
+    keeps ``MULTI_CPU`` (DDP) and drops the plugin. This does what it does on a GPU: the plugin
+    from the launcher's environment and the FSDP type, in both shared states.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not asked or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = FullyShardedDataParallelPlugin()  # reads FSDP_* as the launcher set them
+    if plugin.fsdp_version != 2:
+        raise SettingsError("FSDP on the CPU runs version 2 only; launch with --fsdp_version 2")
+    AcceleratorState._shared_state["fsdp_plugin"] = plugin
+    AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState() re-reads it
+    return True
+
+
+def shard_teacher(teacher: nn.Module) -> nn.Module:
+    """The frozen teacher sharded over the processes: one FSDP2 unit per decoder layer and one for the rest.
+
+    Every unit is gathered for its forward and freed after it (``reshard_after_forward``), so a
+    process holds its shards plus one unit whole. accelerate's preparation of a trained model
+    keeps the root and output units gathered after the forward, for the backward that follows;
+    the teacher has none, so they would stay whole.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    teacher.requires_grad_(False)
+    layers = set(getattr(teacher, "_no_split_modules", None) or ())
+    for module in list(teacher.modules())[1:]:
+        if type(module).__name__ in layers:
+            fully_shard(module, reshard_after_forward=True)
+    fully_shard(teacher, reshard_after_forward=True)
+    return teacher
+
+
+def full_state_dict(accelerator, model: nn.Module) -> dict:
+    """The whole state dict of a sharded `model` on the main process's CPU ({} elsewhere); every process calls it."""
+    return accelerator.get_state_dict(model)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def launch_record(processes: int) -> dict:
+    """What a resumed run must launch again: the number of processes and whether FSDP shards them."""
+    return {"processes": processes, "fsdp": os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"}
+
+
+def check_launch(work: Path, launch: dict) -> None:
+    """Record `launch` in the work folder, or refuse a resumed run launched otherwise (main process)."""
+    path = work / PROCESSES_FILE
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != launch:
+            raise SettingsError(
+                f"--resume continues a run of {_describe(before)} in {work}; this one has {_describe(launch)}: launch "
+                "it as before, or drop --resume and pass --overwrite to start over"
+            )
+        return
+    path.write_text(json.dumps(launch) + "\n")
+
+
+def _describe(launch: dict) -> str:
+    n = launch["processes"]
+    return f"{n} process{'es' if n > 1 else ''}{' with FSDP' if launch['fsdp'] else ''}"
+
+
+def last_checkpoint(work: Path) -> str | None:
+    """The newest complete checkpoint in `work` (its trainer state written, the main process's last file).
+
+    A process killed while the checkpoint was written leaves one without it; the Trainer's
+    `get_last_checkpoint` would choose that one and fail to resume.
+    """
+    steps = []
+    for path in Path(work).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        suffix = path.name.rsplit("-", 1)[1]
+        if suffix.isdigit() and (path / TRAINER_STATE).is_file():
+            steps.append((int(suffix), path))
+    return str(max(steps)[1]) if steps else None
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def local_bytes(tensors) -> int:
+    """Bytes of `tensors` this process holds (a sharded DTensor counts its local shard)."""
+    total = 0
+    for t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+def whole_bytes(tensors) -> int:
+    """Bytes of `tensors` whole (a sharded DTensor counts its global shape)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def rss_mb() -> float | None:
+    """This process's resident memory now (Linux), MiB."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class ProcessMemory(TrainerCallback):
+    """Each process's memory at the end of training, gathered on every process (`per_process`).
+
+    Per process: the student's parameter bytes it holds (its shards under FSDP), its Adam state,
+    the teacher's parameter bytes, its resident memory then and at its peak (the peak includes
+    loading both models whole, which every process does before sharding).
+    """
+
+    def __init__(self, teacher: nn.Module | None):
+        self.teacher = teacher
+        self.per_process: list[dict] = []
+
+    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        params = [p for p in model.parameters()]
+        opt_state = [] if optimizer is None else [
+            v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0
+        ]
+        mine = {
+            "rank": args.process_index,
+            "student_param_bytes": local_bytes(params),
+            "optimizer_state_bytes": local_bytes(opt_state),
+            "teacher_param_bytes": local_bytes(self.teacher.parameters()) if self.teacher is not None else 0,
+            "rss_mb": _round(rss_mb()),
+            "peak_rss_mb": _round(peak_rss_mb()),
+        }
+        self.per_process = gather_objects(mine)
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
