@@ -3,7 +3,8 @@
 The config carries every field of the original model's config (so generation, masking and
 RoPE read them as before) plus three of its own:
 
-- `base_model_type`: the family the layers come from (llama, mistral, qwen2, qwen3);
+- `base_model_type`: the family the layers come from (llama, mistral, qwen2, qwen3, and the
+  mixture-of-experts qwen3_moe, qwen2_moe, mixtral, whose sparse MLP blocks are kept as they are);
 - `kv_latent`: "separate" (one latent for K, one for V, as in the CARE paper), "joint"
   (one latent for both, DeepSeek's c_KV) — both rotate the whole up-projected K at its cached
   positions, exact at full rank — or "decoupled" (DeepSeek's layout: a shared RoPE key of

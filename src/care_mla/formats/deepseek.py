@@ -1,8 +1,11 @@
-"""Export to the stock DeepSeek-V3 format (`DeepseekV3ForCausalLM`, no remote code) — CARE.md §3.
+"""Export to stock DeepSeek (`DeepseekV3ForCausalLM`, `DeepseekV2ForCausalLM`; no remote code) — CARE.md §3.
 
 `to_deepseek(model, stats, ...)` turns a Llama / Mistral / Qwen2 / Qwen3 `*ForCausalLM` into a
 `DeepseekV3ForCausalLM` whose attention caches, per token and layer, ``kv_lora_rank`` latent
-numbers plus ``qk_rope_head_dim`` RoPE-key numbers (GQA caches ``2·g·d_h``).
+numbers plus ``qk_rope_head_dim`` RoPE-key numbers (GQA caches ``2·g·d_h``). A mixture-of-experts
+source (Qwen3-MoE, Mixtral) becomes a `DeepseekV2ForCausalLM` instead: the same attention, and
+DeepSeek-V2's router, which is the function these families route with (V3's sigmoid router is
+not); its experts pass through unchanged (`care_mla.formats.moe`).
 
 The layout itself (RoPE split, per-layer tensors) is `care_mla.method.rope_split` and
 `care_mla.method.decoupled`; this module writes it with upstream names and config fields.
@@ -59,17 +62,19 @@ cache (rope dims)  exact  pca    partial  pca, portable (vLLM/SGLang)
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 from transformers.initialization import no_init_weights
 
 from care_mla.formats.engines import runtime_support
 from care_mla.formats.families import head_dim
+from care_mla.formats.moe import RENORM_CAVEAT, deepseek_mlp_state, deepseek_moe_fields
 from care_mla.method.decoupled import (
     LayerLayout,
     MlaLayout,
@@ -87,6 +92,8 @@ from care_mla.method.rope_split import (
     split_budget,
 )
 from care_mla.method.statistics import CalibrationStats
+
+logger = logging.getLogger(__name__)
 
 #: ε of DeepSeek's latent norms in transformers (hard-coded there); the export sets
 #: ``config.rms_norm_eps`` to it so that vLLM/SGLang, which read the config, agree.
@@ -108,12 +115,31 @@ def linear_norm_prescale(max_sq_norm: float, width: int, eps: float = DEEPSEEK_N
     return math.sqrt(delta * eps * width / max_sq_norm)
 
 
-def deepseek_config(source_config, split: RopeSplit, kv_lora_rank: int, *, portable: bool = False) -> DeepseekV3Config:
-    """The upstream config of the export of `split` at one `kv_lora_rank` for every layer."""
+#: The upstream class of each export config.
+EXPORT_CLASSES = {DeepseekV3Config: DeepseekV3ForCausalLM, DeepseekV2Config: DeepseekV2ForCausalLM}
+
+DeepseekConfig = DeepseekV3Config | DeepseekV2Config
+DeepseekForCausalLM = DeepseekV3ForCausalLM | DeepseekV2ForCausalLM
+
+
+def export_class(config: DeepseekConfig) -> type[nn.Module]:
+    """`DeepseekV3ForCausalLM` for a dense source's export, `DeepseekV2ForCausalLM` for a MoE source's."""
+    return EXPORT_CLASSES[type(config)]
+
+
+def deepseek_config(source_config, split: RopeSplit, kv_lora_rank: int, *, portable: bool = False) -> DeepseekConfig:
+    """The upstream config of the export of `split` at one `kv_lora_rank` for every layer: DeepSeek-V3's for a
+    dense source, DeepSeek-V2's for a mixture-of-experts one (`moe.deepseek_moe_fields`)."""
     dims = split.dims
     rope_params = rope_parameters(split.inv_freq[split.rope_freq_index], split.source_rope,
                                   source_config.max_position_embeddings, bitwise=split.exact, portable=portable)
-    config = DeepseekV3Config(
+    moe = deepseek_moe_fields(source_config)
+    if moe is None:  # dense: every layer is a dense prefix layer
+        config_class, own = DeepseekV3Config, {"first_k_dense_replace": source_config.num_hidden_layers,
+                                               "num_mtp_layers": 0, "rope_interleave": True}
+    else:  # V2 always interleaves its RoPE pairs
+        config_class, own = DeepseekV2Config, moe
+    config = config_class(
         vocab_size=source_config.vocab_size,
         hidden_size=dims.hidden,
         intermediate_size=source_config.intermediate_size,
@@ -125,8 +151,6 @@ def deepseek_config(source_config, split: RopeSplit, kv_lora_rank: int, *, porta
         qk_rope_head_dim=split.qk_rope_head_dim,
         qk_nope_head_dim=split.nope,
         v_head_dim=dims.d,
-        first_k_dense_replace=source_config.num_hidden_layers,
-        num_mtp_layers=0,
         hidden_act=source_config.hidden_act,
         max_position_embeddings=source_config.max_position_embeddings,
         initializer_range=getattr(source_config, "initializer_range", 0.02),
@@ -139,15 +163,15 @@ def deepseek_config(source_config, split: RopeSplit, kv_lora_rank: int, *, porta
         # forever there), and the embedding is rescaled by the residual scale while the head is not
         tie_word_embeddings=False,
         rope_parameters=rope_params,
-        rope_interleave=True,
         attention_bias=split.has_q_bias or split.has_k_bias or split.has_o_bias,
         attention_dropout=0.0,
+        **own,
     )
     config._attn_implementation = source_config._attn_implementation
     return config
 
 
-def export_summary(source_config, split: RopeSplit, config: DeepseekV3Config) -> dict:
+def export_summary(source_config, split: RopeSplit, config: DeepseekConfig) -> dict:
     """What the export kept (`RopeSplit.summary`), its cache widths, residual scale and runtime support."""
     dims = split.dims
     return {
@@ -157,6 +181,7 @@ def export_summary(source_config, split: RopeSplit, config: DeepseekV3Config) ->
         **split.summary(),
         "residual_scale": residual_scale(source_config),
         "runtime_support": runtime_support(config),
+        "architecture": export_class(config).__name__,
     }
 
 
@@ -189,12 +214,13 @@ def to_deepseek(
     damping: float = 1e-2,
     balance_kv: bool = True,
     portable: bool = False,
-) -> DeepseekV3ForCausalLM:
-    """A `DeepseekV3ForCausalLM` (upstream transformers class, no remote code) equivalent to `model`.
+) -> DeepseekForCausalLM:
+    """A `DeepseekV3ForCausalLM` (upstream transformers class, no remote code) equivalent to `model`;
+    `DeepseekV2ForCausalLM` for a mixture-of-experts `model` (`care_mla.formats.moe`).
 
     Args:
-        model: a loaded Llama / Mistral / Qwen2 / Qwen3 ``*ForCausalLM`` (float32 or bfloat16);
-            it is not modified.
+        model: a loaded Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral ``*ForCausalLM`` (float32 or
+            bfloat16); it is not modified.
         stats: per-layer attention-input second moments (`calibration.collect_statistics`);
             may be None only for the exact parity export of a family without q/k norms.
         kv_lora_rank, qk_rope_head_dim, kv_fraction: the cache per token and layer is
@@ -221,6 +247,7 @@ def to_deepseek(
         (kept RoPE energy per layer, runtime support).
     """
     check_source(model.config, next(model.parameters()).dtype)
+    deepseek_moe_fields(model.config)  # what DeepSeek's MoE cannot hold is refused before any work
     kv_lora_rank, rope, exact = export_budget(model.config, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim,
                                               kv_fraction=kv_fraction, portable=portable)
     if portable:
@@ -244,13 +271,14 @@ def check_one_rank(ranks: list[int]) -> int:
 
 @torch.no_grad()
 def layout_to_deepseek(model: nn.Module, split: RopeSplit, layout: MlaLayout, *,
-                       portable: bool = False) -> DeepseekV3ForCausalLM:
-    """The `DeepseekV3ForCausalLM` holding `layout` (one kv_lora_rank for every layer), in memory."""
+                       portable: bool = False) -> DeepseekForCausalLM:
+    """The `DeepseekV3ForCausalLM` (`DeepseekV2ForCausalLM` for a MoE `model`) holding `layout` (one kv_lora_rank
+    for every layer), in memory."""
     config = deepseek_config(model.config, split, check_one_rank(layout.kv_lora_ranks), portable=portable)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     with torch.device(device), no_init_weights():  # every weight is loaded below
-        out = DeepseekV3ForCausalLM(config).to(dtype)
+        out = export_class(config)(config).to(dtype)
     out.tie_weights()
     src = {k: v.detach() for k, v in model.state_dict().items()}
     state = {name: deepseek_global_tensor(name, src.__getitem__, model.config, config)
@@ -262,6 +290,9 @@ def layout_to_deepseek(model: nn.Module, split: RopeSplit, layout: MlaLayout, *,
     out.load_state_dict({k: v.to(dtype=dtype, device=device) for k, v in state.items()}, strict=True)
     out.generation_config = model.generation_config
     out.care_export = export_summary(model.config, split, config)
+    if getattr(config, "norm_topk_prob", False) and isinstance(config, DeepseekV2Config):
+        logger.warning("the export renormalises its top-k routing weights (norm_topk_prob: true) like the source; "
+                       "%s, so in transformers it routes with unnormalised weights", RENORM_CAVEAT)
     return out.eval()
 
 
@@ -276,7 +307,7 @@ def _scaled(t: Tensor, k: float, rows: int = 4096) -> Tensor:
 
 
 def deepseek_global_tensor(name: str, get: Callable[[str], Tensor], source_config,
-                           config: DeepseekV3Config) -> Tensor:
+                           config: DeepseekConfig) -> Tensor:
     """One of the export's tensors outside the decoder layers, from the source's (``get(name)``, in its dtype)."""
     k_res = residual_scale(source_config)
     if name == "model.embed_tokens.weight":
@@ -285,19 +316,19 @@ def deepseek_global_tensor(name: str, get: Callable[[str], Tensor], source_confi
         return get(name)
     if name == "lm_head.weight":  # the export is untied (`deepseek_config`): a tied source's head is its embedding
         return get("model.embed_tokens.weight" if source_config.tie_word_embeddings else name)
-    raise KeyError(f"{name} is not a tensor of the DeepSeek-V3 export outside its decoder layers")
+    raise KeyError(f"{name} is not a tensor of the DeepSeek export outside its decoder layers")
 
 
 def deepseek_layer_state(source: dict[str, Tensor], e: LayerLayout, source_config,
-                         config: DeepseekV3Config) -> dict[str, Tensor]:
-    """One decoder layer of the export (upstream DeepSeek-V3 names relative to the layer) from the source
-    layer's tensors and its `LayerLayout`: attention tensors float64, the rest in the source's dtype."""
+                         config: DeepseekConfig) -> dict[str, Tensor]:
+    """One decoder layer of the export (upstream DeepSeek module names relative to the layer) from the source
+    layer's tensors (checkpoint or module names) and its `LayerLayout`: attention tensors float64, the rest in
+    the source's dtype; a MoE layer's router and experts pass through (`moe.deepseek_mlp_state`)."""
     dims = attention_dims(source_config)
     k_res = residual_scale(source_config)
     D = dims.hidden
-    state = {name: source[name] for name in ("input_layernorm.weight", "post_attention_layernorm.weight",
-                                             "mlp.gate_proj.weight", "mlp.up_proj.weight")}
-    state["mlp.down_proj.weight"] = _scaled(source["mlp.down_proj.weight"], k_res)
+    state = {name: source[name] for name in ("input_layernorm.weight", "post_attention_layernorm.weight")}
+    state.update(deepseek_mlp_state(source, source_config, lambda t: _scaled(t, k_res)))
 
     # attention input x = w_ln ⊙ u with ‖u‖² < D: bound ‖x·A‖ for the latent pre-scales
     w_ln = state["input_layernorm.weight"].double().cpu().abs()

@@ -1,4 +1,5 @@
-"""Serving engines' MLA geometries and what each runs of an exported DeepSeek-V3 config (from the config alone).
+"""Serving engines' MLA geometries and what each runs of an exported DeepSeek-V3 (dense source) or DeepSeek-V2
+(mixture-of-experts source) config, from the config alone.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from dataclasses import dataclass, field
 from transformers import DeepseekV3Config
 
 from care_mla.formats.families import head_dim
+from care_mla.formats.moe import RENORM_CAVEAT
 from care_mla.method.rope_split import DeepseekExportError
 
 #: MLA cache geometries ``(kv_lora_rank, qk_rope_head_dim)`` each serving engine runs. vLLM 0.32 (installed and
@@ -53,15 +55,22 @@ def _geometry_text(geometries) -> str:
     return ", ".join(f"{r} + {p} = {r + p}" for r, p in geometries)
 
 
+#: What was run of the DeepSeek-V2 (MoE) exports in each engine.
+MOE_VERIFIED = "the DeepSeek-V2 (MoE) export was not run in this engine"
+
+
 def runtime_support(config: DeepseekV3Config) -> RuntimeSupport:
     """Per engine, whether it runs `config`: vLLM and SGLang build DeepSeek attention without biases, with
-    interleaved default/yarn RoPE, an untied head, and only the MLA widths of `ENGINE_GEOMETRIES`."""
+    interleaved default/yarn RoPE, an untied head, and only the MLA widths of `ENGINE_GEOMETRIES`. A DeepSeek-V2
+    config (MoE source) always interleaves; transformers runs it as the source only without ``norm_topk_prob``
+    (`moe.RENORM_CAVEAT`)."""
+    moe = config.model_type == "deepseek_v2"
     layout = []
     if config.attention_bias:
         layout.append("attention biases (vLLM/SGLang DeepSeek layers have none)")
     if config.rope_parameters.get("rope_type") != "default":
         layout.append(f"rope_type {config.rope_parameters.get('rope_type')!r} (vLLM maps any non-default type to yarn)")
-    if not config.rope_interleave:
+    if not getattr(config, "rope_interleave", True):
         layout.append("rope_interleave=False (vLLM always interleaves)")
     if config.qk_nope_head_dim == 0:
         layout.append("qk_nope_head_dim=0 (not exercised by vLLM/SGLang MLA kernels)")
@@ -73,20 +82,25 @@ def runtime_support(config: DeepseekV3Config) -> RuntimeSupport:
         reasons = list(layout)
         if geometry not in allowed:
             reasons.append(f"MLA cache {geometry[0]} + {geometry[1]} = {sum(geometry)} (runs: {_geometry_text(allowed)})")
-        engines[engine] = {"ok": not reasons, "reasons": reasons, "verified": ENGINE_VERIFIED[engine],
+        verified = ENGINE_VERIFIED[engine] + (f"; {MOE_VERIFIED}" if moe else "")
+        engines[engine] = {"ok": not reasons, "reasons": reasons, "verified": verified,
                            "rule": f"kv_lora_rank + qk_rope_head_dim in {{{_geometry_text(allowed)}}}; default "
                                    "interleaved RoPE; no attention biases; untied lm_head; qk_nope_head_dim > 0"}
-    engines["transformers"] = {"ok": True, "reasons": [], "verified": "transformers 5.15-5.24 (tests)",
-                               "rule": "DeepseekV3ForCausalLM: any widths, biases through the q-LoRA path"}
+    renorm = [RENORM_CAVEAT] if moe and config.norm_topk_prob else []
+    engines["transformers"] = {"ok": not renorm, "reasons": renorm,
+                               "verified": "transformers 5.15-5.24 (tests)" + ("; DeepSeek-V2: 5.24" if moe else ""),
+                               "rule": "DeepseekV3ForCausalLM / DeepseekV2ForCausalLM: any widths, biases through the "
+                                       "q-LoRA path; V2 never renormalises its top-k routing weights"}
     llama = [r for r in layout if "qk_nope" in r or "rope_type" in r or "biases" in r]
     engines["llamacpp"] = {
         "ok": not llama,
         "reasons": ["attention biases (not verified in llama.cpp)" if "biases" in r else r.replace("vLLM/SGLang", "llama.cpp")
                     .replace("vLLM maps any non-default type to yarn", "llama.cpp drops RoPE factors") for r in llama],
         "verified": "llama-cpp-python 0.3.36: greedy tokens equal to transformers (f32 GGUF) on 5/5 prompts at "
-                    "F = 1.0 / 0.5 / 0.25 of portable exports (scripts/llamacpp_check.py, scripts/gguf_export.py)",
+                    "F = 1.0 / 0.5 / 0.25 of portable exports (scripts/llamacpp_check.py, scripts/gguf_export.py)"
+                    + (f"; {MOE_VERIFIED}" if moe else ""),
         "rule": "deepseek2: any widths; qk_nope_head_dim >= 1; plain RoPE (no longrope); biases not verified"}
-    return RuntimeSupport(transformers=True, vllm_sglang=engines["vllm"]["ok"] and engines["sglang"]["ok"],
+    return RuntimeSupport(transformers=not renorm, vllm_sglang=engines["vllm"]["ok"] and engines["sglang"]["ok"],
                           reasons=tuple(dict.fromkeys(engines["vllm"]["reasons"] + engines["sglang"]["reasons"])),
                           engines=engines)
 

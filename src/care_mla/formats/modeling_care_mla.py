@@ -25,6 +25,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward, ro
 
 from care_mla.formats.configuration_care_mla import CareMlaConfig
 from care_mla.formats.families import FAMILIES, head_dim
+from care_mla.formats.moe import accept_checkpoint_names
 from care_mla.formats.transformers_api import (
     attention_interface,
     cache_kwargs,
@@ -281,14 +282,21 @@ class CareMlaPreTrainedModel(PreTrainedModel):
     config: CareMlaConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"]
+    _no_split_modules = ["LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
+                         "Qwen3MoeDecoderLayer", "Qwen2MoeDecoderLayer", "MixtralDecoderLayer"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_attention_backend = True
 
 
 class CareMlaForCausalLM(CareMlaPreTrainedModel, GenerationMixin):
-    """The original family's decoder with every attention layer replaced by `CareMlaAttention`."""
+    """The original family's decoder with every attention layer replaced by `CareMlaAttention`.
+
+    A mixture-of-experts family keeps its sparse MLP blocks as they are (the upstream modules); its layers
+    also load a state dict in the checkpoint's per-expert names (`moe.accept_checkpoint_names`), and
+    `save_pretrained` writes those names (transformers' conversion mapping of the inner decoder model).
+    Router logits are not returned (no auxiliary load-balancing loss).
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -305,6 +313,7 @@ class CareMlaForCausalLM(CareMlaPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        accept_checkpoint_names(self)
 
     def forward(
         self,

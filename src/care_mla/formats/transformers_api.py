@@ -83,3 +83,14 @@ def returned_cache(output) -> Cache | None:
             if value is not None or fields is not None:
                 return value
     return None
+
+
+def model_class_for(config, asked: type | None) -> type | None:
+    """`asked`, unless it is built from another config class than `config`'s: then transformers' causal-LM class
+    of `config` (a stage that names the dense export's ``DeepseekV3ForCausalLM`` gets ``DeepseekV2ForCausalLM``
+    for a mixture-of-experts export's config). None stays None (the caller's Auto class)."""
+    if asked is None or isinstance(config, asked.config_class):
+        return asked
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM._model_mapping[type(config)]

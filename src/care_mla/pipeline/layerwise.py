@@ -23,6 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig
 
+from care_mla.formats.moe import accept_checkpoint_names, checkpoint_entries, checkpoint_layer_state, checkpoint_layout
+from care_mla.formats.transformers_api import model_class_for
 from care_mla.io.checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader, ShardWriter
 from care_mla.method.statistics import CalibrationStats
 from care_mla.pipeline.calibration import collect_statistics
@@ -30,13 +32,15 @@ from care_mla.pipeline.calibration import collect_statistics
 
 def skeleton(config, device: torch.device | str = "cpu", model_class: type[nn.Module] | None = None) -> nn.Module:
     """The architecture of `config` (``model_class(config)``, by default the Auto class's) on the meta device, its
-    RoPE tables (computed, not stored) on `device`."""
+    RoPE tables (computed, not stored) on `device`; its layers also load the checkpoint's per-expert names of a
+    mixture-of-experts model (`moe.accept_checkpoint_names`)."""
+    model_class = model_class_for(config, model_class)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config) if model_class is None else model_class(config)
     rotary = model.model.rotary_emb
     with torch.device(device):
         model.model.rotary_emb = type(rotary)(config=model.config)
-    return model.eval()
+    return accept_checkpoint_names(model).eval()
 
 
 def layer_prefix(i: int) -> str:
@@ -162,7 +166,7 @@ def save_model(folder: Path, model: nn.Module, max_shard_bytes: int = DEFAULT_MA
     """Write an in-memory converted model exactly as `write_model` streams one (same files, same bytes)."""
     dtype = next(model.parameters()).dtype
     save_config(folder, model.config, model.generation_config, type(model).__name__, dtype)
-    state = model.state_dict()
+    state = checkpoint_entries(model.config, model.state_dict())
     plan = weight_plan(model.config, ((k, v.shape, v.dtype) for k, v in state.items()))
     writer = ShardWriter(folder, plan, max_shard_bytes)
     for name, _, _ in plan:
@@ -178,13 +182,17 @@ def write_model(
 ) -> list[str]:
     """Stream the weights of ``model_class(config)`` to `folder`, each cast to `dtype`, never holding more than one
     decoder layer: ``layer(i)`` gives layer i's tensors (names relative to the layer; called once per layer, in
-    order), ``tensor(name)`` every other tensor. Returns the weight files.
+    order), ``tensor(name)`` every other tensor. Returns the weight files. Experts are written one tensor each,
+    the checkpoint names ``save_pretrained`` writes (`moe.checkpoint_layer_state`; ``layer(i)`` may give either).
     """
+    model_class = model_class_for(config, model_class)
     save_config(folder, config, generation_config, model_class.__name__, dtype)
     with torch.device("meta"):
         target = model_class(config)
-    plan = weight_plan(config, ((k, v.shape, dtype) for k, v in target.state_dict().items()))
+    entries = checkpoint_entries(config, target.state_dict())  # per-expert names, as save_pretrained writes them
+    plan = weight_plan(config, ((k, v.shape, dtype) for k, v in entries.items()))
     del target
+    moe = checkpoint_layout(config)
     bar = tqdm(total=config.num_hidden_layers, desc="factorizing and writing", unit="layer", disable=not progress)
 
     writer = ShardWriter(folder, plan, max_shard_bytes)
@@ -197,7 +205,7 @@ def write_model(
                     if state:
                         raise RuntimeError(f"layer {current} made tensors the model has no place for: {sorted(state)}")
                     bar.update(current >= 0)
-                    current, state = i, layer(i)
+                    current, state = i, checkpoint_layer_state(moe, layer(i))
                 t = state.pop(name[len(layer_prefix(i)):])
             else:
                 t = tensor(name)
