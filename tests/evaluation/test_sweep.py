@@ -172,6 +172,8 @@ def test_sweep_with_zero_shot_and_kept_models(tiny_model_dir, text_file, tmp_pat
     assert model.config.kv_lora_ranks == cell["ranks"]
     report = json.loads((kept / "report.json").read_text())
     assert report["ppl"]["converted"] == cell["ppl"] and report["from_sweep"] == cell["key"]
+    settings = json.loads((kept / "care_mla_settings.json").read_text())
+    assert settings["out"] == str(kept)  # where the model is, not the staging folder it was written to
     assert report["zero_shot"] == {"original": result["original"]["zero_shot"], "converted": zs}
 
 

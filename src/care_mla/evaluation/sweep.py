@@ -423,7 +423,9 @@ def _sweep(s: SweepSettings, folder) -> dict:
                         measured["ppl_ratio"], "" if acc is None else f", zero-shot {100 * acc:.1f} %",
                         measured["kv_bytes_per_token"], measured["seconds"])
             if s.keep_models:
-                _save_model(tmp / "models" / _folder_name(key), converted, tokenizer, cs, cells[-1], original, model_path)
+                name = _folder_name(key)  # its settings name where it will be, not the staging folder
+                _save_model(tmp / "models" / name, converted, tokenizer, dataclasses.replace(
+                    cs, out=str(Path(s.out) / "models" / name)), cells[-1], original, model_path)
             del converted
         timings["cells"] = time.perf_counter() - t
         cells.sort(key=lambda c: position[c["key"]])
@@ -481,7 +483,7 @@ def _save_model(folder: Path, converted, tokenizer, cs: ConvertSettings, cell: d
     folder.mkdir(parents=True)
     converted.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    dataclasses.replace(cs, out=str(folder)).save(folder / CONVERT_SETTINGS)
+    cs.save(folder / CONVERT_SETTINGS)
     report = {
         "model": model_path, "format": cs.format, "architecture": type(converted).__name__, "method": cs.method,
         "allocation": cs.allocation, "latent": cs.latent, "kv_fraction": cs.kv_fraction,
