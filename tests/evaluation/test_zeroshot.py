@@ -120,6 +120,8 @@ def test_mean_with_stderr_and_table():
     assert table.splitlines()[1].split() == ["a", "acc_norm", "50.00", "±", "3.00", "200"]
     assert "c                      unavailable: no network" in table
     assert table.splitlines()[-1].split() == ["mean", "(2", "tasks)", "40.00", "±", "2.50"]
+    bare = zs.format_zero_shot({"tasks": {"d": {"score": None, "score_metric": "acc", "samples": None}}})
+    assert bare.splitlines()[1].split() == ["d", "acc", "–", "±", "–", "–"]  # nothing known: dashes, no error
 
 
 def test_prepare_tasks_writes_yaml_and_jsonl_once(text_file, tmp_path):

@@ -153,8 +153,9 @@ def format_zero_shot(result: dict) -> str:
         if "unavailable" in row:
             lines.append(f"{name:<22} unavailable: {row['unavailable']}")
             continue
+        items = "–" if row.get("samples") is None else row["samples"]
         lines.append(f"{name:<22} {row['score_metric']:<16} {pct(row['score'])} ± {pct(row.get('score_stderr'))}  "
-                     f"{row['samples']:>6}")
+                     f"{items:>6}")
     for key, label in (("average", "mean"), ("paper_average", "paper mean")):
         if (mean := result.get(key)) and mean.get("score") is not None:
             title = f"{label} ({len(mean['tasks'])} tasks)"
