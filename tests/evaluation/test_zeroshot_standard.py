@@ -393,7 +393,7 @@ def test_smollm2_scores_as_lm_eval_own_hf_model_does():
         samples.update(chosen)
         names += list(chosen)
     theirs = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": str(assets.default_model_dir()), "dtype": "float32"}, tasks=names,
+        model="hf", model_args={"pretrained": str(assets.default_model_dir()), "dtype": "float32", "device": "cpu"}, tasks=names,
         task_manager=manager, samples=samples, batch_size=batch, bootstrap_iters=0, log_samples=False)["results"]
     mmlu = [t for t in names if t.startswith("mmlu_")]
     assert sorted(mmlu) == sorted(ours["tasks"]["mmlu"]["subtasks"])
