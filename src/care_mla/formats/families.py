@@ -106,10 +106,11 @@ def get_family(config: PretrainedConfig) -> Family:
     model_type = getattr(config, "model_type", None)
     family = FAMILIES.get(model_type)
     if family is None:
-        supported = ", ".join(sorted(FAMILIES))
+        dense = ", ".join(sorted(name for name, f in FAMILIES.items() if f.moe is None))
+        moe = ", ".join(sorted(name for name, f in FAMILIES.items() if f.moe is not None))
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported; care-mla converts GQA decoders of the "
-            f"families: {supported}"
+            f"families: {dense}; mixture-of-experts: {moe}"
         )
     window = getattr(config, "sliding_window", None)
     uses_window = getattr(config, "use_sliding_window", window is not None)
