@@ -8,6 +8,7 @@ the same windows per step, so the same loss curve and weights up to float roundi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -71,13 +72,16 @@ def one_process(converted, tiny_model_dir, text_file, tmp_path_factory) -> tuple
     return report, run / "healed"
 
 
-def launch(s: HealSettings, watched: Path, *, fsdp: bool = False, kill: tuple[int, int] | None = None) -> dict:
+LAYOUTS = {"ddp": ["--multi_gpu"], "fsdp2": ["--use_fsdp", "--fsdp_version", "2"],
+           "deepspeed-zero2": ["--use_deepspeed", "--zero_stage", "2"]}
+
+
+def launch(s: HealSettings, watched: Path, *, layout: str = "ddp", kill: tuple[int, int] | None = None) -> dict:
     """Heal with `s` in two processes; {"returncode", "writes": {rank: [(what, path)]}, "reports": {rank: report}}."""
     config = watched.parent / f"{watched.name}-{len(list(watched.parent.glob('*.json')))}.json"
     config.write_text(json.dumps(s.to_dict()))
-    layout = ["--use_fsdp", "--fsdp_version", "2"] if fsdp else ["--multi_gpu"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", *layout, "--num_processes", "2", "--num_machines",
-               "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+    command = [sys.executable, "-m", "accelerate.commands.launch", *LAYOUTS[layout], "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
                str(LAUNCHED), str(config), str(watched), *map(str, kill or ())]
     env = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ, **env})
@@ -156,7 +160,7 @@ def test_fsdp_shards_student_and_teacher_over_two_processes(converted, tiny_mode
     reference, reference_out = one_process
     run = tmp_path / "run"
     s = settings(converted, tiny_model_dir("llama"), text_file, run, batch_size=4)
-    done = launch(s, run, fsdp=True)
+    done = launch(s, run, layout="fsdp2")
     assert done["returncode"] == 0, done["stderr"][-3000:]
     report = done["reports"][0]
     assert_same_curves(report, reference)
@@ -179,7 +183,36 @@ def test_fsdp_shards_student_and_teacher_over_two_processes(converted, tiny_mode
     assert not work.exists()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+def test_deepspeed_zero2_partitions_the_optimizer_state(converted, tiny_model_dir, text_file, tmp_path, one_process):
+    reference, reference_out = one_process
+    run = tmp_path / "run"
+    done = launch(settings(converted, tiny_model_dir("llama"), text_file, run, batch_size=4), run,
+                  layout="deepspeed-zero2")
+    assert done["returncode"] == 0, done["stderr"][-3000:]
+    assert_same_curves(done["reports"][0], reference)
+    assert_same_weights(run / "healed", reference_out)
+    processes = done["reports"][0]["processes"]
+    assert processes["layout"] == "deepspeed-zero2"
+    for p in processes["per_process"]:  # whole weights, half of Adam's two moments each
+        assert p["student_param_bytes"] == processes["student_param_bytes"] == p["optimizer_state_bytes"], p
+    assert writes_outside_checkpoints(done["writes"][1], healing.work_dir(run / "healed")) == []
+
+
 # ----------------------------------------------------------------------------- in this process
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 2 only"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "ZeRO-3"),
+])
+def test_launches_heal_cannot_run_are_refused_before_loading(env, message, converted, tiny_model_dir, text_file,
+                                                            tmp_path, monkeypatch):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SettingsError, match=message):
+        healing.heal(settings(converted, tiny_model_dir("llama"), text_file, tmp_path))
+    assert list(tmp_path.iterdir()) == []  # nothing started
 
 
 def test_last_checkpoint_skips_one_a_kill_left_half_written(tmp_path):

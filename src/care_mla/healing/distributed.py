@@ -11,6 +11,11 @@ Two layouts, chosen by the launcher (``care-mla heal`` has no flag for them):
   and Adam state are sharded over the processes (each holds 1/P of them between layers), and
   the teacher, which only runs forward, is sharded the same way. The data split and the curve
   are DDP's. FSDP version 1 is refused: its wrapper hides the model from the callbacks.
+- **DeepSpeed ZeRO stage 1 or 2** (``--use_deepspeed --zero_stage 2``; DeepSpeed is not a
+  dependency): the optimizer state (and with stage 2 the gradients) partitioned, the weights
+  and the teacher whole in each process. Tried once on the CPU with DeepSpeed 0.19.8 installed
+  beside the environment. ZeRO-3 is refused: transformers loads the models partitioned, and
+  heal evaluates them outside DeepSpeed's engine.
 
 accelerate 1.15 turns FSDP on only for accelerators: under ``--use_fsdp`` on the CPU it runs
 DDP, silently (every process held every parameter whole when tried). `enable_cpu_fsdp` switches
@@ -20,7 +25,7 @@ same accelerate and transformers code as a GPU cluster, on gloo.
 Only the main process writes the output, its report and the work folder's settings, and saves
 the model, optimizer and trainer state of each checkpoint; the Trainer has every process write
 its own RNG state into a checkpoint (``rng_state_<rank>.pth``), and FSDP's sharded checkpoints
-have each process write its shard. Every process measures the held-out perplexity on all the
+(and DeepSpeed's optimizer partitions) have each process write its shard. Every process measures the held-out perplexity on all the
 evaluation windows (the same number on each; FSDP's forward needs them all to run it).
 """
 
@@ -66,18 +71,35 @@ def gather_objects(obj) -> list:
 # ----------------------------------------------------------------------------- layout
 
 
+FSDP1_REFUSED = ("care-mla heal shards with FSDP version 2 only; launch with --fsdp_version 2 (or fsdp_version: 2 in "
+                 "the accelerate config)")
+ZERO3_REFUSED = ("care-mla heal does not run under DeepSpeed ZeRO-3 (transformers loads the models partitioned, and "
+                 "heal evaluates them outside DeepSpeed's engine); shard with FSDP (--use_fsdp --fsdp_version 2), or "
+                 "use ZeRO stage 1 or 2")
+
+
+def check_launcher() -> None:
+    """Refuse, before any model is loaded, the launches heal cannot run (from the launcher's environment)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and os.environ.get("FSDP_VERSION") == "1":
+        raise SettingsError(FSDP1_REFUSED)
+    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
+        raise SettingsError(ZERO3_REFUSED)
+
+
 def layout(accelerator) -> str:
-    """'single', 'ddp' or 'fsdp2' (an FSDP version 1 run is refused)."""
+    """'single', 'ddp', 'fsdp2' or 'deepspeed-zero1|2' (FSDP version 1 and ZeRO-3 are refused)."""
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP:
         if not accelerator.is_fsdp2:
-            raise SettingsError("care-mla heal shards with FSDP version 2 only; launch with --fsdp_version 2 "
-                                "(or fsdp_version: 2 in the accelerate config)")
+            raise SettingsError(FSDP1_REFUSED)
         return "fsdp2"
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise SettingsError("care-mla heal was not tried under DeepSpeed; use FSDP (--use_fsdp --fsdp_version 2) "
-                            "or plain data parallel")
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        if stage == 3:
+            raise SettingsError(ZERO3_REFUSED)
+        return f"deepspeed-zero{stage}"
     return "ddp" if accelerator.num_processes > 1 else "single"
 
 

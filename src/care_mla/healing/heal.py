@@ -344,6 +344,7 @@ def heal(settings: HealSettings, *, callbacks: Sequence[TrainerCallback] = ()) -
     resolve_device(settings.device)  # names the fix when CUDA is asked for and absent
     converted_path, fmt = converted_format(settings.converted)
     resolve_model_path(settings.teacher)
+    distributed.check_launcher()
     work = work_dir(out)
     args = training_arguments(settings, work)
     main_process = args.process_index == 0
