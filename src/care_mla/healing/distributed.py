@@ -118,7 +118,7 @@ def enable_cpu_fsdp(accelerator) -> bool:
         return False
     plugin = FullyShardedDataParallelPlugin()  # reads FSDP_* as the launcher set them
     if plugin.fsdp_version != 2:
-        raise SettingsError("FSDP on the CPU runs version 2 only; launch with --fsdp_version 2")
+        raise SettingsError(FSDP1_REFUSED)
     AcceleratorState._shared_state["fsdp_plugin"] = plugin
     AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState() re-reads it
