@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -416,7 +417,8 @@ def _run(args: argparse.Namespace) -> int:
         fields = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "debug", "threads")}
         report = heal(HealSettings.from_dict({**fields, "progress": not args.quiet}))
         summary = {k: report[k] for k in ("ppl", "tokens_seen", "wall_time_s", "tokens_per_s")}
-        print(json.dumps({"out": args.out, **summary}, indent=2))
+        if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun, the main process prints it
+            print(json.dumps({"out": args.out, **summary}, indent=2))
     elif args.command == "sweep":
         return run_sweep_command(args)
     elif args.command == "report":

@@ -196,9 +196,11 @@ def configure_threads(n: int | None = None) -> int:
     if n is not None and n > usable:  # far more threads than CPUs only slows down (100000 crashed OpenMP)
         log.warning("--threads %d is more than the %d CPUs this process may use: using %d", n, usable, usable)
         n = usable
-    torch.set_num_threads(n or physical_cores())
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # set by torchrun / accelerate launch
+    torch.set_num_threads(n or max(1, physical_cores() // max(1, processes)))
     threads = torch.get_num_threads()
-    log.info("torch threads: %d (%s)", threads, "requested" if n else "physical cores")
+    log.info("torch threads: %d (%s)", threads,
+             "requested" if n else "physical cores" if processes <= 1 else f"physical cores / {processes} processes")
     return threads
 
 
