@@ -149,7 +149,7 @@ def kv_cache_width(config) -> int:
     """
     if isinstance(config, CareMlaConfig):
         return config.kv_cache_width()
-    if getattr(config, "model_type", None) == "deepseek_v3":
+    if getattr(config, "model_type", None) in ("deepseek_v2", "deepseek_v3"):
         return config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
     return config.num_hidden_layers * gqa_kv_width(config)
 
