@@ -267,6 +267,7 @@ def test_deepseek_export_of_qwen3_moe_is_v2_with_the_source_routing(moe_dir, tex
     report = _convert(src, out, text_file, "--kv-fraction", "1.0", "--format", "deepseek")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "deepseek_v2" and cfg["architectures"] == ["DeepseekV2ForCausalLM"]
+    assert report["architecture"] == "DeepseekV2ForCausalLM"  # the report names the class that was written
     assert {k: cfg[k] for k in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
                                 "n_shared_experts", "first_k_dense_replace", "topk_method", "norm_topk_prob",
                                 "routed_scaling_factor", "n_group", "topk_group")} == {
@@ -379,3 +380,32 @@ def test_layerwise_moe_conversion_is_byte_identical_to_whole_model(moe_dir, text
     _convert(src, tmp_path / "whole", text_file, *args, "--no-layerwise")
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "layerwise" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_max_memory_places_a_moe_layer_with_its_experts(moe_dir, text_file, tmp_path):
+    """`--max-memory`: accelerate's placement of one MoE decoder layer (router and experts included) over small
+    budgets covers every parameter of the layer (shapes only, on meta), and a conversion within a CPU budget writes
+    the same model as one without it."""
+    from transformers import AutoConfig
+
+    from care_mla.pipeline.layerwise import PlacementError, layer_placement
+
+    src = moe_dir("qwen3_moe")
+    config = AutoConfig.from_pretrained(src)
+    layer = skeleton(config).model.layers[0]
+    size = sum(p.numel() * 4 for p in layer.parameters())
+    assert layer_placement(config, {0: size + 1}, torch.float32) is None  # fits the first device whole
+    third = size // 3 + 1
+    placement = layer_placement(config, {0: third, 1: third, "cpu": 10 * size}, torch.float32)
+    assert {0, 1} <= set(placement.values())
+    covered = {n for n, _ in layer.named_parameters() if any(n == k or n.startswith(k + ".") for k in placement)}
+    assert covered == {n for n, _ in layer.named_parameters()}  # the experts and the router are placed too
+    with pytest.raises(PlacementError, match="does not fit --max-memory"):
+        layer_placement(config, {0: size // 10}, torch.float32)
+    plain = _convert(src, tmp_path / "plain", text_file, "--kv-fraction", "0.5", "--no-eval")
+    budget = _convert(src, tmp_path / "budget", text_file, "--kv-fraction", "0.5", "--no-eval", "--device", "cpu",
+                      "--max-memory", "cpu=1GiB")
+    assert budget["loading"] == plain["loading"] == "layerwise"
+    with safe_open(str(tmp_path / "plain" / "model.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "budget" / "model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())

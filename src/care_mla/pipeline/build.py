@@ -171,12 +171,10 @@ def decoupled_stream(config, reader: CheckpointReader, stats: CalibrationStats, 
                                      rope_attention_scaling=split.rope_scaling)
 
     if deepseek_format:
-        from transformers import DeepseekV3ForCausalLM
-
         def tensor(name: str) -> torch.Tensor:
             return deepseek.deepseek_global_tensor(name, lambda n: reader.get(n, dtype), config, target)
 
-        return ConvertedStream(DeepseekV3ForCausalLM, target, tensor, layer, fields, split)
+        return ConvertedStream(deepseek.export_class(target), target, tensor, layer, fields, split)
     return ConvertedStream(CareMlaForCausalLM, target, lambda name: reader.get(name, dtype), layer, fields, split)
 
 
