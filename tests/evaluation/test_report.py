@@ -59,6 +59,16 @@ def test_heal_folder(tmp_path):
     assert "Training loss: 3.9 at 16,384 tokens → 2.5 at 2,000,000 tokens (lowest 2.5; 3 points)." in text
     assert "| 1,000,000 | 14.2 |" in text
     assert "![heal curve](heal_curve.png)" in text and "## Plots" not in text
+    assert "zero-shot" not in text
+    scored = {**HEAL, "accuracy": {"original": 0.40, "before": 0.30, "after": 0.395, "gap_closed": 0.95,
+                                   "tasks": ["paper"], "limit": 100,
+                                   "slice": {"limit": 20, "original": 0.41, "tokens_to_within_1_point": 40960}},
+              "accuracy_curve": [[0, 0.3], [20480, 0.38], [40960, 0.405]]}
+    (tmp_path / "heal_report.json").write_text(json.dumps(scored))
+    text = report(tmp_path)
+    assert "| mean zero-shot accuracy (paper; 100 documents/task) | 40.0 % | 30.0 % | 39.5 % | 95.0 % |" in text
+    assert "the original scores 41.0 % on it; within 1 point after 40,960 training tokens." in text
+    assert "| 20,480 | 38.0 % |" in text
     minimal = {"ppl": {"original": 11.0, "before": 30.0, "after": 13.0}}  # fields a report lacks are left out
     (tmp_path / "heal_report.json").write_text(json.dumps(minimal))
     assert "| held-out perplexity | 11 | 30 | 13 | — |" in report(tmp_path)

@@ -127,6 +127,8 @@ def test_settings_validate_and_resolve():
         (dict(kd_weight=0.0, kd_top_k=8), "drop --no-kd"),
         (dict(dtype="float16"), "dtype must be one of float32, bfloat16"),
         (dict(eval_every=-1), "eval_every"),
+        (dict(zero_shot_limit=0), "zero_shot_limit must be a positive integer"),
+        (dict(eval_zero_shot_limit=-1), "eval_zero_shot_limit must be an integer ≥ 0"),
         (dict(lora_rank=8), "add --lora"),
         (dict(lora=True, lora_rank=0), "lora_rank must be a positive integer"),
     ]
@@ -242,6 +244,52 @@ def test_ce_only_heal_needs_no_distillation(converted, tiny_model_dir, text_file
     assert [l for _, l in report["loss_curve"]] == pytest.approx([c for _, c in report["ce_curve"]], rel=1e-6)
     assert report["ppl"]["after"] < report["ppl"]["before"]
     assert len(report["eval_curve"]) == 2  # before and after only
+
+
+def test_heal_scores_zero_shot_before_after_and_a_slice_along_the_way(converted, tiny_model_dir, text_file, tmp_path):
+    """`zero_shot_tasks`: the original, the converted and the healed model on `zero_shot_limit` documents per task,
+    and the slice of `eval_zero_shot_limit` documents every `eval_every` steps; each number is what evaluating the
+    models themselves gives (the healed one reloaded from OUT)."""
+    from care_mla.evaluation.zeroshot import evaluate_zero_shot
+
+    src, teacher = converted("care_mla"), tiny_model_dir("llama")
+    s = heal_settings(src, teacher, text_file, tmp_path, tokens=8 * 8 * 32, eval_every=4, zero_shot_tasks="lastword",
+                      zero_shot_limit=6, eval_zero_shot_limit=3, cache_dir=str(tmp_path / "cache"))
+    assert s.zero_shot_tasks == ("lastword",)
+    report = healing.heal(s)
+
+    def scored(folder, limit):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return evaluate_zero_shot(model, tokenizer, ["lastword"], text=str(text_file), limit=limit,
+                                  batch_size=8, cache_dir=tmp_path / "cache")
+
+    zs, acc = report["zero_shot"], report["accuracy"]
+    assert set(zs) == {"original", "before", "after"} and acc["tasks"] == ["lastword"] and acc["limit"] == 6
+    for name, folder in (("original", teacher), ("before", src), ("after", tmp_path / "healed")):
+        again = scored(folder, 6)
+        assert zs[name]["tasks"] == again["tasks"], name
+        assert acc[name] == again["average_acc"] and 0 <= acc[name] <= 1
+    curve = report["accuracy_curve"]
+    assert [t for t, _ in curve] == [0, 4 * 256, 8 * 256]
+    assert curve[0][1] == scored(src, 3)["average_acc"] and curve[-1][1] == scored(tmp_path / "healed", 3)["average_acc"]
+    assert acc["slice"]["limit"] == 3 and acc["slice"]["original"] == scored(teacher, 3)["average_acc"]
+    within = [t for t, a in curve if a >= acc["slice"]["original"] - 0.01]
+    assert acc["slice"]["tokens_to_within_1_point"] == (within[0] if within else None)
+    assert (tmp_path / "healed" / healing.HEAL_PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_accuracy_report_finds_the_first_point_within_one_point_of_the_original():
+    s = HealSettings(converted="c", teacher="t", out="o", tokens=1, zero_shot_tasks=("paper",), eval_zero_shot_limit=5)
+    scores = {"original": {"average_acc": 0.40}, "before": {"average_acc": 0.30}, "after": {"average_acc": 0.38}}
+    history = [{"loss": 1.0}, {"eval_accuracy": 0.33, "num_input_tokens_seen": 100},
+               {"eval_accuracy": 0.395, "num_input_tokens_seen": 200}, {"eval_accuracy": 0.37, "num_input_tokens_seen": 300}]
+    out = healing.accuracy_report({"zero_shot": scores, "slice": {"original": 0.40, "before": 0.30, "after": 0.385}},
+                                  history, 400, s)
+    assert out["accuracy_curve"] == [[0, 0.30], [100, 0.33], [200, 0.395], [300, 0.37], [400, 0.385]]
+    assert out["accuracy"]["gap_closed"] == pytest.approx(0.8)
+    assert out["accuracy"]["slice"] == {"limit": 5, "original": 0.40, "tokens_to_within_1_point": 200}
+    assert healing.accuracy_report({}, history, 400, s) == {}
 
 
 @pytest.mark.parametrize("fmt, kw", [("care_mla", {}), ("care_mla", {"lora": True, "lora_rank": 4}), ("deepseek", {})],

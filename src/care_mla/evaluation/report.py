@@ -164,9 +164,13 @@ def _heal_section(folder: Path, r: dict) -> list[str]:
     lines = [f"# Healing: {_name(r.get('converted', '?'))}", ""]
     ppl = r.get("ppl") or {}
     gap = ppl.get("gap_closed")
-    lines += _table(["", "original (teacher)", "converted, before healing", "healed", "gap closed"],
-                    [["held-out perplexity", _num(ppl.get("original")), _num(ppl.get("before")), _num(ppl.get("after")),
-                      _pct(gap)]])
+    rows = [["held-out perplexity", _num(ppl.get("original")), _num(ppl.get("before")), _num(ppl.get("after")),
+             _pct(gap)]]
+    acc = r.get("accuracy")
+    if acc:
+        rows.append([f"mean zero-shot accuracy ({', '.join(acc['tasks'])}; {_num(acc['limit'])} documents/task)",
+                     *(_pct(acc.get(k)) for k in ("original", "before", "after", "gap_closed"))])
+    lines += _table(["", "original (teacher)", "converted, before healing", "healed", "gap closed"], rows)
     facts = []
     for key, label in (("tokens_seen", "training tokens"), ("steps", "steps"), ("wall_time_s", "wall time (s)"),
                        ("tokens_per_s", "tokens/s"), ("mode", "mode"), ("format", "format")):
@@ -190,6 +194,15 @@ def _heal_section(folder: Path, r: dict) -> list[str]:
     if curve:
         lines += ["", "## Held-out perplexity during healing", ""]
         lines += _table(["training tokens", "perplexity"], [[int(t), p] for t, p in curve])
+    accuracy_curve = r.get("accuracy_curve") or []
+    if accuracy_curve:
+        sliced = acc["slice"]
+        reached = sliced.get("tokens_to_within_1_point")
+        lines += ["", "## Zero-shot accuracy during healing", "",
+                  f"Mean accuracy on a slice of {_num(sliced['limit'])} documents per task; the original scores "
+                  f"{_pct(sliced.get('original'))} on it; within 1 point "
+                  + (f"after {_num(reached)} training tokens." if reached is not None else "at no point measured."), ""]
+        lines += _table(["training tokens", "mean accuracy"], [[int(t), _pct(a)] for t, a in accuracy_curve])
     lines += [""] + _images(folder, ["heal_curve.png"])  # the plot `care-mla heal` writes
     return lines
 

@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -68,7 +68,8 @@ logger = logging.getLogger(__name__)
 HEAL_SETTINGS_FILE = "heal_settings.json"
 HEAL_REPORT_FILE = "heal_report.json"
 HEAL_PLOT_FILE = "heal_curve.png"
-FORMATS = {"care_mla": "care_mla", "deepseek_v3": "deepseek"}  # config.model_type → `convert --format`
+# config.model_type → `convert --format` (DeepSeek-V2: the export of a MoE model)
+FORMATS = {"care_mla": "care_mla", "deepseek_v3": "deepseek", "deepseek_v2": "deepseek"}
 WARMUP = 0.05  # fraction of the steps with a linear learning-rate warm-up (then cosine decay)
 
 
@@ -154,10 +155,12 @@ class HealTrainer(Trainer):
 
 
 class HeldOutEval(TrainerCallback):
-    """Held-out perplexity every `every` steps, kept in the trainer state (so checkpoints carry it)."""
+    """Held-out perplexity (and the mean accuracy of a fixed slice of the zero-shot tasks, when `accuracy` is given)
+    every `every` steps, kept in the trainer state (so checkpoints carry it)."""
 
-    def __init__(self, windows: torch.Tensor, every: int, batch_size: int):
-        self.windows, self.every, self.batch_size = windows, every, batch_size
+    def __init__(self, windows: torch.Tensor, every: int, batch_size: int,
+                 accuracy: Callable[[torch.nn.Module], float | None] | None = None):
+        self.windows, self.every, self.batch_size, self.accuracy = windows, every, batch_size, accuracy
         self.seconds = 0.0
         self.start_step = self.start_tokens = 0
 
@@ -170,12 +173,15 @@ class HeldOutEval(TrainerCallback):
             return
         t = time.perf_counter()
         model.eval()
-        ppl = perplexity(model, self.windows, batch_size=self.batch_size)
+        entry = {"eval_ppl": perplexity(model, self.windows, batch_size=self.batch_size),
+                 "num_input_tokens_seen": state.num_input_tokens_seen, "step": state.global_step}
+        if self.accuracy is not None:
+            entry["eval_accuracy"] = self.accuracy(model)
         model.train()
-        state.log_history.append(
-            {"eval_ppl": ppl, "num_input_tokens_seen": state.num_input_tokens_seen, "step": state.global_step}
-        )
-        logger.info("step %d, %d tokens: held-out ppl %.4g", state.global_step, state.num_input_tokens_seen, ppl)
+        state.log_history.append(entry)
+        logger.info("step %d, %d tokens: held-out ppl %.4g%s", state.global_step, state.num_input_tokens_seen,
+                    entry["eval_ppl"], f", slice accuracy {100 * entry['eval_accuracy']:.1f} %"
+                    if entry.get("eval_accuracy") is not None else "")
         self.seconds += time.perf_counter() - t
 
 
@@ -303,9 +309,10 @@ def plot_curves(report: dict, path: Path) -> None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import FormatStrFormatter
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    curve = report.get("accuracy_curve")
+    fig = Figure(figsize=(16 if curve else 11, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
-    loss_ax, ppl_ax = fig.subplots(1, 2)
+    loss_ax, ppl_ax, *acc_ax = fig.subplots(1, 3 if curve else 2)
     for key, label in (("loss_curve", "training loss"), ("ce_curve", "its cross-entropy part")):
         if report[key] and (key == "loss_curve" or report["settings"]["kd_weight"] > 0):
             loss_ax.plot(*zip(*report[key]), label=label)
@@ -319,7 +326,43 @@ def plot_curves(report: dict, path: Path) -> None:
     ppl_ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ppl_ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ppl_ax.legend()
+    if curve:
+        sliced = report["accuracy"]["slice"]
+        tokens, scores = zip(*[(t, 100 * a) for t, a in curve if a is not None])
+        acc_ax[0].plot(tokens, scores, marker="o", label="converted, healing")
+        if sliced["original"] is not None:
+            acc_ax[0].axhline(100 * sliced["original"], linestyle="--", color="grey",
+                              label=f"original {100 * sliced['original']:.1f}")
+            acc_ax[0].axhspan(100 * sliced["original"] - 1, 100 * sliced["original"], color="grey", alpha=0.15,
+                              label="within 1 point")
+        acc_ax[0].set(xlabel="training tokens", ylabel="mean accuracy, %",
+                      title=f"zero-shot ({', '.join(report['accuracy']['tasks'])}; {sliced['limit']} documents/task)")
+        acc_ax[0].legend()
     fig.savefig(path, dpi=110)
+
+
+def accuracy_report(accuracy: dict, history: list[dict], tokens: int, settings: HealSettings) -> dict:
+    """The report's zero-shot part: ``zero_shot`` (original, before, after, on `settings.zero_shot_limit` documents
+    per task), ``accuracy`` (their mean accuracies, the gap closed, and on the slice scored during training the
+    training tokens after which the mean came within 1 point of the original's) and ``accuracy_curve``
+    ([tokens, the slice's mean accuracy]); empty without zero-shot tasks."""
+    if "zero_shot" not in accuracy:
+        return {}
+    scores = {k: r["average_acc"] for k, r in accuracy["zero_shot"].items()}
+    gap = None if None in scores.values() else scores["original"] - scores["before"]
+    summary = {**scores, "tasks": list(settings.zero_shot_tasks), "limit": settings.zero_shot_limit,
+               "gap_closed": (scores["after"] - scores["before"]) / gap if gap and gap > 0 else None}
+    out = {"zero_shot": accuracy["zero_shot"], "accuracy": summary}
+    if "slice" in accuracy:
+        sliced = accuracy["slice"]
+        curve = [[0, sliced["before"]]] + [[e["num_input_tokens_seen"], e["eval_accuracy"]] for e in history
+                                           if "eval_accuracy" in e] + [[tokens, sliced["after"]]]
+        reached = [t for t, a in curve if a is not None and sliced["original"] is not None
+                   and a >= sliced["original"] - 0.01]
+        summary["slice"] = {"limit": settings.eval_zero_shot_limit, "original": sliced["original"],
+                            "tokens_to_within_1_point": reached[0] if reached else None}
+        out["accuracy_curve"] = curve
+    return out
 
 
 def _gap_closed(ppl: dict) -> float | None:
@@ -348,6 +391,11 @@ def heal(settings: HealSettings, *, callbacks: Sequence[TrainerCallback] = ()) -
     work = work_dir(out)
     args = training_arguments(settings, work)
     main_process = args.process_index == 0
+    if settings.zero_shot_tasks:  # a missing lm-eval or an unknown task is said before any model loads
+        from care_mla.evaluation.zeroshot import check_tasks
+
+        with args.main_process_first(desc="zero-shot tasks"):  # the first builds them, the others read them
+            check_tasks(settings.zero_shot_tasks, settings.eval_text, cache_dir=settings.cache_dir)
     with folder if main_process else contextlib.nullcontext(), _quiet_unless(main_process):
         return _heal_locked(settings, args, folder, work, converted_path, fmt, callbacks, t_start)
 
@@ -427,9 +475,26 @@ def _heal(settings: HealSettings, args: TrainingArguments, converted_path: str, 
     def held_out_ppl(model) -> float:
         return perplexity(model, eval_windows, batch_size=settings.batch_size, progress=settings.progress)
 
+    def zero_shot(model, limit: int | None) -> dict:
+        from care_mla.evaluation.zeroshot import evaluate_zero_shot
+
+        return evaluate_zero_shot(model, tokenizer, settings.zero_shot_tasks, text=settings.eval_text, limit=limit,
+                                  batch_size=settings.batch_size, cache_dir=settings.cache_dir)
+
+    def slice_accuracy(model) -> float | None:
+        return zero_shot(model, settings.eval_zero_shot_limit)["average_acc"]
+
+    scored = bool(settings.zero_shot_tasks)
+    tracked = scored and settings.eval_zero_shot_limit > 0
     t = time.perf_counter()
     ppl = {"original": held_out_ppl(teacher), "before": held_out_ppl(student)}
     logger.info("held-out ppl: original %.4g, converted %.4g", ppl["original"], ppl["before"])
+    accuracy: dict = {}
+    if scored:
+        accuracy["zero_shot"] = {"original": zero_shot(teacher, settings.zero_shot_limit),
+                                 "before": zero_shot(student, settings.zero_shot_limit)}
+    if tracked:
+        accuracy["slice"] = {"original": slice_accuracy(teacher), "before": slice_accuracy(student)}
     timings["evaluate_before"] = time.perf_counter() - t
     if settings.kd_weight == 0:
         teacher = None
@@ -445,7 +510,8 @@ def _heal(settings: HealSettings, args: TrainingArguments, converted_path: str, 
     architecture, student_bytes = type(student).__name__, distributed.whole_bytes(model.parameters())
     teacher_bytes = distributed.whole_bytes(teacher.parameters()) if teacher is not None else 0
 
-    held_out = HeldOutEval(eval_windows, settings.eval_every, settings.batch_size)
+    held_out = HeldOutEval(eval_windows, settings.eval_every, settings.batch_size,
+                           slice_accuracy if tracked else None)
     trainer = HealTrainer(
         model=model, args=args, train_dataset=WindowDataset(windows), data_collator=default_data_collator,
         callbacks=[held_out, *callbacks], teacher=teacher, kd_weight=settings.kd_weight,
@@ -465,15 +531,21 @@ def _heal(settings: HealSettings, args: TrainingArguments, converted_path: str, 
 
     t = time.perf_counter()
     if layout == "fsdp2":  # every process measures the sharded model, then the main one gathers it whole
-        ppl["after"] = held_out_ppl(model.eval())
-        whole = distributed.full_state_dict(trainer.accelerator, model)
-        del trainer, teacher, model
-        healed = _export_form(_reload(converted_path, dtype, norms, settings, whole), norms, settings.lora) \
-            if args.process_index == 0 else None
+        measured = model.eval()
+        ppl["after"] = held_out_ppl(measured)
     else:
         del trainer, teacher
-        healed = _export_form(model, norms, settings.lora)
+        measured = healed = _export_form(model, norms, settings.lora)
         ppl["after"] = held_out_ppl(healed)
+    if scored:
+        accuracy["zero_shot"]["after"] = zero_shot(measured, settings.zero_shot_limit)
+    if tracked:
+        accuracy["slice"]["after"] = slice_accuracy(measured)
+    if layout == "fsdp2":
+        whole = distributed.full_state_dict(trainer.accelerator, model)
+        del trainer, teacher, model, measured
+        healed = _export_form(_reload(converted_path, dtype, norms, settings, whole), norms, settings.lora) \
+            if args.process_index == 0 else None
     ppl["gap_closed"] = _gap_closed(ppl)
     timings["evaluate_after"] = time.perf_counter() - t
     logger.info("healed: held-out ppl %.4g → %.4g (original %.4g)", ppl["before"], ppl["after"], ppl["original"])
@@ -497,6 +569,7 @@ def _heal(settings: HealSettings, args: TrainingArguments, converted_path: str, 
         "eval_curve": [[0, ppl["before"]]]
         + [[e["num_input_tokens_seen"], e["eval_ppl"]] for e in history if "eval_ppl" in e]
         + [[state.num_input_tokens_seen, ppl["after"]]],
+        **accuracy_report(accuracy, history, state.num_input_tokens_seen, settings),
         "training": {"text": str(train_path), "windows": windows.shape[0], "seq_len": settings.seq_len,
                      "text_epochs": epochs, "trainable_parameters": trainable, "linear_norms_folded": len(norms),
                      "bf16_autocast": args.bf16},

@@ -13,7 +13,7 @@ HEAL_DTYPES = ("float32", "bfloat16")
 
 # Settings that change neither the training trajectory nor the curves, so a run may be resumed
 # with other values.
-RESUMABLE_CHANGES = ("overwrite", "resume", "progress")
+RESUMABLE_CHANGES = ("overwrite", "resume", "progress", "cache_dir")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,10 @@ class HealSettings(SettingsFile):
     eval_every: int = 100  # optimizer steps between held-out evaluations; 0 = before and after only
     eval_samples: int = 64
     eval_seq_len: int = 256
+    zero_shot_tasks: tuple[str, ...] = ()  # scored on the original, before and after (paper, lastword, arc_easy…)
+    zero_shot_limit: int | None = 200  # documents per task for those (seeded; None: all)
+    eval_zero_shot_limit: int = 20  # documents per task of the slice also scored every eval_every steps (0: none)
+    cache_dir: str | None = None  # where the zero-shot tasks are built; None = care-mla's cache
     save_every: int = 200  # optimizer steps between checkpoints (for --resume)
     log_every: int = 10  # optimizer steps between points of the loss curve
     seed: int = 0
@@ -76,6 +80,14 @@ class HealSettings(SettingsFile):
         if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise SettingsError(f"eval_every must be an integer ≥ 0 (0 = before and after only); "
                                 f"got {self.eval_every!r}")
+        tasks = self.zero_shot_tasks
+        object.__setattr__(self, "zero_shot_tasks", (tasks,) if isinstance(tasks, str) else tuple(tasks))
+        if self.zero_shot_limit is not None:
+            _positive_int("zero_shot_limit", self.zero_shot_limit)
+        if isinstance(self.eval_zero_shot_limit, bool) or not isinstance(self.eval_zero_shot_limit, int) \
+                or self.eval_zero_shot_limit < 0:
+            raise SettingsError(f"eval_zero_shot_limit must be an integer ≥ 0 (0 = no accuracy during training); "
+                                f"got {self.eval_zero_shot_limit!r}")
         if not self.lr > 0:
             raise SettingsError(f"lr must be > 0; got {self.lr}")
         if not self.kd_weight >= 0:
