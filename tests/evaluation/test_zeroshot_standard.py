@@ -410,3 +410,21 @@ def test_smollm2_scores_as_lm_eval_own_hf_model_does():
     assert all(row["samples"] == limit for row in ours["tasks"].values())
     assert len({round(score, 3) for score in scores.values()}) > 2
     print(zs.format_zero_shot(ours))  # with -s: the numbers
+
+
+def test_sweep_scores_every_cell_on_the_paper_suite(built, tiny_model_dir, text_file, tmp_path):
+    """`care-mla sweep --zero-shot-tasks paper`: the original and each cell on the seven tasks, the mean in the
+    table and in the accuracy-vs-saving plot."""
+    from care_mla.evaluation.sweep import SweepSettings, sweep
+
+    s = SweepSettings(model=str(tiny_model_dir("llama")), out=str(tmp_path / "sweep"), calib_text=str(text_file),
+                      eval_text=str(text_file), calib_samples=8, calib_seq_len=32, eval_samples=4, eval_seq_len=32,
+                      cache_dir=str(tmp_path / "cache"), progress=False, kv_fractions=(0.5,), methods=("svd",),
+                      allocations=("uniform",), zero_shot=True, zero_shot_tasks=("paper",), zero_shot_limit=2)
+    result = sweep(s)
+    assert result["zero_shot"]["tasks"] == list(st.PAPER_TASKS)
+    for scored in (result["original"]["zero_shot"], result["cells"][0]["zero_shot"]):
+        assert list(scored["tasks"]) == list(st.PAPER_TASKS)
+        assert scored["average_acc"] == pytest.approx(sum(r["score"] for r in scored["tasks"].values()) / 7)
+        assert scored["paper_average"]["score"] == scored["average_acc"]
+    assert (tmp_path / "sweep" / "acc_vs_saving.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

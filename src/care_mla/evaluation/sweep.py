@@ -320,7 +320,7 @@ def sweep(settings: SweepSettings) -> dict:
     if s.zero_shot:
         from care_mla.evaluation.zeroshot import check_tasks
 
-        check_tasks(s.zero_shot_tasks, s.eval_text)  # a missing lm-eval or an unknown task is said now
+        check_tasks(s.zero_shot_tasks, s.eval_text, cache_dir=s.cache_dir)  # a missing lm-eval or an unknown task is said now
     with folder:
         return _sweep(s, folder)
 
