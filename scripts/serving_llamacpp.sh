@@ -11,7 +11,10 @@
 #  2. llama.cpp's own converter, convert_hf_to_gguf.py + conversion/ + gguf-py, used in place from the
 #     unpacked sdist under $CACHE (vendor/llama.cpp); no llama.cpp code is copied into this repository.
 #     scripts/gguf_export.py wraps it: q_lora_rank null -> 0 in a copy of config.json, attn_kv_a_mqa kept F32.
-#  3. care-mla convert --format deepseek --portable at each F in $FRACTIONS into $WORK/exports.
+#  3. care-mla convert --format deepseek --portable at each F in $FRACTIONS into $WORK/exports, with the
+#     objective and the RoPE width pinned ($OBJECTIVE, $ROPE_DIMS: F=1.0 320 + 64, F=0.5 144 + 48, F=0.25 64 + 32
+#     latent + RoPE numbers per token and layer) instead of chosen by calibration loss (the choice converts
+#     each candidate: most of the script's time on a 2-core CPU); ROPE_DIMS="" OBJECTIVE=auto restores it.
 #     --portable (default-RoPE table, <= d_h RoPE dims) is required: llama.cpp's deepseek2 applies plain
 #     RoPE (n_rot = qk_rope_head_dim, freq_base = rope_theta, no per-frequency factors) and asserts
 #     qk_nope_head_dim >= 1. The exact parity export (192 RoPE dims as longrope, qk_nope 0) aborts there,
@@ -25,6 +28,7 @@
 #   VENV=.venv-llamacpp       CACHE=~/.cache/care-mla/llamacpp      WORK=/tmp/llamacpp-work
 #   MODEL=smollm2-135m-instruct (or an HF folder)   FRACTIONS="1.0 0.5 0.25"
 #   CONVERT_ARGS="--calib-samples 32 --calib-seq-len 256 --no-eval"   CHECK_ARGS=""  (extra llamacpp_check.py options)
+#   OBJECTIVE=activation      ROPE_DIMS="1.0=64 0.5=48 0.25=32"  (F=RoPE width; an F not listed: chosen)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -35,6 +39,9 @@ WORK=${WORK:-/tmp/llamacpp-work}
 MODEL=${MODEL:-smollm2-135m-instruct}
 FRACTIONS=${FRACTIONS:-1.0 0.5 0.25}
 CONVERT_ARGS=${CONVERT_ARGS:---calib-samples 32 --calib-seq-len 256 --no-eval}
+OBJECTIVE=${OBJECTIVE:-activation}
+ROPE_DIMS=${ROPE_DIMS-1.0=64 0.5=48 0.25=32}
+rope_dim() { for pair in $ROPE_DIMS; do if [ "${pair%%=*}" = "$1" ]; then echo "--rope-dim ${pair#*=}"; fi; done; }
 mkdir -p "$CACHE/wheels" "$WORK"
 PY="$ROOT/$VENV/bin/python"
 
@@ -42,7 +49,8 @@ PY="$ROOT/$VENV/bin/python"
 VENV="$VENV" bash scripts/install.sh
 SDIST="$CACHE/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz"
 if [ ! -f "$SDIST" ]; then
-  "$PY" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$CACHE"
+  # --no-binary for this package only: the sdist, without rebuilding pip's build backends from source
+  "$PY" -m pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$CACHE"
 fi
 WHEEL=$(ls "$CACHE/wheels/llama_cpp_python-$LLAMA_CPP_PYTHON-"*.whl 2>/dev/null | head -1 || true)
 if [ -z "$WHEEL" ]; then
@@ -75,7 +83,8 @@ for F in $FRACTIONS; do
   OUT="$WORK/exports/portable-F$F"
   if [ ! -f "$OUT/config.json" ]; then
     # shellcheck disable=SC2086
-    "$ROOT/$VENV/bin/care-mla" convert "$MODEL" --out "$OUT" --format deepseek --portable --kv-fraction "$F" $CONVERT_ARGS --overwrite
+    "$ROOT/$VENV/bin/care-mla" convert "$MODEL" --out "$OUT" --format deepseek --portable --kv-fraction "$F" \
+      --objective "$OBJECTIVE" $(rope_dim "$F") $CONVERT_ARGS --overwrite
   fi
   EXPORTS+=(--export "F=$F:$OUT")
 done
