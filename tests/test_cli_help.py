@@ -78,7 +78,8 @@ def test_defaults_that_depend_on_other_options_are_stated_truly():
     assert ConvertSettings(latent="separate").allocation == "adjusted"
 
     objective = option_help(convert, "--objective")
-    assert "Default: auto for joint/decoupled latents of care, activation otherwise" in objective
+    assert "Default: auto for joint/decoupled latents of care below parity, activation otherwise" in objective
+    assert ConvertSettings(kv_fraction=1.0).objective == "activation"  # exact whatever the objective
     assert default.objective == "auto" and ConvertSettings(format="deepseek").objective == "auto"
     assert ConvertSettings(latent="separate").objective == "activation"
     assert ConvertSettings(method="mha2mla").objective == "activation"
@@ -111,3 +112,10 @@ def test_demo_defaults_match_its_api():
     demo = subcommand("demo")
     assert demo.get_default("kv_fraction") == inspect.signature(run_demo).parameters["kv_fraction"].default
     assert demo.get_default("out") == inspect.signature(run_demo).parameters["out"].default
+
+
+def test_zero_shot_help_names_the_paper_suite():
+    from care_mla.cli import ZERO_SHOT_NAMES
+    from care_mla.evaluation.standard_tasks import PAPER_TASKS
+
+    assert all(task in ZERO_SHOT_NAMES for task in PAPER_TASKS)

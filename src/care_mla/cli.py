@@ -25,6 +25,9 @@ from care_mla.settings import (
 )
 
 DEFAULTS = ConvertSettings()
+ZERO_SHOT_NAMES = ("comma-separated: paper (the paper's suite, offline: arc_challenge, arc_easy, hellaswag, piqa, mmlu, "
+                   "openbookqa, winogrande), other lm-eval names (boolq, lambada_openai also offline), lastword, "
+                   "nextsent (built offline from the evaluation text)")
 
 
 def _emphasis(text: str) -> float | str:
@@ -120,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--objective", choices=("auto", *OBJECTIVES), default=None,
                    help="care: what the factors minimise: activation (the paper's K/V activation error), value (V's "
                         "error through o_proj), attention (that and K's error through the queries), auto (activation, "
-                        "value or attention, by calibration loss). Default: auto for joint/decoupled latents of care, "
-                        "activation otherwise")
+                        "value or attention, by calibration loss). Default: auto for joint/decoupled latents of care "
+                        "below parity, activation otherwise (at parity every objective is exact)")
     c.add_argument("--key-emphasis", type=_emphasis, default=DEFAULTS.key_emphasis, metavar="auto|X",
                    help="joint/decoupled latents: weight of K's error against V's after balancing (>1: K counts "
                         "more); auto tries 1, 2, 4 and keeps the lowest calibration loss")
@@ -137,8 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_args(c, DEFAULTS)
     c.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip perplexity and cache measurements")
     c.add_argument("--zero-shot-tasks", type=lambda text: [t for t in text.split(",") if t], default=[],
-                   help="zero-shot accuracy (lm-eval) of the original and the converted model: lastword, nextsent "
-                        "(built offline from --eval-text) and/or lm-eval task names such as arc_easy")
+                   help="zero-shot accuracy (lm-eval) of the original and the converted model: " + ZERO_SHOT_NAMES)
     c.add_argument("--zero-shot-limit", type=int, default=DEFAULTS.zero_shot_limit, help="items per zero-shot task")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--cache-dir", default=None,
@@ -162,10 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "accuracy")
     e.add_argument("model", help="a converted folder, or any model care-mla convert accepts")
     e.add_argument("--zero-shot-tasks", type=lambda text: [t for t in text.split(",") if t], default=[],
-                   help="zero-shot accuracy (lm-eval), a table on stderr and 'zero_shot' in the JSON: paper (the "
-                        "paper's suite, offline: arc_challenge, arc_easy, hellaswag, piqa, mmlu, openbookqa, "
-                        "winogrande), other lm-eval names (boolq, lambada_openai also offline), lastword, nextsent "
-                        "(built from --eval-text)")
+                   help="zero-shot accuracy (lm-eval), a table on stderr and 'zero_shot' in the JSON: " + ZERO_SHOT_NAMES)
     e.add_argument("--zero-shot-limit", type=_positive_int, default=DEFAULTS.zero_shot_limit,
                    help="documents per zero-shot task, drawn with a fixed seed (the same for every model)")
     e.add_argument("--cache-dir", default=None,
@@ -233,8 +232,7 @@ def add_sweep_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--zero-shot", action=argparse.BooleanOptionalAction, default=D.zero_shot,
                    help="zero-shot accuracy through lm-eval for every model (the slow part on a CPU)")
     p.add_argument("--zero-shot-tasks", type=_csv(str), default=list(D.zero_shot_tasks),
-                   help="lastword, nextsent (built offline from the evaluation text) and/or lm-eval task names "
-                        "(arc_easy, hellaswag, piqa, winogrande, arc_challenge: reported unavailable offline)")
+                   help="zero-shot accuracy of every model: " + ZERO_SHOT_NAMES)
     p.add_argument("--zero-shot-limit", type=int, default=D.zero_shot_limit, help="items per zero-shot task")
     p.add_argument("--keep-models", action="store_true", help="also save every converted model under OUT/models/")
     p.add_argument("--compensate", action="store_true",
@@ -295,6 +293,15 @@ def _add_heal_parser(sub) -> None:
                    help="steps between held-out evaluations (0: before and after only)")
     h.add_argument("--eval-samples", type=int, default=H.eval_samples)
     h.add_argument("--eval-seq-len", type=int, default=H.eval_seq_len)
+    h.add_argument("--zero-shot-tasks", type=_csv(str), default=list(H.zero_shot_tasks),
+                   help="zero-shot accuracy (lm-eval) of the original, the converted and the healed model: " + ZERO_SHOT_NAMES)
+    h.add_argument("--zero-shot-limit", type=_positive_int, default=H.zero_shot_limit,
+                   help="documents per zero-shot task before and after, drawn with a fixed seed")
+    h.add_argument("--eval-zero-shot-limit", type=int, default=H.eval_zero_shot_limit,
+                   help="documents per task of the slice of --zero-shot-tasks also scored every --eval-every steps "
+                        "(0: before and after only): the accuracy curve")
+    h.add_argument("--cache-dir", default=None,
+                   help="where the zero-shot tasks are built (default: $CARE_MLA_CACHE, else ~/.cache/care-mla)")
     h.add_argument("--save-every", type=int, default=H.save_every, help="steps between checkpoints for --resume")
     h.add_argument("--log-every", type=int, default=H.log_every, help="steps between points of the loss curve")
     h.add_argument("--seed", type=int, default=H.seed)

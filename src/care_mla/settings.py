@@ -110,7 +110,8 @@ class ConvertSettings(SettingsFile):
     # care: what the factors minimise. "activation": the K/V activation error (the paper's CARE); "value": V's
     # error as o_proj writes it to the residual stream; "attention": that and K's error as the queries read it
     # (`objectives`); "auto": activation, value or attention, whichever gives the lowest calibration loss. None: auto for the
-    # joint and decoupled latents of care (measured better, README), activation otherwise (the paper's CARE)
+    # joint and decoupled latents of care below parity (measured better, README), activation otherwise (the paper's CARE;
+    # at parity every objective is exact)
     objective: Literal["auto", "activation", "value", "attention"] | None = None
     # joint/decoupled latents of care: weight of K's error against V's after balancing (>1: K counts more);
     # "auto": the value of `selection.KEY_EMPHASIS_GRID` with the lowest calibration loss (1.0 with the
@@ -241,7 +242,8 @@ class ConvertSettings(SettingsFile):
 
     def _resolve_objective(self) -> None:
         if self.objective is None:
-            joint = self.method == "care" and self.latent in ("joint", "decoupled")
+            # at parity (F = 1) every objective reconstructs the layer exactly: nothing to choose
+            joint = self.method == "care" and self.latent in ("joint", "decoupled") and self.kv_fraction < 1.0
             object.__setattr__(self, "objective", "auto" if joint else "activation")
         _one_of("objective", self.objective, ("auto", *OBJECTIVES))
         if self.objective != "activation" and self.method != "care":

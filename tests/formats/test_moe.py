@@ -397,9 +397,12 @@ def test_max_memory_places_a_moe_layer_with_its_experts(moe_dir, text_file, tmp_
     assert layer_placement(config, {0: size + 1}, torch.float32) is None  # fits the first device whole
     third = size // 3 + 1
     placement = layer_placement(config, {0: third, 1: third, "cpu": 10 * size}, torch.float32)
-    assert {0, 1} <= set(placement.values())
+    assert 0 in placement.values() and len(set(placement.values())) > 1  # spread: the experts do not fit a third
     covered = {n for n, _ in layer.named_parameters() if any(n == k or n.startswith(k + ".") for k in placement)}
     assert covered == {n for n, _ in layer.named_parameters()}  # the experts and the router are placed too
+    for device in (0, 1):  # accelerate keeps each GPU within its budget
+        assert sum(p.numel() * 4 for n, p in layer.named_parameters()
+                   if any((n == k or n.startswith(k + ".")) and placement[k] == device for k in placement)) <= third
     with pytest.raises(PlacementError, match="does not fit --max-memory"):
         layer_placement(config, {0: size // 10}, torch.float32)
     plain = _convert(src, tmp_path / "plain", text_file, "--kv-fraction", "0.5", "--no-eval")

@@ -57,14 +57,17 @@ def test_parity_reproduces_smollm2_logits(work, latent):
 def test_care_keeps_quality_where_weight_svd_breaks(work):
     """CARE.md §5b: paper CARE-uniform 1.32× (F=0.5) and 1.76× (F=0.25), the best measured joint latent 1.12×
     and 1.47×; weight SVD ~900×. Half: the default (objective and K/V balance chosen by calibration loss);
-    quarter: one fixed objective (the choice costs seven candidate passes)."""
+    quarter: one fixed objective and no output refit (the choice costs seven candidate passes, the refit about two
+    forwards; the half conversion tests both)."""
     half = run(work, "care-u-0.5", kv_fraction=0.5, allocation="uniform")
-    quarter = run(work, "care-u-0.25", kv_fraction=0.25, allocation="uniform", objective="value", key_emphasis=2.0)
+    quarter = run(work, "care-u-0.25", kv_fraction=0.25, allocation="uniform", objective="value", key_emphasis=2.0,
+                  refit_output=False)
     svd = run(work, "svd-u-0.5", kv_fraction=0.5, method="svd", allocation="uniform")
     assert half["calibration"]["tokens"] == 64 * 256
     assert len(half["objective_choice"]["calibration_loss"]) == 7
-    assert half["ppl"]["ratio"] <= 1.15, half["ppl"]  # beyond every row of CARE.md §5b at F = 0.5
-    assert quarter["ppl"]["ratio"] <= 1.75, quarter["ppl"]
+    # measured (fp32, 64 x 256 calibration, 16 x 256 held out): half 1.012, quarter 1.383, weight SVD 782
+    assert half["ppl"]["ratio"] <= 1.06, half["ppl"]  # beyond every row of CARE.md §5b at F = 0.5
+    assert quarter["ppl"]["ratio"] <= 1.5, quarter["ppl"]
     assert svd["ppl"]["ratio"] >= 10 * half["ppl"]["ratio"], svd["ppl"]
     # fp32 bytes: GQA 30 layers × 384 × 4; half and quarter of it, read from the cache after generate
     assert half["kv_bytes_per_token"]["original_measured"] == 30 * 384 * 4
@@ -84,7 +87,7 @@ def test_readme_protocol_reproduces_the_measured_table(work):
 
 
 def test_latent_cache_generate_on_smollm2(work):
-    run(work, "care-a-0.5", kv_fraction=0.5, evaluate=False, refit_output=False)  # the cache, not the quality
+    run(work, "care-a-0.5", kv_fraction=0.5, evaluate=False, objective="activation", refit_output=False)  # the cache
     model = AutoModelForCausalLM.from_pretrained(work / "care-a-0.5", dtype=torch.float32).eval()
     from transformers import AutoTokenizer
 
