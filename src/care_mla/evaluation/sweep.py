@@ -259,7 +259,8 @@ def write_plots(result: dict, folder: Path) -> list[str]:
             if acc is not None:
                 acc_series[_series_label(c, latents)].append((c["kv_saving"], 100 * acc))
         plots.plot_vs_saving(acc_series, folder / "acc_vs_saving.png", ylabel="average zero-shot accuracy (%)",
-                             title=f"{Path(result['model']).name}: zero-shot accuracy vs KV saving",
+                             title=f"{Path(result['model']).name}: zero-shot accuracy vs KV saving "
+                                   f"({', '.join(result['zero_shot']['tasks'])})",
                              reference=("original", 100 * original_acc), styles=styles)
         written.append("acc_vs_saving.png")
 
