@@ -412,3 +412,53 @@ def test_max_memory_places_a_moe_layer_with_its_experts(moe_dir, text_file, tmp_
     with safe_open(str(tmp_path / "plain" / "model.safetensors"), "pt") as a, \
             safe_open(str(tmp_path / "budget" / "model.safetensors"), "pt") as b:
         assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
+def test_heal_trains_the_deepseek_v2_export_of_a_moe_model(moe_dir, text_file, tmp_path):
+    """`care-mla heal` takes the MoE export (DeepseekV2ForCausalLM): the loss falls, the held-out ppl with it, and
+    the healed folder is the same class with the router and the experts trained in place."""
+    from care_mla.healing import heal as healing
+    from care_mla.healing.settings import HealSettings
+
+    src = moe_dir("qwen3_moe")
+    _convert(src, tmp_path / "ds", text_file, "--kv-fraction", "0.5", "--format", "deepseek", "--no-eval")
+    report = healing.heal(HealSettings(
+        converted=str(tmp_path / "ds"), teacher=str(src), out=str(tmp_path / "healed"), tokens=12 * 4 * 32, seq_len=32,
+        batch_size=4, lr=3e-3, train_text=str(text_file), eval_text=str(text_file), eval_samples=4, eval_seq_len=32,
+        eval_every=0, log_every=1, progress=False))
+    assert report["format"] == "deepseek" and report["architecture"] == "DeepseekV2ForCausalLM"
+    assert report["ppl"]["after"] < report["ppl"]["before"], report["ppl"]
+    healed = AutoModelForCausalLM.from_pretrained(tmp_path / "healed", dtype=torch.float32)
+    assert type(healed) is DeepseekV2ForCausalLM
+    with safe_open(str(tmp_path / "ds" / "model.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "healed" / "model.safetensors"), "pt") as b:
+        experts = [k for k in a.keys() if ".mlp.experts." in k]
+        assert experts and set(experts) <= set(b.keys())
+        assert any(not torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in experts)  # trained, not frozen
+
+
+def test_calibration_over_a_placement_fuses_the_experts_as_one_device_does(moe_dir):
+    """A MoE layer spread by accelerate's hooks (every part on the CPU here) loads the checkpoint's per-expert tensors
+    through the fusing load hook and gives the same statistics, bit for bit."""
+    from transformers import AutoConfig
+
+    from care_mla.io.checkpoint import CheckpointReader
+    from care_mla.pipeline.layerwise import layer_prefix
+
+    folder = moe_dir("qwen3_moe")
+    reader, config = CheckpointReader(folder), AutoConfig.from_pretrained(folder)
+    assert any(".experts.0." in k for k in reader.state(layer_prefix(0)))  # per-expert names on disk
+    ids = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    layer = skeleton(config).model.layers[0]
+    placement = {name: "cpu" for name, _ in layer.named_children()}
+    placement["mlp.experts"] = "cpu"
+    del placement["mlp"]
+    placement["mlp.gate"] = "cpu"
+    runs = []
+    for place in (None, placement):
+        model = skeleton(config)
+        model.model.embed_tokens.load_state_dict({"weight": reader.get("model.embed_tokens.weight")}, assign=True)
+        runs.append(collect_statistics(model, ids, batch_size=2, progress=False, layer_placement=place,
+                                       layer_weights=lambda i: reader.state(layer_prefix(i))))
+    for a, b in zip(runs[0].second_moments, runs[1].second_moments):
+        assert torch.equal(a, b)

@@ -297,3 +297,20 @@ def test_max_memory_conversion_matches_the_default(tiny_model_dir, text_file, tm
     with pytest.raises(PlacementError, match="does not fit --max-memory"):
         api.convert(settings_for(folder, text_file, tmp_path, "tiny-budget", device="cpu", max_memory="cpu=10KB"))
     assert not (tmp_path / "tiny-budget").exists()
+
+
+def test_placement_moves_a_submodule_or_one_tensor():
+    """What `layer_placement` names — a submodule, or one tensor of a module holding tensors of its own (fused
+    experts) — is moved, and only it."""
+    from torch import nn
+
+    from care_mla.pipeline.calibration import _move
+
+    m = nn.Sequential(nn.Linear(2, 2))
+    m[0].register_buffer("scale", torch.ones(1))
+    _move(m, "0.weight", "meta")
+    assert m[0].weight.is_meta and isinstance(m[0].weight, nn.Parameter) and not m[0].bias.is_meta
+    _move(m, "0.scale", "meta")
+    assert m[0].scale.is_meta and not m[0].bias.is_meta
+    _move(m, "0", "meta")
+    assert m[0].bias.is_meta

@@ -84,10 +84,11 @@ def materialised(module: nn.Module, state: dict[str, torch.Tensor] | None, devic
     else:
         from accelerate import dispatch_model
 
+        # loaded as read, then moved: the module's load hooks see the checkpoint's names (a MoE layer's per-expert
+        # tensors are fused by one, `moe.accept_checkpoint_names`), which name no placed parameter
+        module.load_state_dict(state, strict=True, assign=True)
         for name, dev in placement.items():
-            (module.get_submodule(name) if name else module).to_empty(device=dev)
-        targets = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-        module.load_state_dict({k: v.to(targets[k].device) for k, v in state.items()}, strict=True, assign=True)
+            _move(module, name, dev)
         dispatch_model(module, device_map=placement, main_device=str(device))
     try:
         yield module
@@ -97,6 +98,22 @@ def materialised(module: nn.Module, state: dict[str, torch.Tensor] | None, devic
 
             remove_hook_from_module(module, recurse=True)
         module.to("meta")
+
+
+def _move(module: nn.Module, name: str, device: int | str) -> None:
+    """Move the submodule, or the single parameter or buffer, `name` of `module` to `device`."""
+    try:
+        (module.get_submodule(name) if name else module).to(device)
+        return
+    except AttributeError:  # accelerate placed one tensor of a module that holds tensors of its own
+        pass
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if leaf in owner._parameters:
+        param = owner._parameters[leaf]
+        owner._parameters[leaf] = nn.Parameter(param.data.to(device), requires_grad=param.requires_grad)
+    else:
+        owner._buffers[leaf] = owner._buffers[leaf].to(device)
 
 
 @torch.no_grad()
