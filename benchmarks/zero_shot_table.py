@@ -45,6 +45,10 @@ LABELS = {
 }
 
 
+#: Accuracy of a uniform guess: 2 choices (PIQA, WinoGrande), else 4 (a few ARC questions have 3 or 5).
+CHANCE = {task: 0.5 if task in ("piqa", "winogrande") else 0.25 for task in PAPER_TASKS}
+
+
 def cell_path(out: Path, row: str, fraction: float) -> Path:
     return out / "cells" / f"{row}@{fraction:g}.json"
 
@@ -89,7 +93,8 @@ def table(out: Path) -> str:
     fractions = sorted({f for r, f in cells if r != "original"}, reverse=True)
     limits = {c["zero_shot"]["limit"] for c in cells.values()}
     lines = [f"Documents per task: {', '.join(map(str, sorted(limits)))} (the same seeded ones in every cell); "
-             "mean accuracy of the paper's seven offline tasks in %, ± its standard error.", "",
+             "mean accuracy of the paper's seven offline tasks in %, ± its standard error; a uniform guess scores "
+             f"{100 * sum(CHANCE.values()) / len(CHANCE):.1f}.", "",
              "| method | " + " | ".join(f"F = {f:g} ({(1 - f) * 100:g} % saved)" for f in fractions) + " |",
              "|---" * (len(fractions) + 1) + "|"]
     if original:
@@ -128,8 +133,8 @@ def claims(cells: dict, fractions: list[float]) -> list[str]:
         default, svd = cells.get(("default", f)), cells.get(("svd", f))
         if default and original and f == 0.5:
             (d, _), (o, _) = mean(default), mean(original)
-            out.append(f"- F = 0.5: default − original = {100 * (d - o):+.1f} points (bar: within 1 point): "
-                       f"{'met' if abs(d - o) <= 0.01 else 'not met'}")
+            out.append(f"- F = 0.5: default − original = {100 * (d - o):+.1f} points (bar: at most 1 point below): "
+                       f"{'met' if d >= o - 0.01 else 'not met'}")
         if default and svd:
             (d, sd), (s, ss) = mean(default), mean(svd)
             se = math.hypot(sd, ss)
