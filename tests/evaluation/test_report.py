@@ -34,6 +34,9 @@ def test_convert_folder(tiny_model_dir, text_file, tmp_path):
     zs = saved["zero_shot"]
     assert set(zs) == {"original", "converted"} and zs["converted"]["tasks"]["text_lastword"]["samples"] == 4
     assert f"| average | **{100 * zs['original']['average_acc']:.1f} %** |" in text
+    paired = saved["zero_shot_difference"]["mean"]
+    assert paired["difference"] == pytest.approx(zs["converted"]["average_acc"] - zs["original"]["average_acc"])
+    assert f"(paired): {100 * paired['difference']:+.1f} ± {100 * paired['stderr']:.1f} points" in text
     _png(out / "extra.png")  # any plot in the folder is embedded
     assert "## Plots\n\n![extra](extra.png)" in report(out)
 

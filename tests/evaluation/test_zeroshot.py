@@ -168,6 +168,11 @@ def test_zero_shot_runs_a_tiny_model_through_lm_eval(text_file, tmp_path):
         assert row["samples"] == 6 and 0.0 <= p <= 1.0
         # lm-eval's stderr of a mean of 6 right/wrong answers: sqrt(p(1-p)/(n-1))
         assert row["score_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 5))
+        # one score per document scored, 0 or 1, whose mean is the task's
+        assert len(row["documents"]) == 6 and set(row["documents"].values()) <= {0.0, 1.0}
+        assert sum(row["documents"].values()) / 6 == pytest.approx(p)
+    same = zs.paired_difference(result, result)
+    assert same["mean"]["difference"] == 0.0 and same["tasks"]["text_lastword"]["documents"] == 6
     assert result["average_acc"] == pytest.approx((tasks["text_lastword"]["score"] + tasks["text_nextsent"]["score"]) / 2)
     assert result["average"]["tasks"] == list(tasks) and "paper_average" not in result
     assert not model.training
@@ -209,3 +214,22 @@ def test_smollm2_reads_the_austen_passages(tmp_path):
     assert row["score_metric"] == "acc_mutual_info" and row["acc_mutual_info"] >= 0.5
     assert row["acc_norm"] >= 0.3 and row["acc"] > 0.25
     assert row["samples"] == 40
+
+
+def test_paired_difference_is_the_mean_per_document_difference_and_its_error():
+    def result(**tasks):
+        return {"tasks": {t: {"documents": {f"{t}/{i}": float(v) for i, v in enumerate(scores)}}
+                          for t, scores in tasks.items()}}
+
+    a = result(t1=[1, 1, 0, 1], t2=[0, 1], t3=[1])
+    b = result(t1=[1, 0, 0, 0], t2=[0, 1])  # t3 not scored by b: left out
+    b["tasks"]["t1"]["documents"]["t1/9"] = 1.0  # a document a did not score: left out
+    out = zs.paired_difference(a, b)
+    assert list(out["tasks"]) == ["t1", "t2"] and out["tasks"]["t1"]["documents"] == 4
+    # t1: d = [0, 1, 0, 1], mean 0.5, sample sd sqrt(1/3), stderr sqrt(1/3)/2; t2: d = [0, 0]
+    assert out["tasks"]["t1"]["difference"] == 0.5
+    assert out["tasks"]["t1"]["stderr"] == pytest.approx(math.sqrt(1 / 3) / 2)
+    assert out["tasks"]["t2"] == {"difference": 0.0, "stderr": 0.0, "documents": 2}
+    assert out["mean"]["difference"] == 0.25 and out["mean"]["tasks"] == ["t1", "t2"]
+    assert out["mean"]["stderr"] == pytest.approx(math.sqrt(1 / 3) / 2 / 2)
+    assert zs.paired_difference(a, {"tasks": {}})["mean"] == {"difference": None, "stderr": None, "tasks": []}

@@ -249,6 +249,11 @@ def test_convert_reports_the_suite_for_both_models(built, tiny_model_dir, text_f
         assert result["paper_average"]["score"] == pytest.approx(
             sum(r["score"] for r in result["tasks"].values()) / 7) == result["average_acc"]
     assert json.loads((tmp_path / "out" / "report.json").read_text())["zero_shot"] == report["zero_shot"]
+    # on the same documents the paired mean difference is the difference of the means (MMLU: over its documents)
+    paired = report["zero_shot_difference"]
+    assert paired["mean"]["tasks"] == list(st.PAPER_TASKS)
+    assert paired["mean"]["difference"] == pytest.approx(
+        report["zero_shot"]["converted"]["average_acc"] - report["zero_shot"]["original"]["average_acc"], abs=1e-9)
 
 
 def test_a_wrong_or_missing_wheel_says_how_to_fix_it(fake, tmp_path, monkeypatch):

@@ -127,6 +127,10 @@ def _convert_section(folder: Path, r: dict) -> list[str]:
     if status and status != "done":
         lines += ["", f"**Evaluation {status}**" + (" — re-run it with `care-mla eval`." if status != "pending" else ".")]
     lines += _zero_shot_lines(r.get("zero_shot"))
+    paired = (r.get("zero_shot_difference") or {}).get("mean") or {}
+    if paired.get("difference") is not None and paired.get("stderr") is not None:
+        lines += ["", f"Converted − original on the same documents (paired): {100 * paired['difference']:+.1f} ± "
+                      f"{100 * paired['stderr']:.1f} points in the mean over {len(paired['tasks'])} tasks."]
     cal = r.get("calibration")
     if cal:
         lines += ["", f"Calibration: {_name(cal.get('text'))}, {_num(cal.get('samples'))} × {_num(cal.get('seq_len'))} "

@@ -284,7 +284,8 @@ def evaluate_zero_shot(
     "tasks"}, "paper_average": the same over the paper's suite (when all of it ran), "average_acc":
     average["score"], "limit": limit}``; a row holds each accuracy lm-eval reports (``acc``,
     ``acc_norm``, ``acc_mutual_info``) with its ``*_stderr``, ``samples`` (documents scored),
-    and ``score``/``score_stderr``/``score_metric`` (:func:`score_metric`); a group's row is
+    and ``score``/``score_stderr``/``score_metric`` (:func:`score_metric`), and ``documents``: each
+    scored document's score, keyed ``"task/index"`` (for :func:`paired_difference`); a group's row is
     lm-eval's own aggregate (size-weighted) and lists its members under ``subtasks``.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -335,14 +336,44 @@ def evaluate_zero_shot(
             continue
         if name in groups:
             results[name] = _group_row(groups[name], out["results"], name)
+            members = [t.task_name for t in groups[name].get_all_tasks()]
         else:
             results[name] = _row(out["results"].get(name, {}), name, out["results"].get(name, {}).get("sample_len"))
+            members = [name]
+        results[name]["documents"] = _documents(out.get("samples") or {}, members, results[name]["score_metric"])
     available = {n: r for n, r in results.items() if "unavailable" not in r}
     average = _average(available)
     report = {"tasks": results, "average": average, "average_acc": average["score"], "limit": limit}
     if all(t in available for t in PAPER_TASKS):
         report["paper_average"] = _average({t: available[t] for t in PAPER_TASKS})
     return report
+
+
+def _documents(samples: dict[str, list[dict]], tasks: Sequence[str], metric: str | None) -> dict[str, float]:
+    """Each scored document's `metric` (1.0 right, 0.0 wrong), keyed ``"task/index"`` (the index in the task's
+    evaluated split): what `paired_difference` compares."""
+    return {f"{task}/{example['doc_id']}": float(example[metric]) for task in tasks
+            for example in samples.get(task, []) if metric in example}
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+    """`a` − `b` (two `evaluate_zero_shot` results) on the documents both scored: per task the mean of the
+    per-document differences of the score and its standard error, sqrt(Σ(d − d̄)² / (n − 1) / n) — far smaller than
+    the two scores' own errors combined when the models agree on most documents —; then their mean over the tasks
+    both have, with sqrt(Σ stderr²) / k. Tasks without per-document scores are left out."""
+    tasks = {}
+    for name, row in a.get("tasks", {}).items():
+        other = b.get("tasks", {}).get(name, {})
+        common = sorted(set(row.get("documents") or {}) & set(other.get("documents") or {}))
+        if not common:
+            continue
+        d = [row["documents"][k] - other["documents"][k] for k in common]
+        mean = sum(d) / len(d)
+        stderr = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else None
+        tasks[name] = {"difference": mean, "stderr": stderr, "documents": len(d)}
+    rows = [{"score": t["difference"], "score_stderr": t["stderr"]} for t in tasks.values()]
+    difference, stderr = mean_with_stderr(rows)
+    return {"tasks": tasks, "mean": {"difference": difference, "stderr": stderr, "tasks": list(tasks)}}
 
 
 def _group_row(group, results: dict, name: str) -> dict:
@@ -400,8 +431,9 @@ def _run(lm_eval, HFLM, model, tokenizer, manager, tasks: list, samples: dict, b
             return lm_eval.simple_evaluate(
                 model=lm, tasks=tasks, task_manager=manager, limit=None, samples=samples or None,
                 bootstrap_iters=100,
+                # per-document scores, for differences between models on the same documents (`paired_difference`);
                 # zero-shot, deterministic tasks: no need to reseed the caller's global RNGs
-                log_samples=False, random_seed=None, numpy_random_seed=None, torch_random_seed=None,
+                log_samples=True, random_seed=None, numpy_random_seed=None, torch_random_seed=None,
             )
     finally:
         if multiproc is None:

@@ -352,6 +352,12 @@ def accuracy_report(accuracy: dict, history: list[dict], tokens: int, settings: 
     gap = None if None in scores.values() else scores["original"] - scores["before"]
     summary = {**scores, "tasks": list(settings.zero_shot_tasks), "limit": settings.zero_shot_limit,
                "gap_closed": (scores["after"] - scores["before"]) / gap if gap and gap > 0 else None}
+    from care_mla.evaluation.zeroshot import paired_difference
+
+    runs = accuracy["zero_shot"]
+    # on the same documents: healed − original, and what healing changed
+    summary["paired"] = {"after_minus_original": paired_difference(runs["after"], runs["original"])["mean"],
+                         "after_minus_before": paired_difference(runs["after"], runs["before"])["mean"]}
     out = {"zero_shot": accuracy["zero_shot"], "accuracy": summary}
     if "slice" in accuracy:
         sliced = accuracy["slice"]

@@ -126,6 +126,11 @@ def evaluate_into(report: dict, stage: StageTimer, original, converted, tokenize
     if settings.zero_shot_tasks:
         with stage("zero_shot"):
             report["zero_shot"] = zero_shot_pair(original, converted, tokenizer, settings)
+        from care_mla.evaluation.zeroshot import paired_difference
+
+        # converted − original on the same documents: the error of a difference, not of two scores
+        report["zero_shot_difference"] = paired_difference(report["zero_shot"]["converted"],
+                                                           report["zero_shot"]["original"])
 
 
 def evaluate_folder(path: str, *, eval_text: str = "austen", eval_samples: int = 64, eval_seq_len: int = 256,
