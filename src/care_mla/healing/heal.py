@@ -351,7 +351,8 @@ def accuracy_report(accuracy: dict, history: list[dict], tokens: int, settings: 
     scores = {k: r["average_acc"] for k, r in accuracy["zero_shot"].items()}
     gap = None if None in scores.values() else scores["original"] - scores["before"]
     summary = {**scores, "tasks": list(settings.zero_shot_tasks), "limit": settings.zero_shot_limit,
-               "gap_closed": (scores["after"] - scores["before"]) / gap if gap and gap > 0 else None}
+               # rounded: the means are sums of fractions, equal ones differ by ~1e-16
+               "gap_closed": round((scores["after"] - scores["before"]) / gap, 9) if gap is not None and gap > 1e-9 else None}
     from care_mla.evaluation.zeroshot import paired_difference
 
     runs = accuracy["zero_shot"]
