@@ -9,6 +9,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -129,3 +130,18 @@ def settings_for(model_dir, text_file, tmp_path, **kw) -> ConvertSettings:
     )
     base.update(kw)
     return ConvertSettings(**base)
+
+
+def layerwise_statistics(folder, ids: torch.Tensor, placement: dict | None):
+    """(calibration statistics, the model after) of the checkpoint in `folder` on `ids`, collected one decoder layer
+    at a time as conversion does, the layer spread by `placement` (submodule → device; None: one device)."""
+    from care_mla.io.checkpoint import CheckpointReader
+    from care_mla.pipeline.calibration import collect_statistics
+    from care_mla.pipeline.layerwise import layer_prefix, skeleton
+
+    reader = CheckpointReader(folder)
+    model = skeleton(AutoConfig.from_pretrained(folder))
+    model.model.embed_tokens.load_state_dict({"weight": reader.get("model.embed_tokens.weight")}, assign=True)
+    stats = collect_statistics(model, ids, batch_size=2, progress=False, layer_placement=placement,
+                               layer_weights=lambda i: reader.state(layer_prefix(i)))
+    return stats, model

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, make_tokenizer
+from conftest import VOCAB, layerwise_statistics, make_tokenizer
 from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
@@ -454,11 +454,6 @@ def test_calibration_over_a_placement_fuses_the_experts_as_one_device_does(moe_d
     placement["mlp.experts"] = "cpu"
     del placement["mlp"]
     placement["mlp.gate"] = "cpu"
-    runs = []
-    for place in (None, placement):
-        model = skeleton(config)
-        model.model.embed_tokens.load_state_dict({"weight": reader.get("model.embed_tokens.weight")}, assign=True)
-        runs.append(collect_statistics(model, ids, batch_size=2, progress=False, layer_placement=place,
-                                       layer_weights=lambda i: reader.state(layer_prefix(i))))
-    for a, b in zip(runs[0].second_moments, runs[1].second_moments):
+    (plain, _), (placed, _) = (layerwise_statistics(folder, ids, place) for place in (None, placement))
+    for a, b in zip(plain.second_moments, placed.second_moments):
         assert torch.equal(a, b)

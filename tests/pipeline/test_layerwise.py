@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_model
+from conftest import layerwise_statistics, make_tokenizer, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -262,20 +262,13 @@ def test_layer_placement_spreads_a_layer_that_does_not_fit_one_device(tiny_model
 
 def test_calibration_over_a_placement_matches_one_device(tiny_model_dir):
     """A layer spread by accelerate's hooks (every part on the CPU here) gives the same statistics, bit for bit."""
-    from transformers import AutoConfig
-
-    folder = tiny_model_dir("qwen2")
-    reader = CheckpointReader(folder)
-    config = AutoConfig.from_pretrained(folder)
     ids = torch.randint(3, 200, (4, 16))
     placement = {"self_attn.q_proj": "cpu", "self_attn.k_proj": "cpu", "self_attn.v_proj": "cpu",
                  "self_attn.o_proj": "cpu", "mlp": "cpu", "input_layernorm": "cpu", "post_attention_layernorm": "cpu"}
     runs = []
     for place in (None, placement):
-        model = skeleton(config)
-        model.model.embed_tokens.load_state_dict({"weight": reader.get("model.embed_tokens.weight")}, assign=True)
-        runs.append(collect_statistics(model, ids, batch_size=2, progress=False, layer_placement=place,
-                                       layer_weights=lambda i: reader.state(layer_prefix(i))))
+        stats, model = layerwise_statistics(tiny_model_dir("qwen2"), ids, place)
+        runs.append(stats)
         layers = model.model.layers
         assert all(p.is_meta for p in layers.parameters()) and not any(hasattr(m, "_hf_hook") for m in layers.modules())
     for a, b in zip(runs[0].second_moments, runs[1].second_moments):
