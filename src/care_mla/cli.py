@@ -39,6 +39,15 @@ def _emphasis(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number > 0, got {text!r}") from None
 
 
+def _optional_count(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or a positive integer, got {text!r}") from None
+
+
 def _add_eval_args(p: argparse.ArgumentParser, defaults=DEFAULTS,
                    eval_text_help: str = "held-out text: 'austen' or a UTF-8 file") -> None:
     p.add_argument("--eval-text", default=defaults.eval_text, help=eval_text_help)
@@ -134,8 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "forward time)")
     c.add_argument("--refit-output", action=argparse.BooleanOptionalAction, default=None,
                    help="refit each layer's o_proj (not cached) by least squares from the converted attention's "
-                        "heads to the original attention's output on the same inputs, layer after layer (~2x a "
-                        "calibration's forward time); default: on for care below parity")
+                        "heads to the original attention's output on the same inputs, layer after layer (about "
+                        "1.3 forward passes over --refit-samples windows); default: on for care below parity")
+    c.add_argument("--refit-samples", type=_optional_count, default=DEFAULTS.refit_samples, metavar="N|all",
+                   help="calibration windows (evenly spaced) the output refit runs over; 'all': every one "
+                        f"(default {DEFAULTS.refit_samples}; --compensate always runs every window)")
     _add_factorization_args(c, DEFAULTS)
     _add_calibration_args(c, DEFAULTS)
     c.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip perplexity and cache measurements")

@@ -125,6 +125,10 @@ class ConvertSettings(SettingsFile):
     # converted stream layer by layer, as compensation does). None: on for care below parity (measured better on
     # both models, README), off at parity (exact: nothing to refit) and for the baselines (as their authors made them)
     refit_output: bool | None = None
+    # calibration windows (evenly spaced) the output refit alone runs the converted stream over; compensation runs
+    # every window. The refit fits one h·d × h·d system per layer: 64 × 256 tokens measured as good as 256 × 256
+    # (docs/benchmarks.md) at a quarter of the passes. None: every window
+    refit_samples: int | None = 64
     whitening: Literal["cholesky", "sqrt"] = "cholesky"
     damping: float = 1e-2
     rank_min_ratio: float = 0.5  # adjusted: r_min = ratio · mean rank
@@ -231,6 +235,9 @@ class ConvertSettings(SettingsFile):
             devices = set(parse_max_memory(self.max_memory))
             if self.device == "cpu" and devices != {"cpu"}:
                 raise SettingsError("--max-memory names GPUs but --device is cpu; use --device cuda (or auto)")
+        if self.refit_samples is not None and self.refit_samples < 1:
+            raise SettingsError(f"refit_samples must be a positive integer (or None for every calibration window); "
+                                f"got {self.refit_samples}")
         for name in ("calib_samples", "calib_seq_len", "eval_samples", "eval_seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be a positive integer; got {getattr(self, name)}")

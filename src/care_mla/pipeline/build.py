@@ -65,7 +65,16 @@ def in_memory_compensation(model, windows: torch.Tensor | None, settings: Conver
                          "pass them (windows=), or set compensate=False, refit_output=False")
     parameter = next(model.parameters())
     dtype = calib_dtype(settings, model.config, parameter.device, parameter.dtype)[0]
-    return Compensation(windows, dtype, parameter.device)
+    return Compensation(sequential_windows(windows, settings), dtype, parameter.device)
+
+
+def sequential_windows(windows: torch.Tensor, settings: ConvertSettings) -> torch.Tensor:
+    """The calibration `windows` the converted stream runs over: all of them for compensation (its statistics are
+    the calibration's), else (the output refit alone) ``settings.refit_samples`` of them, evenly spaced."""
+    if settings.compensate or settings.refit_samples is None or settings.refit_samples >= windows.shape[0]:
+        return windows
+    picks = torch.linspace(0, windows.shape[0] - 1, settings.refit_samples).round().long()
+    return windows[picks]
 
 
 def build_converted(model, stats: CalibrationStats, settings: ConvertSettings,
@@ -185,7 +194,7 @@ def stream_converted(source: ModelSource, stats: CalibrationStats, settings: Con
     and/or output refit), whose two hidden-state streams run in the calibration's dtype on `device`."""
     compensation = None
     if settings.sequential_fit:
-        windows = calibration_windows(source.tokenizer, settings)
+        windows = sequential_windows(calibration_windows(source.tokenizer, settings), settings)
         compensation = Compensation(windows, calib_dtype(settings, source.config, device, dtype)[0], device)
     make = decoupled_stream if settings.latent == "decoupled" else latent_stream
     return make(source.config, source.reader, stats, settings, dtype, compensation=compensation)

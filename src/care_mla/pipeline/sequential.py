@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -43,23 +44,30 @@ def _stream(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) ->
     return [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
 
 
+#: Windows of the original stream that the drift of the converted stream is measured on when nothing else needs
+#: that stream (no compensation): the drift is a diagnostic, and the original stream over every window would cost
+#: a whole forward pass.
+DRIFT_WINDOWS = 8
+
+
 class _Stop(Exception):
     """Raised by a hook once the attention output is caught: the layer's MLP need not run."""
 
 
 @torch.no_grad()
 def output_moments(original: nn.Module, converted: nn.Module, hidden: list[torch.Tensor], original_kwargs: list[dict],
-                   converted_kwargs: list[dict]) -> OutputMoments:
+                   converted_kwargs: list[dict], heads: list[torch.Tensor] | None = None) -> OutputMoments:
     """`OutputMoments` of two decoder layers run on the same inputs `hidden` (each with its own architecture's
     keyword arguments): y is the `original` layer's attention output less the `converted` ``o_proj``'s bias, ô
-    the `converted` ``o_proj``'s input. Each layer stops after its ``o_proj``."""
+    the `converted` ``o_proj``'s input. Each layer stops after its ``o_proj``. With a list `heads`, each batch's
+    ô is appended to it (`_attention_from_heads` finishes the converted layer from them)."""
     caught: dict[str, torch.Tensor] = {}
 
     def output(_module, _args, out):
         caught["y"] = out
         raise _Stop
 
-    def heads(_module, args):
+    def catch_heads(_module, args):
         caught["heads"] = args[0]
         raise _Stop
 
@@ -69,7 +77,7 @@ def output_moments(original: nn.Module, converted: nn.Module, hidden: list[torch
     A = torch.zeros(m, m, dtype=torch.float64, device=o_conv.weight.device)
     B = torch.zeros(m, D, dtype=torch.float64, device=A.device)
     energy, count = 0.0, 0
-    handles = [original.self_attn.o_proj.register_forward_hook(output), o_conv.register_forward_pre_hook(heads)]
+    handles = [original.self_attn.o_proj.register_forward_hook(output), o_conv.register_forward_pre_hook(catch_heads)]
     try:
         for h, kw_o, kw_c in zip(hidden, original_kwargs, converted_kwargs):
             for layer, kw in ((original, kw_o), (converted, kw_c)):
@@ -77,6 +85,8 @@ def output_moments(original: nn.Module, converted: nn.Module, hidden: list[torch
                     layer(h, **kw)
                 except _Stop:
                     pass
+            if heads is not None:
+                heads.append(caught["heads"])
             x = caught["heads"].reshape(-1, m).double()
             y = caught["y"].reshape(-1, D).double()
             if bias is not None:
@@ -91,21 +101,38 @@ def output_moments(original: nn.Module, converted: nn.Module, hidden: list[torch
     return OutputMoments(A / count, B / count, energy / count)
 
 
+@contextmanager
+def _attention_from_heads(layer: nn.Module, heads: list[torch.Tensor]):
+    """`layer` whose attention, called once per batch in order, returns ``o_proj`` of that batch's `heads` (its
+    own ``o_proj``: a refitted weight applies) instead of recomputing them — the heads `output_moments` caught
+    on the same inputs, so the layer's output is the same tensor a full forward computes."""
+    attention = layer.self_attn
+    batches = iter(heads)
+    attention.forward = lambda *args, **kwargs: (attention.o_proj(next(batches)), None)
+    try:
+        yield layer
+    finally:
+        del attention.forward
+
+
 @torch.no_grad()
 def sequential_moments(original: nn.Module, converted: nn.Module, original_layer: Callable[[int], dict],
                        convert_layer: ConvertLayer, input_ids: torch.Tensor, *, embedding: torch.Tensor,
-                       dtype: torch.dtype, device: torch.device, batch_size: int = 8,
+                       dtype: torch.dtype, device: torch.device, batch_size: int = 8, compensate: bool = True,
                        refit_output: RefitOutput | None = None, progress: bool = True,
                        desc: str = "fitting layers on the converted stream") -> list[float]:
-    """Run the two streams over `input_ids` (N, T), converting layer after layer; returns, per layer, the drift
-    of the converted stream after it, ``Σ‖h̃ − h‖² / Σ‖h‖²`` over the calibration tokens.
+    """Run the converted stream over `input_ids` (N, T), converting layer after layer; returns, per layer, the
+    drift of the converted stream after it, ``Σ‖h̃ − h‖² / Σ‖h‖²`` (over every window with `compensate`, else
+    over the first `DRIFT_WINDOWS`).
 
     `original` and `converted` are skeletons (meta-device decoder layers, RoPE tables on `device`) of the
     original and the converted architecture; ``original_layer(i)`` gives the original layer i's tensors and
-    ``convert_layer(i, C̃, cross)`` the converted one's, made from the compensated statistics. With
-    ``refit_output`` the converted layer's tensors are then passed, with the `OutputMoments` of it and of the
-    original layer on the converted stream, to ``refit_output(i, moments, state)``, and what it returns is
-    streamed.
+    ``convert_layer(i, C̃, cross)`` the converted one's, made from the compensated statistics — with
+    `compensate`, which runs the original stream over every window beside the converted one; without it
+    ``convert_layer(i, None, None)``. With ``refit_output`` the converted layer's tensors are then passed, with
+    the `OutputMoments` of it and of the original layer's attention on the converted stream, to
+    ``refit_output(i, moments, state)``, and what it returns is streamed — the converted attention's heads are
+    computed once per layer for both (`_attention_from_heads`).
     """
     streams = []
     for model in (original, converted):  # each architecture's own RoPE tables and mask
@@ -115,37 +142,52 @@ def sequential_moments(original: nn.Module, converted: nn.Module, original_layer
         streams.append(capture_layer_inputs(model, input_ids, batch_size))
         embed.to("meta")
     (h_orig, kw_orig), (h_conv, kw_conv) = streams
+    if not compensate:  # the original layers' arguments serve every batch (the refit's targets), their stream a few
+        h_orig = h_orig[: -(-DRIFT_WINDOWS // batch_size)]
     layers = len(original.model.layers)
     bar = tqdm(range(layers), desc=desc, unit="layer", disable=not progress)
     drift = []
     for i in bar:
         t = time.perf_counter()
+        heads: list[torch.Tensor] | None = None
         with materialised(original.model.layers[i], {k: v.to(dtype) for k, v in original_layer(i).items()},
                            device) as layer:
-            norm = layer.input_layernorm
-            dim = norm.weight.shape[0]
-            moment = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-            cross = torch.zeros_like(moment)
-            count = 0
-            for ho, hc in zip(h_orig, h_conv):
-                x = norm(ho).reshape(-1, dim).float()
-                xc = norm(hc).reshape(-1, dim).float()
-                moment += (xc.T @ xc).double()
-                cross += (xc.T @ x).double()
-                count += x.shape[0]
-            state = convert_layer(i, moment / count, cross / count)
+            if compensate:
+                moment, cross = _input_moments(layer.input_layernorm, h_orig, h_conv, device)
+                state = convert_layer(i, moment, cross)
+            else:
+                state = convert_layer(i, None, None)
             if refit_output is not None:
+                heads = []
                 with materialised(converted.model.layers[i], {k: v.to(dtype) for k, v in state.items()},
                                    device) as converted_layer:
-                    outputs = output_moments(layer, converted_layer, h_conv, kw_orig, kw_conv)
+                    outputs = output_moments(layer, converted_layer, h_conv, kw_orig, kw_conv, heads)
                 state = refit_output(i, outputs, state)
             h_orig = _stream(layer, h_orig, kw_orig)
         with materialised(converted.model.layers[i], {k: v.to(dtype) for k, v in state.items()}, device) as layer:
-            h_conv = _stream(layer, h_conv, kw_conv)
+            with _attention_from_heads(layer, heads) if heads is not None else nullcontext(layer):
+                h_conv = _stream(layer, h_conv, kw_conv)
+        del heads
         error = sum(float((hc.float() - ho.float()).pow(2).sum()) for hc, ho in zip(h_conv, h_orig))
         drift.append(error / max(sum(float(ho.float().pow(2).sum()) for ho in h_orig), 1e-30))
         bar.set_postfix_str(f"{time.perf_counter() - t:.1f} s/layer, drift {drift[-1]:.3g}")
     return drift
+
+
+def _input_moments(norm: nn.Module, h_orig: list[torch.Tensor], h_conv: list[torch.Tensor],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C̃ = X̃ᵀX̃/N, X̃ᵀX/N) in float64 of a layer's attention inputs on the converted (X̃) and original (X) stream."""
+    dim = norm.weight.shape[0]
+    moment = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    cross = torch.zeros_like(moment)
+    count = 0
+    for ho, hc in zip(h_orig, h_conv):
+        x = norm(ho).reshape(-1, dim).float()
+        xc = norm(hc).reshape(-1, dim).float()
+        moment += (xc.T @ xc).double()
+        cross += (xc.T @ x).double()
+        count += x.shape[0]
+    return moment / count, cross / count
 
 
 @dataclass(frozen=True)
@@ -195,7 +237,8 @@ def compensated_layers(config, target, model_class: type, fit: FitLayer, layer_s
     c = compensation
     drift = sequential_moments(skeleton(config, c.device), skeleton(target, c.device, model_class), layer_state,
                                convert_layer, c.windows, embedding=embedding, dtype=c.dtype, device=c.device,
-                               batch_size=settings.batch_size, progress=settings.progress,
+                               batch_size=settings.batch_size, compensate=settings.compensate,
+                               progress=settings.progress,
                                refit_output=refit_output if settings.refit_output else None,
                                desc="fitting layers on the converted stream (" + ", ".join(
                                    n for n, on in (("compensation", settings.compensate),
