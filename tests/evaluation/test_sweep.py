@@ -230,7 +230,8 @@ def test_sweep_joint_cells_choose_their_objective_and_compensate(tiny_model_dir,
     cells = {c["key"]: c for c in sweep(s)["cells"]}
     joint = cells["care/uniform/joint@0.25"]
     assert joint["status"] == "evaluated" and joint["objective"] in ("attention", "value")
-    assert len(joint["objective_choice"]["calibration_loss"]) == 7
+    assert len(joint["objective_choice"]["screening_loss"]) == 7  # seven candidates screened, three finalists
+    assert len(joint["objective_choice"]["calibration_loss"]) == 3
     separate = cells["care/uniform/separate@0.25"]
     assert "objective_choice" not in separate  # the paper's separate latents: activation objective, no choice
     care_cell, svd_cell = s.cell("care", "uniform", "joint", 0.25), s.cell("svd", "uniform", "separate", 0.25)

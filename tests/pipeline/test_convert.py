@@ -65,8 +65,8 @@ def test_budget_is_met_exactly_and_measured(latent, allocation, tiny_model_dir, 
     expected = s if choice is None else dataclasses.replace(s, objective=report["objective"],
                                                             key_emphasis=report["key_emphasis"])
     if choice is not None:
-        assert len(choice["calibration_loss"]) == 7 and choice["chosen"] == min(
-            choice["calibration_loss"], key=choice["calibration_loss"].get)
+        assert len(choice["screening_loss"]) == 7 and len(choice["calibration_loss"]) == 3
+        assert choice["chosen"] == min(choice["calibration_loss"], key=choice["calibration_loss"].get)
     assert ConvertSettings.from_dict(json.loads((tmp_path / "out" / api.SETTINGS_FILE).read_text())) == expected
 
 

@@ -48,14 +48,44 @@ def test_best_takes_the_lowest_finite_loss():
         best(["a"], [float("inf")], "x")
 
 
+def test_screening_scores_every_candidate_on_a_few_windows_and_the_finalists_on_the_rest():
+    """Two rounds: each candidate's loss is a fixed per-window table here, so the means are known exactly."""
+    n, candidates = selection.SELECTION_WINDOWS, ["a", "b", "c", "d", "e"]
+    per_window = {c: torch.full((n,), float(k)) for k, c in enumerate(candidates)}
+    per_window["e"][:] = 10.0
+    per_window["e"][[1, 2, 3]] = -30.0  # best on the windows screening does not see, worst on those it does
+    per_window["d"][[0, 5, 10, 15]] = 0.5  # second best when screened, worse than "a" over all windows
+    calls = []
+
+    def score(chosen, windows):
+        calls.append((list(chosen), windows[:, 0].tolist()))
+        return [float(per_window[c][windows[:, 0].long()].mean()) for c in chosen]
+
+    windows = torch.arange(n).unsqueeze(1).repeat(1, 3)  # window k starts with token k
+    losses, screening = selection.screened_losses(candidates, windows, score)
+    assert calls[0] == (candidates, [0, 5, 10, 15])  # evenly spaced, the first and the last included
+    assert calls[1][0] == ["a", "b", "d"]  # the three lowest screened losses: a 0, d 0.5, b 1
+    assert sorted(calls[1][1]) == [k for k in range(n) if k not in (0, 5, 10, 15)]
+    assert screening == {0: 0.0, 1: 1.0, 2: 2.0, 3: 0.5, 4: 10.0}
+    assert losses[0] == 0.0 and losses[1] == 1.0 and losses[3] == pytest.approx((4 * 0.5 + 12 * 3.0) / 16)
+    assert math.isnan(losses[2]) and math.isnan(losses[4])  # screened out ("e" never reaches its good windows)
+    assert best(candidates, losses, "x")[0] == "a"
+    # nothing to screen: as many candidates as finalists, or no more windows than the screening takes
+    calls.clear()
+    assert selection.screened_losses(candidates[:3], windows, score)[1] == {} and len(calls) == 1
+    assert selection.screened_losses(candidates, windows[:4], score)[0] == [0.0, 1.0, 2.0, 2.375, -20.0]
+
+
 def test_choices_are_deterministic_and_recorded(tiny_model_dir, text_file, tmp_path):
     folder = tiny_model_dir("qwen2")
     reports = [api.convert(settings_for(folder, text_file, tmp_path, out=str(tmp_path / n), kv_fraction=0.25,
                                         latent="decoupled", allocation="uniform")) for n in ("a", "b")]
     a, b = reports
     assert a["objective_choice"] == b["objective_choice"] and a["rope_dim_choice"] == b["rope_dim_choice"]
-    losses = a["objective_choice"]["calibration_loss"]
-    assert len(losses) == 7 and a["objective_choice"]["chosen"] == min(losses, key=losses.get)
+    losses, screening = a["objective_choice"]["calibration_loss"], a["objective_choice"]["screening_loss"]
+    assert len(screening) == 7 and a["objective_choice"]["chosen"] == min(losses, key=losses.get)
+    # the finalists are the three best screened candidates
+    assert set(losses) == set(sorted(screening, key=screening.get)[:3])
     rope = a["rope_dim_choice"]["calibration_loss"]
     assert len(rope) >= 2 and all(k.startswith("qk_rope_head_dim ") for k in rope)
     saved = ConvertSettings.from_dict(__import__("json").loads((tmp_path / "a" / api.SETTINGS_FILE).read_text()))

@@ -104,8 +104,16 @@ def _convert_section(folder: Path, r: dict) -> list[str]:
         choice = r.get(field)
         if choice:
             lines += [f"Chosen by calibration loss ({title}): **{choice['chosen']}**", ""]
-            lines += _table(["candidate", "calibration loss (nats/token)"],
-                            [[k, _num(v, 6)] for k, v in choice["calibration_loss"].items()]) + [""]
+            screening, final = choice.get("screening_loss") or {}, choice["calibration_loss"]
+            windows = choice.get("windows") or {}
+            header = ["candidate", f"loss on {windows['all']} windows (nats/token)" if windows else
+                      "calibration loss (nats/token)"]
+            if screening:  # two rounds: every candidate on a few windows, the finalists on all
+                header.insert(1, f"screening, {windows['screening']} windows")
+                rows = [[k, _num(v, 6), _num(final[k], 6) if k in final else "—"] for k, v in screening.items()]
+            else:
+                rows = [[k, _num(v, 6)] for k, v in final.items()]
+            lines += _table(header, rows) + [""]
     rows = []
     width = r.get("kv_cache_width_per_layer") or {}
     if width:
