@@ -54,8 +54,10 @@ def moe_config(layers: int, experts: int, hidden: int, moe_intermediate: int) ->
                           max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
 
-def write_random_moe(folder: Path, config: Qwen3MoeConfig, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> int:
-    """`config` with random weights (std 0.02, norms 1) in the hub's checkpoint names; returns the weight bytes."""
+def write_random_moe(folder: Path, config: Qwen3MoeConfig, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                     scale: dict[str, float] | None = None) -> int:
+    """`config` with random weights (std 0.02, or ``scale[part]`` for tensors whose name contains that part; norms 1)
+    in the hub's checkpoint names; returns the weight bytes."""
     folder.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         state = checkpoint_entries(config, Qwen3MoeForCausalLM(config).state_dict())
@@ -63,7 +65,8 @@ def write_random_moe(folder: Path, config: Qwen3MoeConfig, dtype: torch.dtype = 
     writer = ShardWriter(folder, plan)
     gen = torch.Generator().manual_seed(seed)
     for name, shape, dt in plan:
-        writer.add(name, (torch.ones(shape) if "norm" in name else torch.randn(shape, generator=gen) * 0.02).to(dt))
+        std = next((v for part, v in (scale or {}).items() if part in name), 0.02)
+        writer.add(name, (torch.ones(shape) if "norm" in name else torch.randn(shape, generator=gen) * std).to(dt))
     writer.close()
     save_config(folder, config, None, "Qwen3MoeForCausalLM", dtype)
     AutoTokenizer.from_pretrained(assets.default_model_dir()).save_pretrained(folder)

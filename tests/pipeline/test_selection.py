@@ -3,6 +3,7 @@ on tiny random models."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -246,3 +247,39 @@ def test_compensation_settings_are_checked():
         ConvertSettings(method="svd", objective="attention")
     assert ConvertSettings(latent="separate").objective == "activation"
     assert ConvertSettings().objective == "auto" and ConvertSettings(objective="activation").key_emphasis == 1.0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_layer_finished_from_caught_heads_equals_its_forward(family):
+    """The refit's converted stream: the heads `output_moments` caught, pushed through the layer's own o_proj, give
+    the layer's output bit for bit — also after o_proj was changed (the refitted weight applies)."""
+    from conftest import tiny_model
+
+    from care_mla.pipeline.sequential import _attention_from_heads, output_moments
+
+    model = tiny_model(family)
+    hidden, kwargs = calibration.capture_layer_inputs(model, torch.randint(3, 200, (3, 24)), batch_size=2)
+    layer = model.model.layers[1]
+    with torch.no_grad():
+        heads = []
+        moments = output_moments(copy.deepcopy(layer), layer, hidden, kwargs, kwargs, heads)
+        assert [h.shape[:2] for h in heads] == [h.shape[:2] for h in hidden]  # one batch of heads per batch
+        assert moments.heads.shape == (layer.self_attn.o_proj.in_features,) * 2
+        for change in (0.0, 0.5):
+            layer.self_attn.o_proj.weight.mul_(1 + change)
+            with _attention_from_heads(layer, heads):
+                finished = [calibration.layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+            full = [calibration.layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+            assert all(torch.equal(a, b) for a, b in zip(finished, full))
+    assert "forward" not in vars(layer.self_attn)  # the attention is itself again
+
+
+def test_the_refit_runs_over_refit_samples_windows_and_compensation_over_all(tiny_model_dir, text_file, tmp_path):
+    settings = settings_for(tiny_model_dir("llama"), text_file, tmp_path, kv_fraction=0.5, refit_samples=4)
+    windows = torch.arange(16).unsqueeze(1).repeat(1, 5)
+    assert build.sequential_windows(windows, settings)[:, 0].tolist() == [0, 5, 10, 15]  # evenly spaced, both ends
+    assert torch.equal(build.sequential_windows(windows, dataclasses.replace(settings, compensate=True)), windows)
+    assert torch.equal(build.sequential_windows(windows, dataclasses.replace(settings, refit_samples=None)), windows)
+    assert torch.equal(build.sequential_windows(windows[:3], settings), windows[:3])
+    with pytest.raises(SettingsError, match="refit_samples"):
+        dataclasses.replace(settings, refit_samples=0)

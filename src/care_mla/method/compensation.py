@@ -15,8 +15,8 @@ attention's heads ô (its ``o_proj`` input) to what the original attention write
 inputs: ``W' = argmin E‖ô W'ᵀ − y‖² + λ‖W' − W_o‖²``. V's error reaches the residual stream only through
 ``o_proj``, and K's error changes which values are mixed; both are corrected where a linear map can. The
 statistics are E[ôôᵀ] and E[ôyᵀ] (h_q·d_v squared and h_q·d_v × D numbers), never the activations; it costs
-one more forward of the original and of the converted attention per layer (each stops at ``o_proj``). An exact
-conversion (ô = the original heads) gives W' = W_o.
+one more forward of the original attention per layer (it stops at ``o_proj``): the converted layer's heads are
+computed once and the layer finishes from them. An exact conversion (ô = the original heads) gives W' = W_o.
 
 The maths lives here (the refit from the streamed moments); the two streams that collect them run in
 `care_mla.pipeline.sequential`.
