@@ -3,7 +3,7 @@
 Each measurement runs in its own process so their peak RSS figures do not mix. Usage:
 
     python benchmarks/convert_speed.py [--model smollm2-135m-instruct] [--samples 256] [--seq-len 256]
-                                       [--device cpu|cuda] [--format care_mla|deepseek] [--compare-whole]
+                                       [--device cpu|cuda] [--format care_mla|deepseek] [--compare-whole] [--paper]
 
 On a GPU (`--device cuda`) both sides run there and the peak GPU memory is printed as well.
 """
@@ -61,7 +61,7 @@ t = time.perf_counter()
 report = convert(ConvertSettings(model=args["model"], out=args["out"], kv_fraction=0.5, calib_samples=args["samples"],
                                  calib_seq_len=args["seq_len"], calib_dtype=args["calib_dtype"], batch_size=args["batch_size"],
                                  evaluate=False, progress=False, cache_dir=args["cache"], layerwise=args["layerwise"],
-                                 overwrite=True, device=args["device"], format=args["format"]))
+                                 overwrite=True, device=args["device"], format=args["format"], **args.get("settings", {})))
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(),
                   "timings_s": report["timings_s"], "calibration_dtype": report["calibration"]["dtype"]}))
 """
@@ -83,6 +83,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--format", default="care_mla", choices=["care_mla", "deepseek"])
     p.add_argument("--compare-whole", action="store_true", help="also time the conversion with the whole model loaded")
+    p.add_argument("--paper", action="store_true",
+                   help="also time the paper's CARE (separate latents, activation objective, no output refit: no choice, "
+                        "no converted stream), its own calibration")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         args = {"model": a.model, "samples": a.samples, "seq_len": a.seq_len, "batch_size": a.batch_size,
@@ -92,6 +95,8 @@ def main() -> None:
         fwd = run(FORWARD, args)
         conv = run(CONVERT, {**args, "layerwise": True})
         whole = run(CONVERT, {**args, "layerwise": False, "cache": f"{tmp}/cache-whole"}) if a.compare_whole else None
+        paper = run(CONVERT, {**args, "layerwise": True, "cache": f"{tmp}/cache-paper", "settings": {
+            "latent": "separate", "objective": "activation", "refit_output": False}}) if a.paper else None
         total = time.perf_counter() - t
     tokens = a.samples * a.seq_len
     from hardware_probe import probe_summary  # benchmarks/ is on the path of a script run from it
@@ -102,12 +107,14 @@ def main() -> None:
     gpu = a.device == "cuda"
     print(f"{'':44s}{'wall s':>10s}{'peak RSS MB':>14s}" + (f"{'peak GPU MB':>14s}" if gpu else ""))
     for name, r in (("plain forward (decoder stack)", fwd), ("conversion, layer by layer (default)", conv),
-                    ("conversion, whole model loaded", whole)):
+                    ("conversion, whole model loaded", whole), ("the paper's CARE (no levers)", paper)):
         if r:
             print(f"{name:44s}{r['seconds']:10.1f}{r['peak_rss_mb']:14.0f}" + (f"{r['peak_gpu_mb']:14.0f}" if gpu else ""))
     print(f"ratio conversion / forward: {conv['seconds'] / fwd['seconds']:.2f}   stages: {conv['timings_s']}")
     if whole:
         print(f"ratio whole-model conversion / forward: {whole['seconds'] / fwd['seconds']:.2f}   stages: {whole['timings_s']}")
+    if paper:
+        print(f"ratio paper's CARE / forward: {paper['seconds'] / fwd['seconds']:.2f}   stages: {paper['timings_s']}")
     print(f"(benchmark wall time {total:.0f} s)")
 
 
