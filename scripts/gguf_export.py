@@ -13,6 +13,13 @@ is imported from the folder given (e.g. the llama-cpp-python sdist's vendor/llam
    linear by scaling the latent rows of `kv_a_proj_with_mqa` by a tiny s (weights ~1e-8, see
    `care_mla.formats.deepseek`), which float16 flushes to zero (the f16 GGUF then gives wrong tokens from
    the first one). The tensor is (kv_lora_rank + rope) x D, small next to the rest.
+3. A MoE export without a shared expert (Qwen3-MoE's: `n_shared_experts: 0`): llama.cpp's `deepseek2` creates the
+   shared-expert tensors of every MoE layer with width `moe_intermediate_size x n_shared_experts` and asserts they
+   exist (a width of 0 aborts the load: `GGML_ASSERT(!ggml_is_transposed(a))`). The converter reads a copy with
+   `n_shared_experts: 1` and one extra file of zero shared-expert weights (gate, up, down; they replace the export's
+   zero-width ones, which transformers writes for `n_shared_experts: 0`): silu(0)·0 through a zero
+   down projection adds exactly 0, so the layer computes what the export does (3 x hidden x
+   moe_intermediate_size more weights per MoE layer, and their multiply-adds).
 Anything else (the original Llama folder, a DeepSeek model) goes through the converter unchanged
 except for (2), which only touches `attn_kv_a_mqa`.
 """
@@ -31,19 +38,71 @@ def conversion_source(folder: Path, scratch: Path) -> tuple[Path, list[str]]:
     """The folder the converter should read, and the config changes made for llama.cpp."""
     cfg = json.loads((folder / "config.json").read_text())
     changes = []
-    if cfg.get("model_type") in ("deepseek_v3", "deepseek_v2") and cfg.get("q_lora_rank") is None:
+    deepseek = cfg.get("model_type") in ("deepseek_v3", "deepseek_v2")
+    if deepseek and cfg.get("q_lora_rank") is None:
         cfg["q_lora_rank"] = 0
         changes.append("q_lora_rank: null -> 0 (llama.cpp deepseek2 requires the key; 0 = plain q_proj)")
+    zeros = zero_shared_experts(folder, cfg) if deepseek and cfg.get("n_routed_experts") else {}
+    if zeros:
+        cfg["n_shared_experts"] = 1
+        changes.append(f"n_shared_experts: {cfg.get('n_shared_experts_was')} -> 1 with zero weights in "
+                       f"{len(zeros) // 3} MoE layers (llama.cpp deepseek2 requires a shared expert; zeros add 0)")
+        cfg.pop("n_shared_experts_was")
     if not changes:
         return folder, changes
     scratch.mkdir(parents=True, exist_ok=True)
+    index = folder / "model.safetensors.index.json"
     for f in folder.iterdir():
         link = scratch / f.name
-        if f.name == "config.json" or link.exists() or link.is_symlink():
+        if f.name == "config.json" or (zeros and f == index) or link.exists() or link.is_symlink():
             continue
         link.symlink_to(f.resolve())
     (scratch / "config.json").write_text(json.dumps(cfg, indent=2))
+    if zeros:
+        from safetensors.torch import save_file
+
+        save_file(zeros, str(scratch / ZERO_SHARED_FILE))
+        if index.is_file():  # the converter reads the files the index names
+            data = json.loads(index.read_text())
+            data["weight_map"].update(dict.fromkeys(zeros, ZERO_SHARED_FILE))
+            (scratch / index.name).write_text(json.dumps(data, indent=2))
     return scratch, changes
+
+
+#: Sorts after every shard (the converter reads them in order and a later tensor of a name replaces an earlier one:
+#: the export writes zero-width shared-expert tensors, which these replace).
+ZERO_SHARED_FILE = "model.zz-llamacpp-shared-experts.safetensors"
+
+
+def zero_shared_experts(folder: Path, cfg: dict) -> dict:
+    """Zero shared-expert tensors (checkpoint names) for every MoE layer of a DeepSeek export that has none, or {}.
+    MoE layers are those whose router (``mlp.gate.weight``) is in the checkpoint; the zeros take its dtype."""
+    import re
+
+    from safetensors import safe_open
+
+    if cfg.get("n_shared_experts"):
+        return {}
+    routers = {}
+    for part in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(part), framework="pt") as f:
+            for name in f.keys():
+                if m := re.fullmatch(r"model\.layers\.(\d+)\.mlp\.gate\.weight", name):
+                    routers[int(m.group(1))] = f.get_slice(name).get_dtype()
+    if not routers:
+        return {}
+    import torch
+
+    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    hidden, width = cfg["hidden_size"], cfg["moe_intermediate_size"]
+    cfg["n_shared_experts_was"] = cfg.get("n_shared_experts")
+    out = {}
+    for i, dtype in sorted(routers.items()):
+        prefix, dt = f"model.layers.{i}.mlp.shared_experts.", dtypes.get(dtype, torch.float32)
+        out[prefix + "gate_proj.weight"] = torch.zeros(width, hidden, dtype=dt)
+        out[prefix + "up_proj.weight"] = torch.zeros(width, hidden, dtype=dt)
+        out[prefix + "down_proj.weight"] = torch.zeros(hidden, width, dtype=dt)
+    return out
 
 
 def run_converter(convert_script: Path, argv: list[str]) -> None:
