@@ -44,10 +44,9 @@ def conversion_source(folder: Path, scratch: Path) -> tuple[Path, list[str]]:
         changes.append("q_lora_rank: null -> 0 (llama.cpp deepseek2 requires the key; 0 = plain q_proj)")
     zeros = zero_shared_experts(folder, cfg) if deepseek and cfg.get("n_routed_experts") else {}
     if zeros:
-        cfg["n_shared_experts"] = 1
-        changes.append(f"n_shared_experts: {cfg.get('n_shared_experts_was')} -> 1 with zero weights in "
+        changes.append(f"n_shared_experts: {cfg.get('n_shared_experts')} -> 1 with zero weights in "
                        f"{len(zeros) // 3} MoE layers (llama.cpp deepseek2 requires a shared expert; zeros add 0)")
-        cfg.pop("n_shared_experts_was")
+        cfg["n_shared_experts"] = 1
     if not changes:
         return folder, changes
     scratch.mkdir(parents=True, exist_ok=True)
@@ -95,7 +94,6 @@ def zero_shared_experts(folder: Path, cfg: dict) -> dict:
 
     dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
     hidden, width = cfg["hidden_size"], cfg["moe_intermediate_size"]
-    cfg["n_shared_experts_was"] = cfg.get("n_shared_experts")
     out = {}
     for i, dtype in sorted(routers.items()):
         prefix, dt = f"model.layers.{i}.mlp.shared_experts.", dtypes.get(dtype, torch.float32)

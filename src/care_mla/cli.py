@@ -251,7 +251,7 @@ def add_sweep_parser(sub) -> argparse.ArgumentParser:
                    help="care cells: error compensation across layers (~2x calibration time)")
     p.add_argument("--refit-output", action="store_true",
                    help="care cells: refit each layer's o_proj to the original attention outputs (about 1.3 forward passes "
-                        "over up to 128 calibration windows)")
+                        f"over up to {DEFAULTS.refit_samples} calibration windows)")
     _add_factorization_args(p, D)
     _add_calibration_args(p, D)
     _add_eval_args(p, D, "held-out text (also the zero-shot tasks' source)")

@@ -214,8 +214,6 @@ def choose_settings(config, settings: ConvertSettings,
     fields of each choice made. ``score(candidates, windows)`` gives each candidate's loss on `windows`, a subset
     of ``windows()`` (the selection windows, made once when a choice is needed): screened first
     (`screened_losses`)."""
-    from care_mla.pipeline.selection import best, screened_losses
-
     fields = {}
     selection = None
     for field, candidates_of, name_of in _STAGES:
