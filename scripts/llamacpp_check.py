@@ -20,8 +20,9 @@ For every model:
 3. KV cache: llama.cpp's own log line `llama_kv_cache: size = ...` for n_ctx `--kv-ctx`
    (default 8192) and an f16 cache, next to the expected layers x width x n_ctx x 2 bytes.
 4. Decode speed: prefill to each `--contexts` value in turn (default 2048 and 8192) and time
-   `--decode-tokens` greedy steps there, f16 GGUF (`decode_speeds`; every setting side by side:
-   `benchmarks/llamacpp_decode.py`).
+   `--decode-tokens` greedy steps there (`decode_speeds`), on the `--decode-outtype` GGUF (default f16)
+   with `--decode-flash` (off, on, or mla: on for the exports only — the fastest measured on a CPU;
+   every setting side by side: `benchmarks/llamacpp_decode.py`).
 Every llama.cpp load runs in a child process (clean memory, captured logs).
 Exit status 0 when every f32 GGUF gives transformers' tokens on every prompt, 1 otherwise.
 """
@@ -260,6 +261,7 @@ def markdown(results: list[dict], args) -> str:
     n_p = len(results[0]["greedy"]["f32"]["prefix"]) if results and "f32" in results[0]["greedy"] else 0
     head = ("| model | cache/token/layer | llama.cpp f32 vs HF (prefix per prompt) | f16 vs HF | "
             f"vs original HF | max abs Δlogit f32 / f16 | KV MiB @ {args.kv_ctx} (llama.cpp / expected) | "
+            + (" decode: weights, flash_attn |" if args.contexts else "")
             + "".join(f" decode tok/s @ {c} |" for c in args.contexts))
     lines.append(head)
     lines.append("|" + "---|" * (head.count("|") - 1))
@@ -272,15 +274,20 @@ def markdown(results: list[dict], args) -> str:
         kvs = (f"{kv.get('llamacpp_mib') or float('nan'):.2f} (K {d.get('k', float('nan')):.2f}, V {d.get('v', float('nan')):.2f})"
                f" / {kv.get('expected_mib', float('nan')):.2f}")
         sp = {s["context"]: s["decode_tok_s"] for s in r.get("speed", [])}
+        ds = r.get("decode_setting")
         lines.append(f"| {r['label']} | {r['cache_width']} | {pre('f32')} | {pre('f16')} | "
                      f"{'/'.join(str(x) for x in r.get('vs_original_prefix', [])) or '-'} | {dl} | {kvs} |"
+                     + (f" {ds['outtype']}, {'on' if ds['flash_attn'] else 'off'} |" if ds else
+                        (" - |" if args.contexts else ""))
                      + "".join(f" {sp[c]:.1f} |" if c in sp else " - |" for c in args.contexts))
     lines.append("")
     lines.append(f"Prefix: greedy tokens (of {args.new_tokens}) equal before the first difference, one number per "
                  f"prompt ({n_p} prompts), same token ids fed to both. KV: f16 cache, llama.cpp's "
                  "`llama_kv_cache: size` log line; expected = layers x width x n_ctx x 2 B. "
-                 f"Decode: {args.decode_tokens} greedy steps after a prefill to the context, best of {args.repeats}, f16 GGUF, "
-                 f"{args.threads} threads, flash_attn={args.flash_attn}.")
+                 f"Decode: {args.decode_tokens} greedy steps after a prefill to the context, best of {args.repeats}, "
+                 f"{args.decode_outtype} GGUF, {args.threads} thread(s), f16 KV cache, flash attention "
+                 + {"off": "off", "on": "on", "mla": "on for the MLA exports and off for the original (the fastest "
+                    "measured for each, docs/serving.md)"}[args.decode_flash] + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -300,7 +307,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="llama.cpp threads (default 1: ggml's OpenMP threads spin at barriers, and on a shared "
                          "2-core machine 2 threads ran prefill 6x slower than 1)")
-    ap.add_argument("--flash-attn", action="store_true", help="llama.cpp flash attention (default off)")
+    ap.add_argument("--flash-attn", action="store_true", help="llama.cpp flash attention for the greedy and KV loads "
+                    "(default off)")
+    ap.add_argument("--decode-outtype", default="f16",
+                    help="GGUF type whose decode is timed (default f16; one not in --outtypes is converted for the "
+                         "timing only, e.g. q8_0)")
+    ap.add_argument("--decode-flash", choices=["off", "on", "mla"], default="off",
+                    help="flash attention for the timed decode: off, on, or mla = on for the MLA exports (deepseek2) "
+                         "and off for the GQA original — the fastest measured on a CPU (docs/serving.md)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
     args = ap.parse_args(argv)
@@ -324,7 +338,7 @@ def main(argv=None) -> int:
         r["converter_config_changes"] = conversion_source(folder, args.work / f"{slug}-convert-src")[1]
         r["converter_f32_tensors"] = list(F32_TENSORS)
         r["gguf"], r["convert_s"] = {}, {}
-        for t in outtypes:
+        for t in dict.fromkeys(outtypes + ([args.decode_outtype] if args.contexts else [])):
             out = args.work / f"{slug}-{t}.gguf"
             r["convert_s"][t] = convert_gguf(args.convert_script, folder, out, t, args.work / f"{slug}-{t}.convert.log")
             r["gguf"][t] = str(out)
@@ -359,8 +373,11 @@ def main(argv=None) -> int:
                    "expected_mib": layers * width * args.kv_ctx * 2 / 2**20}
         print(f"   KV @ {args.kv_ctx}: {r['kv']['llamacpp_mib']} MiB (expected {r['kv']['expected_mib']:.2f})", flush=True)
         if args.contexts:
-            res = run_worker({"task": "speed", "gguf": kv_gguf, "contexts": args.contexts, "kv_type": "f16",
-                              "threads": args.threads, "flash": args.flash_attn, "repeats": args.repeats,
+            mla = meta.get("general.architecture") == "deepseek2"
+            flash = args.decode_flash == "on" or (args.decode_flash == "mla" and mla)
+            r["decode_setting"] = {"outtype": args.decode_outtype, "flash_attn": flash}
+            res = run_worker({"task": "speed", "gguf": r["gguf"][args.decode_outtype], "contexts": args.contexts,
+                              "kv_type": "f16", "threads": args.threads, "flash": flash, "repeats": args.repeats,
                               "decode_tokens": args.decode_tokens}, args.work, f"{slug}-speed")
             r["speed"] = res["runs"]
             for s in res["runs"]:

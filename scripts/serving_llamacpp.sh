@@ -20,8 +20,9 @@
 #     qk_nope_head_dim >= 1. The exact parity export (192 RoPE dims as longrope, qk_nope 0) aborts there,
 #     and a non-portable export below parity loads but runs RoPE at rope_theta = 1 (wrong tokens).
 #  4. scripts/llamacpp_check.py: GGUF f32 + f16 per model, greedy tokens vs transformers,
-#     KV-cache size at n_ctx 8192, decode tok/s at 2K and 8K (1 thread); $WORK/llamacpp_check.{json,md}.
-#     About 22 min for the four models on 2 shared cores (most of it the 8K prefills and transformers).
+#     KV-cache size at n_ctx 8192, decode tok/s at 2K and 8K (1 thread) with the settings measured fastest
+#     on a CPU ($DECODE: q8_0 weights, flash attention on for the MLA exports and off for the GQA original;
+#     docs/serving.md); $WORK/llamacpp_check.{json,md}, the table printed at the end.
 #
 # Settings (environment):
 #   LLAMA_CPP_PYTHON=0.3.36   the verified llama-cpp-python (its vendored llama.cpp: ggml-org/llama.cpp@0c1e57098)
@@ -29,6 +30,7 @@
 #   MODEL=smollm2-135m-instruct (or an HF folder, or tiny-qwen3-moe: scripts/random_moe.py, a random MoE model)
 #   FRACTIONS="1.0 0.5 0.25"
 #   CONVERT_ARGS="--calib-samples 32 --calib-seq-len 256 --no-eval"   CHECK_ARGS=""  (extra llamacpp_check.py options)
+#   DECODE="--decode-outtype q8_0 --decode-flash mla"  (the timed decode's GGUF type and flash attention)
 #   OBJECTIVE=activation      ROPE_DIMS="1.0=64 0.5=48 0.25=32"  (F=RoPE width; an F not listed: chosen)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +44,7 @@ FRACTIONS=${FRACTIONS:-1.0 0.5 0.25}
 CONVERT_ARGS=${CONVERT_ARGS:---calib-samples 32 --calib-seq-len 256 --no-eval}
 OBJECTIVE=${OBJECTIVE:-activation}
 ROPE_DIMS=${ROPE_DIMS-1.0=64 0.5=48 0.25=32}
+DECODE=${DECODE---decode-outtype q8_0 --decode-flash mla}
 rope_dim() { for pair in $ROPE_DIMS; do if [ "${pair%%=*}" = "$1" ]; then echo "--rope-dim ${pair#*=}"; fi; done; }
 mkdir -p "$CACHE/wheels" "$WORK"
 PY="$ROOT/$VENV/bin/python"
@@ -97,4 +100,4 @@ done
 # 4. the check
 # shellcheck disable=SC2086
 "$PY" scripts/llamacpp_check.py --convert-script "$CONVERTER" --original "$ORIG" "${EXPORTS[@]}" \
-  --work "$WORK/gguf" --json "$WORK/llamacpp_check.json" --md "$WORK/llamacpp_check.md" ${CHECK_ARGS:-}
+  --work "$WORK/gguf" --json "$WORK/llamacpp_check.json" --md "$WORK/llamacpp_check.md" $DECODE ${CHECK_ARGS:-}
