@@ -31,7 +31,8 @@ TINY = ["--calib-samples", "16", "--calib-seq-len", "32", "--eval-samples", "4",
         "--calib-dtype", "float32", "--dtype", "float32", "--quiet"]
 #: Report fields that differ between two runs of the same conversion.
 VOLATILE = {"timings_s", "peak_rss_mb", "peak_rss_mb_conversion", "model", "text", "statistics", "cache_file",
-            "wall_time_s", "tokens_per_s", "threads", "out", "converted", "teacher", "hardware", "created"}
+            "wall_time_s", "tokens_per_s", "threads", "out", "converted", "teacher", "hardware", "created",
+            "peak_rss_mb_by_stage", "seconds", "cache_dir", "calib_text", "eval_text"}
 
 
 def tiny_models(folder: Path, text: Path) -> dict[str, Path]:

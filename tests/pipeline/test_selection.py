@@ -42,6 +42,33 @@ def test_streamed_losses_equal_the_built_models_loss(tiny_model_dir, text_file, 
     assert len(set(round(x, 6) for x in got)) == 3  # the objectives do make different models
 
 
+def test_candidates_share_each_layers_weightings_and_skip_the_error_table(tiny_model_dir, text_file, tmp_path):
+    """The candidates of a choice reuse one layer's attention weightings (computed once per layer, whatever the
+    objective or key emphasis) and build no error table: their layers are bit for bit what each builds alone."""
+    folder = tiny_model_dir("llama")
+    s = settings_for(folder, text_file, tmp_path, latent="joint", allocation="uniform", kv_fraction=0.4,
+                     objective="activation", refit_output=False)
+    model, tokenizer, _ = load.load_model(str(folder), torch.float32, torch.device("cpu"))
+    stats = calibration.calibrate(model, tokenizer, str(folder), s)
+    candidates = [dataclasses.replace(s, objective=o, key_emphasis=e) for o, e in
+                  (("value", 1.0), ("attention", 2.0), ("attention", 4.0))]
+    reader = CheckpointReader(folder)
+    alone = [build.latent_stream(model.config, reader, stats, c, torch.float32) for c in candidates]
+    shared = plan.SharedWeightings()
+    made = []
+    get = shared.get
+    shared.get = lambda i, make: get(i, lambda: made.append(i) or make())
+    together = [build.latent_stream(model.config, reader, stats, c, torch.float32, shared=shared, errors=False)
+                for c in candidates]
+    for i in range(model.config.num_hidden_layers):
+        for a, b in zip(alone, together):  # layer i of every candidate in turn, as the choice builds them
+            x, y = a.layer(i), b.layer(i)
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert made == list(range(model.config.num_hidden_layers))  # once per layer, not once per candidate
+    assert all("k_rel_error" in row for row in alone[0].fields["layers"])
+    assert not any("k_rel_error" in row for p in together for row in p.fields["layers"])
+
+
 def test_best_takes_the_lowest_finite_loss():
     assert best(["a", "b", "c"], [2.0, float("nan"), 1.5], "x")[0] == "c"
     assert best(["a", "b"], [1.0, 1.0], "x")[0] == "a"  # first on ties: deterministic
@@ -265,6 +292,10 @@ def test_a_layer_finished_from_caught_heads_equals_its_forward(family):
         moments = output_moments(copy.deepcopy(layer), layer, hidden, kwargs, kwargs, heads)
         assert [h.shape[:2] for h in heads] == [h.shape[:2] for h in hidden]  # one batch of heads per batch
         assert moments.heads.shape == (layer.self_attn.o_proj.in_features,) * 2
+        x = torch.cat([h.reshape(-1, h.shape[-1]) for h in heads]).double()
+        assert torch.allclose(moments.heads, x.T @ x / x.shape[0], rtol=1e-12, atol=1e-15)
+        assert torch.allclose(moments.cross, moments.heads @ layer.self_attn.o_proj.weight.double().T,
+                              rtol=1e-6, atol=1e-9)  # y is the same layer's o_proj of the same heads
         for change in (0.0, 0.5):
             layer.self_attn.o_proj.weight.mul_(1 + change)
             with _attention_from_heads(layer, heads):

@@ -20,6 +20,7 @@ from care_mla.method.statistics import CalibrationStats
 from care_mla.pipeline.calibration import calibration_windows
 from care_mla.pipeline.load import ModelSource, calib_dtype
 from care_mla.pipeline.plan import (
+    SharedWeightings,
     decoupled_layer,
     decoupled_target,
     format_layer_table,
@@ -117,9 +118,11 @@ class ConvertedStream:
 
 
 def latent_stream(config, reader: CheckpointReader, stats: CalibrationStats, settings: ConvertSettings,
-                   dtype: torch.dtype, compensation: Compensation | None = None) -> ConvertedStream:
+                   dtype: torch.dtype, compensation: Compensation | None = None, *,
+                   shared: SharedWeightings | None = None, errors: bool = True) -> ConvertedStream:
     """The latent model's stream; with ``settings.sequential_fit`` its factors are fitted first, layer after layer,
-    as `compensation` says."""
+    as `compensation` says. A candidate of a choice passes the `shared` weightings of its fellow candidates and
+    no `errors` (its per-layer table is never shown)."""
     from care_mla.formats.mapping import latent_layer_state
     from care_mla.formats.modeling_care_mla import CareMlaForCausalLM
     from care_mla.pipeline.layerwise import kv_weights_reader, layer_prefix, qo_weights_reader
@@ -136,7 +139,8 @@ def latent_stream(config, reader: CheckpointReader, stats: CalibrationStats, set
     def layer(i: int) -> dict[str, torch.Tensor]:
         if fitted is not None:
             return latent_layer_state(reader.state(layer_prefix(i), dtype), fitted[i])
-        latent, row = layer_latent(i, ranks[i], kv_weights, stats, settings, qo_weights, config)
+        latent, row = layer_latent(i, ranks[i], kv_weights, stats, settings, qo_weights, config, shared=shared,
+                                   errors=errors)
         fields["layers"].append(row)
         return latent_layer_state(reader.state(layer_prefix(i), dtype), latent)
 

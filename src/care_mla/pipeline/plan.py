@@ -64,10 +64,27 @@ def layer_qo_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
     return attn.q_proj.weight.detach().T.float().cpu(), attn.o_proj.weight.detach().T.float().cpu()
 
 
+class SharedWeightings:
+    """The attention weightings of the layer asked for last, on the calibration statistics: the candidates of a
+    choice build layer i one after the other, and every objective but "activation", whatever its key emphasis,
+    weighs by the same two matrices (`objectives.attention_weightings`) — computed once per layer, not once per
+    candidate. Holds one layer's (two small matrices per KV head)."""
+
+    def __init__(self) -> None:
+        self._layer: int | None = None
+        self._value = None
+
+    def get(self, i: int, make: Callable[[], tuple]) -> tuple:
+        if self._layer != i:
+            self._layer, self._value = i, make()
+        return self._value
+
+
 def attention_weights(config, qo_weights: QoWeights | None, i: int, C: torch.Tensor,
-                      settings: ConvertSettings) -> dict:
+                      settings: ConvertSettings, shared: SharedWeightings | None = None) -> dict:
     """The weightings of `settings.objective` for one layer (`objectives`): ``{"key_weight", "value_weight"}``
-    for "attention", ``{"value_weight"}`` for "value", {} for "activation"."""
+    for "attention", ``{"value_weight"}`` for "value", {} for "activation". `shared`: reuse what another
+    candidate computed for layer i (only for the calibration's C, never a compensated one)."""
     if settings.objective == "activation":
         return {}
     if settings.objective == "auto" or settings.key_emphasis == "auto":
@@ -76,9 +93,12 @@ def attention_weights(config, qo_weights: QoWeights | None, i: int, C: torch.Ten
         raise ValueError("the attention objective needs the layer's q_proj and o_proj weights")
     from care_mla.method.objectives import attention_weightings
 
-    W_q, W_o = (w.to(C.device) for w in qo_weights(i))
-    k, v = attention_weightings(W_q, W_o, C, num_heads=config.num_attention_heads,
-                                num_kv_heads=config.num_key_value_heads, head_dim=head_dim(config))
+    def make() -> tuple:
+        W_q, W_o = (w.to(C.device) for w in qo_weights(i))
+        return attention_weightings(W_q, W_o, C, num_heads=config.num_attention_heads,
+                                    num_kv_heads=config.num_key_value_heads, head_dim=head_dim(config))
+
+    k, v = make() if shared is None else shared.get(i, make)
     return {"key_weight": k, "value_weight": v} if settings.objective == "attention" else {"value_weight": v}
 
 
@@ -159,31 +179,37 @@ _BRANCH = {"k": "key", "v": "value"}
 
 def layer_latent(i: int, ranks: list[int], kv_weights: KvWeights, stats: CalibrationStats,
                  settings: ConvertSettings, qo_weights: QoWeights | None = None,
-                 config=None, moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[LayerLatent, dict]:
-    """Layer i's factors at `ranks` (from `plan_ranks`) and its row of the per-layer table (ranks, relative errors).
+                 config=None, moments: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+                 shared: SharedWeightings | None = None, errors: bool = True) -> tuple[LayerLatent, dict]:
+    """Layer i's factors at `ranks` (from `plan_ranks`) and its row of the per-layer table (ranks, and relative
+    errors unless not `errors`: a candidate of a choice needs no table).
 
     The factorization runs on the conversion's device (`_layer_inputs`); the factors are returned on the CPU.
-    The attention objective needs `qo_weights` and the model's `config`. `moments` = (C̃, X̃ᵀX/N) of error
-    compensation (`compensation`) replace the layer's calibration statistics (errors are then relative to C̃).
+    The attention objective needs `qo_weights` and the model's `config` (`shared`: weightings other candidates
+    computed). `moments` = (C̃, X̃ᵀX/N) of error compensation (`compensation`) replace the layer's calibration
+    statistics (errors are then relative to C̃).
     """
     W_k, W_v, C, abs_mean = _layer_inputs(i, kv_weights, stats, settings)
     cross = None
     if moments is not None:
         C, cross = (m.to(C.device) for m in moments)
-    weights = attention_weights(config, qo_weights, i, C, settings)
+    weights = attention_weights(config, qo_weights, i, C, settings, shared if moments is None else None)
     if cross is not None:
         weights = {**weights, "cross": cross}
     if settings.latent == "joint":
         (r,) = ranks
         f = _joint_factorize(W_k, W_v, C, r, settings, weights)
-        W_hat, m_k = f.weight(), W_k.shape[1]
-        row = {"layer": i, "kv_rank": r, "k_rel_error": relative_error(W_k, W_hat[:, :m_k], C),
-               "v_rel_error": relative_error(W_v, W_hat[:, m_k:], C)}
+        row = {"layer": i, "kv_rank": r}
+        if errors:
+            W_hat, m_k = f.weight(), W_k.shape[1]
+            row.update(k_rel_error=relative_error(W_k, W_hat[:, :m_k], C),
+                       v_rel_error=relative_error(W_v, W_hat[:, m_k:], C))
         return LayerLatent((_to_cpu(f),)), row
     fk, fv = (_factorize(settings.method, W, C, abs_mean, r, settings, weights.get(f"{_BRANCH[b]}_weight"), cross)
               for b, W, r in zip("kv", (W_k, W_v), ranks))
-    row = {"layer": i, "k_rank": fk.rank, "v_rank": fv.rank, "k_rel_error": relative_error(W_k, fk.weight(), C),
-           "v_rel_error": relative_error(W_v, fv.weight(), C)}
+    row = {"layer": i, "k_rank": fk.rank, "v_rank": fv.rank}
+    if errors:
+        row.update(k_rel_error=relative_error(W_k, fk.weight(), C), v_rel_error=relative_error(W_v, fv.weight(), C))
     return LayerLatent((_to_cpu(fk), _to_cpu(fv))), row
 
 

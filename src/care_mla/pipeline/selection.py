@@ -33,6 +33,7 @@ from care_mla.method.statistics import CalibrationStats
 from care_mla.pipeline.build import build_converted, decoupled_stream, latent_stream
 from care_mla.pipeline.calibration import calibration_windows, capture_layer_inputs, layer_output, materialised
 from care_mla.pipeline.layerwise import skeleton
+from care_mla.pipeline.plan import SharedWeightings
 from care_mla.settings import ConvertSettings
 
 logger = logging.getLogger(__name__)
@@ -261,13 +262,16 @@ def choose_settings_streamed(config, reader: CheckpointReader, tokenizer, stats:
     from care_mla.pipeline.selection import streamed_losses
 
     memo = LayerMemo(reader)
+    decoupled = settings.latent == "decoupled"
+    # latents: the candidates share each layer's attention weightings and skip the per-layer error table
+    candidate = {} if decoupled else {"shared": SharedWeightings(), "errors": False}
 
     def score(candidates: list[ConvertSettings], windows: torch.Tensor) -> list[float]:
-        make = decoupled_stream if settings.latent == "decoupled" else latent_stream
-        streams = [make(config, memo, stats, candidates[0], dtype)]
+        make = decoupled_stream if decoupled else latent_stream
+        streams = [make(config, memo, stats, candidates[0], dtype, **candidate)]
         for c in candidates[1:]:  # a RoPE plan depends on rope_dim only: shared by candidates that share it
-            same = settings.latent == "decoupled" and c.rope_dim == candidates[0].rope_dim
-            streams.append(make(config, memo, stats, c, dtype, **({"split": streams[0].split} if same else {})))
+            same = decoupled and c.rope_dim == candidates[0].rope_dim
+            streams.append(make(config, memo, stats, c, dtype, **({"split": streams[0].split} if same else candidate)))
         first = streams[0]
         return streamed_losses(first.model_class, first.tensor, [(p.config, p.layer) for p in streams], windows,
                                dtype=dtype, device=device, batch_size=settings.batch_size, progress=settings.progress,
