@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -128,13 +129,16 @@ def transformers_greedy(folder: Path, ids: list[list[int]], new_tokens: int) -> 
 
 # ----------------------------------------------------------------------------- llama.cpp side (child)
 
-def _llama(path: str, n_ctx: int, kv_type: str, threads: int, flash: bool, n_batch: int = 512):
+def _llama(path: str, n_ctx: int, kv_type: str, threads: int, flash: bool, n_batch: int = 512,
+           threads_batch: int | None = None):
+    """A llama.cpp model: `threads` for one-token steps (decode), `threads_batch` (default `threads`) for longer
+    batches (prefill) — llama.cpp picks between the two by the batch's token count."""
     import llama_cpp
 
     t = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv_type]
     return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, type_k=t, type_v=t,
-                           n_threads=threads, n_threads_batch=threads, flash_attn=flash, verbose=True,
-                           logits_all=False)
+                           n_threads=threads, n_threads_batch=threads_batch or threads, flash_attn=flash,
+                           verbose=True, logits_all=False)
 
 
 def _last_logits(llm):
@@ -167,7 +171,8 @@ def decode_speeds(job: dict) -> list[dict]:
     import random
 
     contexts = sorted(job["contexts"])
-    llm = _llama(job["gguf"], contexts[-1], job["kv_type"], job["threads"], job["flash"])
+    llm = _llama(job["gguf"], contexts[-1], job["kv_type"], job["threads"], job["flash"],
+                 threads_batch=job.get("prefill_threads"))
     rng = random.Random(0)
     tokens = [rng.randrange(100, llm.n_vocab()) for _ in range(contexts[-1])]
     llm.reset()
@@ -307,6 +312,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="llama.cpp threads (default 1: ggml's OpenMP threads spin at barriers, and on a shared "
                          "2-core machine 2 threads ran prefill 6x slower than 1)")
+    ap.add_argument("--skip-speed", type=lambda s: [x for x in s.split(",") if x], default=[], metavar="LABELS",
+                    help="comma-separated labels (original, or an --export's) whose decode is not timed")
+    ap.add_argument("--prefill-threads", type=int, default=len(os.sched_getaffinity(0)),
+                    help="threads of the prefills before the timed decodes (default: every usable core; the decode "
+                         "itself runs --threads)")
     ap.add_argument("--flash-attn", action="store_true", help="llama.cpp flash attention for the greedy and KV loads "
                     "(default off)")
     ap.add_argument("--decode-outtype", default="f16",
@@ -338,7 +348,8 @@ def main(argv=None) -> int:
         r["converter_config_changes"] = conversion_source(folder, args.work / f"{slug}-convert-src")[1]
         r["converter_f32_tensors"] = list(F32_TENSORS)
         r["gguf"], r["convert_s"] = {}, {}
-        for t in dict.fromkeys(outtypes + ([args.decode_outtype] if args.contexts else [])):
+        for t in dict.fromkeys(outtypes + ([args.decode_outtype] if args.contexts and label not in args.skip_speed
+                                           else [])):
             out = args.work / f"{slug}-{t}.gguf"
             r["convert_s"][t] = convert_gguf(args.convert_script, folder, out, t, args.work / f"{slug}-{t}.convert.log")
             r["gguf"][t] = str(out)
@@ -372,12 +383,13 @@ def main(argv=None) -> int:
                    "llamacpp_mib": res.get("kv_mib", {}).get("total"), "detail": res.get("kv_mib"),
                    "expected_mib": layers * width * args.kv_ctx * 2 / 2**20}
         print(f"   KV @ {args.kv_ctx}: {r['kv']['llamacpp_mib']} MiB (expected {r['kv']['expected_mib']:.2f})", flush=True)
-        if args.contexts:
+        if args.contexts and label not in args.skip_speed:
             mla = meta.get("general.architecture") == "deepseek2"
             flash = args.decode_flash == "on" or (args.decode_flash == "mla" and mla)
             r["decode_setting"] = {"outtype": args.decode_outtype, "flash_attn": flash}
             res = run_worker({"task": "speed", "gguf": r["gguf"][args.decode_outtype], "contexts": args.contexts,
                               "kv_type": "f16", "threads": args.threads, "flash": flash, "repeats": args.repeats,
+                              "prefill_threads": args.prefill_threads,
                               "decode_tokens": args.decode_tokens}, args.work, f"{slug}-speed")
             r["speed"] = res["runs"]
             for s in res["runs"]:

@@ -30,7 +30,9 @@
 #   MODEL=smollm2-135m-instruct (or an HF folder, or tiny-qwen3-moe: scripts/random_moe.py, a random MoE model)
 #   FRACTIONS="1.0 0.5 0.25"
 #   CONVERT_ARGS="--calib-samples 32 --calib-seq-len 256 --no-eval"   CHECK_ARGS=""  (extra llamacpp_check.py options)
-#   DECODE="--decode-outtype q8_0 --decode-flash mla"  (the timed decode's GGUF type and flash attention)
+#   DECODE="--decode-outtype q8_0 --decode-flash mla --skip-speed F=1.0"  (the timed decode's GGUF type and flash
+#     attention; the parity export checks tokens and cache only: its 320 + 64 geometry is no serving choice, and its
+#     8K prefill alone took minutes)
 #   OBJECTIVE=activation      ROPE_DIMS="1.0=64 0.5=48 0.25=32"  (F=RoPE width; an F not listed: chosen)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,7 +46,7 @@ FRACTIONS=${FRACTIONS:-1.0 0.5 0.25}
 CONVERT_ARGS=${CONVERT_ARGS:---calib-samples 32 --calib-seq-len 256 --no-eval}
 OBJECTIVE=${OBJECTIVE:-activation}
 ROPE_DIMS=${ROPE_DIMS-1.0=64 0.5=48 0.25=32}
-DECODE=${DECODE---decode-outtype q8_0 --decode-flash mla}
+DECODE=${DECODE---decode-outtype q8_0 --decode-flash mla --skip-speed F=1.0}
 rope_dim() { for pair in $ROPE_DIMS; do if [ "${pair%%=*}" = "$1" ]; then echo "--rope-dim ${pair#*=}"; fi; done; }
 mkdir -p "$CACHE/wheels" "$WORK"
 PY="$ROOT/$VENV/bin/python"
