@@ -2,11 +2,12 @@
 # Export to llama.cpp (GGUF `deepseek2`, its MLA path) and check it against transformers, on the CPU.
 #
 #   bash scripts/serving_llamacpp.sh            # SmolLM2-135M: original + exports at F = 1.0, 0.5, 0.25
+#   (about 30 min from a fresh clone on 2 cores, 12 of them the llama.cpp build; 12 min with the wheel cached)
 #
 # What it does (each step is skipped when its output already exists):
 #  1. .venv-llamacpp (repo root, git-ignored): care-mla with the pinned versions (scripts/install.sh),
 #     plus llama-cpp-python built from its sdist with the system compiler, CPU only
-#     (990 s measured on 2 shared cores; the wheel is cached in $CACHE/wheels, the time in $CACHE/build-time.txt),
+#     (707 s measured on 2 cores, 2026-12-07; the wheel is cached in $CACHE/wheels, the time in $CACHE/build-time.txt),
 #     and sentencepiece (the converter imports it for Llama models).
 #  2. llama.cpp's own converter, convert_hf_to_gguf.py + conversion/ + gguf-py, used in place from the
 #     unpacked sdist under $CACHE (vendor/llama.cpp); no llama.cpp code is copied into this repository.
