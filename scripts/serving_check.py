@@ -19,7 +19,8 @@ engine itself (its worker, through `LLM.collective_rpc`; the probe's scheduler, 
     (vLLM's block pool keeps one block as its null block, so this can be one block's worth below its figure);
   - decode throughput: a batch of B prompts each generating 1 + N tokens, N·B over the span of vLLM's own
     per-request first/last-token timestamps, best of 3 (at these short contexts decode reads the weights,
-    not the cache: it shows the MLA kernel's cost, not the saving);
+    not the cache: it shows the MLA kernel's cost, not the saving); with --decode-contexts also at long
+    contexts (B prompts of C token ids; only the engine steps where all B sequences decode are timed);
   - greedy tokens on the prompts, compared with transformers on the same folder and dtype.
 The export must reproduce transformers' greedy tokens: all --max-tokens in float32. In bf16/fp16 the
 runtimes round differently and a near-tie can flip a token, after which the continuations diverge,
@@ -221,6 +222,48 @@ def _decode_speed(llm, prompts: list[str], batch: int, new_tokens: int, repeats:
     return {"batch": batch, "new_tokens": new_tokens, **best, "runs_tok_s": [r["decode_tok_s"] for r in runs]}
 
 
+def _context_ids(context: int, i: int, vocab: int) -> list[int]:
+    """A deterministic prompt of `context` token ids (request `i`), clear of the low special ids."""
+    return [(1000 + 37 * i + 11 * j) % (vocab - 200) + 100 for j in range(context)]
+
+
+def _decode_at_context(llm, context: int, batch: int, new_tokens: int, vocab: int) -> dict:
+    """Decode throughput of `batch` sequences at about `context` cached tokens: `batch` prompts of token ids, each
+    generating 1 + `new_tokens` + `batch` tokens so that the last one ends at `context` (the timed steps read
+    between `context` − `new_tokens` − `batch` and `context` cached tokens), stepped through the engine; only the
+    steps in which every sequence is past its prefill and still running are timed (vLLM interleaves one prompt's
+    prefill with the others' decode, so a span over whole requests would count prefill work): tokens of those
+    steps / their time (front end included, as a server sees it)."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    steps_each = 1 + new_tokens + batch  # the first sequences decode while the last ones still prefill
+    params = SamplingParams(temperature=0.0, max_tokens=steps_each, min_tokens=steps_each, ignore_eos=True)
+    for i in range(batch):
+        ids = _context_ids(context - steps_each, i, vocab)
+        engine.add_request(f"ctx{context}-b{batch}-{i}", {"prompt_token_ids": ids}, params)
+    produced: dict[str, int] = {}
+    timed_s, timed_tokens, timed_steps = 0.0, 0, 0
+    start = last = time.perf_counter()
+    while engine.has_unfinished_requests():
+        full = len(produced) == batch and all(1 <= n < steps_each for n in produced.values())
+        outs = engine.step()
+        now = time.perf_counter()
+        new = 0
+        for o in outs:
+            n = len(o.outputs[0].token_ids)
+            new += n - produced.get(o.request_id, 0)
+            produced[o.request_id] = n
+        if full and new == batch:  # one token for every sequence, none prefilling
+            timed_s += now - last
+            timed_tokens += new
+            timed_steps += 1
+        last = now
+    return {"context": context, "batch": batch, "timed_steps": timed_steps, "timed_tokens": timed_tokens,
+            "decode_tok_s": timed_tokens / timed_s if timed_s else None,
+            "step_ms": 1000 * timed_s / timed_steps if timed_steps else None, "wall_s": time.perf_counter() - start}
+
+
 def concurrency_probe(llm, length: int, n_requests: int) -> dict:
     """Submit `n_requests` sequences of `length` tokens at once (a prompt of length − 8 tokens, 8 generated) and
     record the most requests the scheduler held running at once. max_num_seqs is above the demand; the token
@@ -296,6 +339,9 @@ def vllm_worker(spec: dict) -> dict:
                             ignore_eos=True)
     out["tokens"] = [list(r.outputs[0].token_ids) for r in llm.generate(spec["prompts"], params, use_tqdm=False)]
     out["decode"] = [_decode_speed(llm, spec["prompts"], b, spec["decode_tokens"]) for b in spec["decode_batches"]]
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    out["decode_at_context"] = [_decode_at_context(llm, c, b, spec["decode_tokens"], vocab)
+                                for c, b in spec.get("context_cells", [])]
     return out
 
 
@@ -349,6 +395,45 @@ def pad_latent(src: str, dst: str, width: int) -> None:
     config["care_mla_diagnostic"] = f"latent zero-padded from {r} to {width} by scripts/serving_check.py --pad-latent"
     (Path(dst) / "config.json").write_text(json.dumps(config, indent=2))
     print(f"wrote {dst}: kv_lora_rank {r} → {width} (+ rope {rope} = {width + rope}), diagnostic copy")
+
+
+def zero_shared_expert(src: str, dst: str) -> None:
+    """Copy a MoE DeepSeek export without a shared expert (`n_shared_experts: 0`, a Qwen3-MoE's) with one shared
+    expert of zero weights instead: vLLM builds a shared-expert MLP for any integer `n_shared_experts` (a width-0
+    one does not load), transformers needs an integer; silu(0)·0 through a zero down projection adds exactly 0, so
+    the copy computes the export's function in both."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    config = load_config(src)
+    if config.get("n_shared_experts") or not config.get("n_routed_experts"):
+        raise SystemExit(f"{src} is not a MoE export without a shared expert")
+    hidden, width = config["hidden_size"], config["moe_intermediate_size"]
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    for f in Path(src).iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy2(f, Path(dst) / f.name)
+    index = Path(src) / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
+    for shard in sorted(Path(src).glob("*.safetensors")):
+        state = load_file(shard)
+        for name in [n for n in state if n.endswith("mlp.gate.weight")]:  # a router: a MoE layer
+            prefix, dtype = name.removesuffix("gate.weight") + "shared_experts.", state[name].dtype
+            for part, shape in (("gate_proj", (width, hidden)), ("up_proj", (width, hidden)),
+                                ("down_proj", (hidden, width))):
+                state.pop(prefix + part + ".weight", None)  # the zero-width tensor, wherever it is
+                state[prefix + part + ".weight"] = torch.zeros(shape, dtype=dtype)
+                if weight_map is not None:
+                    weight_map[prefix + part + ".weight"] = shard.name
+        for name in [n for n in state if ".shared_experts." in n and state[n].numel() == 0]:
+            del state[name]  # a zero-width tensor in another shard than its router
+        save_file(state, str(Path(dst) / shard.name), metadata={"format": "pt"})
+    if weight_map is not None:
+        (Path(dst) / index.name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    config["n_shared_experts"] = 1
+    config["care_mla_note"] = "one zero shared expert (scripts/serving_check.py --zero-shared-expert): the same function"
+    (Path(dst) / "config.json").write_text(json.dumps(config, indent=2))
+    print(f"wrote {dst}: n_shared_experts 0 → 1 with zero weights")
 
 
 def agreement(reference: list[list[int]], other: list[list[int]]) -> list[int]:
@@ -405,6 +490,12 @@ def markdown(report: dict) -> str:
         lambda m: f"{m['probe']['peak_running']} ({m['probe']['vllm_max_concurrency']:.2f})")
     for i, b in enumerate(report["decode_batches"]):
         row(f"decode tok/s, batch {b}", lambda m, i=i: _fmt(m["vllm"]["decode"][i]["decode_tok_s"], ",.1f"))
+    for i, (c, b) in enumerate(report.get("context_cells", [])):
+        row(f"decode tok/s at {c:,} cached tokens, batch {b}",
+            lambda m, i=i: _fmt(m["vllm"]["decode_at_context"][i]["decode_tok_s"], ",.1f"))
+    for c, b in report.get("context_skipped", []):
+        lines.append(f"| decode at {c:,} cached tokens, batch {b} | " + " | ".join(
+            "not run (over --max-context-tokens)" for _ in names) + " |")
     if len(names) == 2:
         a, b = (rows[n]["vllm"].get("kv", {}) for n in names)
         if a and b:
@@ -437,6 +528,12 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--decode-batches", default="1,8", help="batch sizes for decode tok/s")
     p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--decode-contexts", default="",
+                   help="cached-token counts (e.g. 2048,8192) at which decode tok/s is also measured for each "
+                        "--decode-batches size: prompts of that many token ids, only the steps where every "
+                        "sequence decodes timed; max_model_len grows to fit")
+    p.add_argument("--max-context-tokens", type=int, default=65536,
+                   help="skip a context x batch cell above this many prompt tokens (its prefill dominates on a CPU)")
     p.add_argument("--attention-backend", default="auto",
                    help="vLLM backend for the export (attention_config.backend); 'auto': CPU_MLA on CPU, "
                         "vLLM's choice on GPU; '' for vLLM's choice everywhere")
@@ -447,9 +544,15 @@ def main() -> int:
     p.add_argument("--no-rope-workaround", action="store_true", help="keep vLLM-CPU's fused rotary op")
     p.add_argument("--diagnostic", action="store_true", help="label the report as a diagnostic (padded) copy")
     p.add_argument("--pad-latent", nargs=3, metavar=("SRC", "DST", "WIDTH"), help=argparse.SUPPRESS)
+    p.add_argument("--zero-shared-expert", nargs=2, metavar=("SRC", "DST"),
+                   help="write a copy of a MoE export with one zero shared expert (what vLLM loads) and stop")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     p.add_argument("--work", default=None, help="folder for engine logs (default: next to --json, or /tmp)")
+    if "--zero-shared-expert" in sys.argv:
+        i = sys.argv.index("--zero-shared-expert")
+        zero_shared_expert(sys.argv[i + 1], sys.argv[i + 2])
+        return 0
     if "--pad-latent" in sys.argv:
         i = sys.argv.index("--pad-latent")
         pad_latent(sys.argv[i + 1], sys.argv[i + 2], int(sys.argv[i + 3]))
@@ -464,8 +567,8 @@ def main() -> int:
         return 2
     device = current_platform.device_type
     config = load_config(a.folder)
-    if config.get("model_type") != "deepseek_v3":
-        print(f"{a.folder} is not a DeepSeek-V3 folder (model_type {config.get('model_type')!r}); convert with "
+    if config.get("model_type") not in ("deepseek_v3", "deepseek_v2"):  # V2: the export of a MoE model
+        print(f"{a.folder} is not a DeepSeek-V3/V2 folder (model_type {config.get('model_type')!r}); convert with "
               "--format deepseek", file=sys.stderr)
         return 2
     geometry = cache_geometry(config)
@@ -494,11 +597,16 @@ def main() -> int:
     work = Path(a.work or (Path(a.json).parent if a.json else Path("/tmp/serving_check")))
     work.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in a.decode_batches.split(",") if b]
+    contexts = [int(c) for c in a.decode_contexts.split(",") if c]
+    cells = [(c, b) for c in contexts for b in batches if c * b <= a.max_context_tokens]
+    skipped = [(c, b) for c in contexts for b in batches if c * b > a.max_context_tokens]
+    if cells:  # room for the longest context (prompt and decode steps; within the model's positions)
+        a.max_model_len = max(a.max_model_len, max(contexts))
     report = {"device": device, "dtype": a.dtype, "prompts": PROMPTS, "max_tokens": a.max_tokens, "min_prefix": need,
               "tie_margin": tie_margin,
               "kv_cache_gib": a.kv_cache_gib, "max_model_len": a.max_model_len, "decode_batches": batches,
               "decode_tokens": a.decode_tokens, "diagnostic": a.diagnostic, "probe_kv_mib": a.probe_kv_mib,
-              "probe_len": a.probe_len,
+              "probe_len": a.probe_len, "context_cells": cells, "context_skipped": skipped,
               "rope_workaround": device == "cpu" and not a.no_rope_workaround, "models": {}, "notes": notes}
     ok, refused = True, False
     folders = ([("original", a.original)] if a.original else []) + [("export", a.folder)]
@@ -511,7 +619,7 @@ def main() -> int:
         entry["required_prefix"] = [required_prefix(m, need, tie_margin) for m in entry["transformers_top2_margin"]]
         spec = {"folder": folder, "dtype": a.dtype, "max_model_len": a.max_model_len, "kv_cache_gib": a.kv_cache_gib,
                 "max_num_seqs": a.max_num_seqs, "prompts": PROMPTS, "max_tokens": a.max_tokens,
-                "decode_batches": batches, "decode_tokens": a.decode_tokens,
+                "decode_batches": batches, "decode_tokens": a.decode_tokens, "context_cells": cells,
                 "attention_backend": backend if label == "export" else "",
                 "rope_workaround": not a.no_rope_workaround}
         print(f"[{label}] vLLM ...", flush=True)
@@ -530,7 +638,9 @@ def main() -> int:
             print(f"[{label}] backend {entry['vllm']['attention_backend']}; agreeing prefix {entry['agreeing_prefix']} "
                   f"(required {entry['required_prefix']}) → {'PASS' if entry['passed'] else 'FAIL'}; KV {kv['bytes_per_token_allocation']:.1f} "
                   f"B/token, {kv['tokens_per_GiB']:,.0f} tokens/GiB, max concurrency {kv['max_concurrency_vllm']:.2f}; "
-                  "decode tok/s " + ", ".join(f"b{d['batch']} {d['decode_tok_s']:.1f}" for d in entry["vllm"]["decode"]),
+                  "decode tok/s " + ", ".join(f"b{d['batch']} {d['decode_tok_s']:.1f}" for d in entry["vllm"]["decode"])
+                  + "".join(f", ctx {d['context']} b{d['batch']} {_fmt(d['decode_tok_s'], ',.1f')}"
+                            for d in entry["vllm"]["decode_at_context"]),
                   flush=True)
             if a.probe_kv_mib > 0:
                 per_token = kv["bytes_per_token_pages"]

