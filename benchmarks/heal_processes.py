@@ -110,6 +110,11 @@ def main() -> None:
             print(f"| {name} | {proc['rank']} | {proc['student_param_bytes'] / MiB:.0f} MiB "
                   f"| {proc['optimizer_state_bytes'] / MiB:.0f} MiB | {proc['teacher_param_bytes'] / MiB:.0f} MiB "
                   f"| {proc['rss_mb']:.0f} MiB | {proc['peak_rss_mb']:.0f} MiB | {gap:.1e} | {seconds:.0f} s |")
+    print("\nRSS / peak RSS so far at the end of each stage, MiB:")
+    for name, _, report, _ in rows:
+        for proc in report["processes"]["per_process"]:
+            stages = ", ".join(f"{stage} {rss:.0f} / {peak:.0f}" for stage, (rss, peak) in proc["rss_mb_by_stage"].items())
+            print(f"- {name}, process {proc['rank']}: {stages}")
     print("\nthe main process's peak RSS over the whole run (with the export: under FSDP it gathers the student whole):")
     for name, _, report, _ in rows:
         print(f"- {name}: {report['peak_rss_mb']:.0f} MiB")

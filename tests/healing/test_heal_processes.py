@@ -172,8 +172,12 @@ def test_fsdp_shards_student_and_teacher_over_two_processes(converted, tiny_mode
     teacher_whole = processes["teacher_param_bytes"]
     assert sum(p["student_param_bytes"] for p in ranks) == whole  # each parameter held once, over both
     assert sum(p["teacher_param_bytes"] for p in ranks) == teacher_whole
+    layers = json.loads((converted / "config.json").read_text())["num_hidden_layers"]
     for p in ranks:
         assert p["student_param_bytes"] <= 0.55 * whole and p["teacher_param_bytes"] <= 0.55 * teacher_whole, p
+        # one unit per decoder layer (accelerate's default NO_WRAP would gather the whole body at every step)
+        assert {f"model.layers.{i}" for i in range(layers)} <= set(p["student_fsdp_units"]), p["student_fsdp_units"]
+        assert list(p["rss_mb_by_stage"]) == ["load", "evaluate_before", "prepare", "train"]
         assert p["optimizer_state_bytes"] == 2 * p["student_param_bytes"], p  # Adam's two moments, sharded too
 
     work = healing.work_dir(run / "healed")
@@ -213,6 +217,25 @@ def test_launches_heal_cannot_run_are_refused_before_loading(env, message, conve
     with pytest.raises(SettingsError, match=message):
         healing.heal(settings(converted, tiny_model_dir("llama"), text_file, tmp_path))
     assert list(tmp_path.iterdir()) == []  # nothing started
+
+
+def test_fsdp_wraps_the_decoder_layers_the_model_holds_unless_the_launch_chose(converted):
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(converted)
+    assert len(model._no_split_modules) > 1  # the latent-cache model lists every family's layer class
+    for policy, names in ((None, None), (transformer_auto_wrap_policy, None)):  # NO_WRAP; TRANSFORMER_BASED, no names
+        plugin = SimpleNamespace(auto_wrap_policy=policy, transformer_cls_names_to_wrap=names)
+        assert distributed.wrap_decoder_layers(plugin, model)
+        assert plugin.auto_wrap_policy is transformer_auto_wrap_policy
+        assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]  # only what the model holds
+    for policy, names in ((size_based_auto_wrap_policy, None), (transformer_auto_wrap_policy, ["LlamaMLP"])):
+        plugin = SimpleNamespace(auto_wrap_policy=policy, transformer_cls_names_to_wrap=names)
+        assert not distributed.wrap_decoder_layers(plugin, model)
+        assert (plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap) == (policy, names)
 
 
 def test_last_checkpoint_skips_one_a_kill_left_half_written(tmp_path):

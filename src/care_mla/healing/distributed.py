@@ -125,21 +125,58 @@ def enable_cpu_fsdp(accelerator) -> bool:
     return True
 
 
+def decoder_layer_classes(model: nn.Module) -> list[str]:
+    """The class names of `model`'s decoder layers: those of its ``_no_split_modules`` it holds."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return sorted({type(m).__name__ for m in model.modules()} & names)
+
+
+def wrap_decoder_layers(plugin, model: nn.Module) -> bool:
+    """Have FSDP2 shard the student in one unit per decoder layer unless the launch chose a wrapping; True if set.
+
+    accelerate's default (``--fsdp_auto_wrap_policy NO_WRAP``) puts every decoder layer in the root
+    unit: each step then gathers the whole student and its whole gradient in every process, and
+    the peak memory is not lower than one process's (measured: 3.9 GB per process against 3.9 GB
+    for one process, docs/healing.md). ``TRANSFORMER_BASED_WRAP`` without class names would take
+    every name in ``_no_split_modules``, and care-mla's latent-cache model lists the layers of
+    every family it converts: accelerate refuses the ones the model does not hold. Both get the
+    classes the model holds; a size-based policy or explicit class names are left as launched.
+    """
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    policy = plugin.auto_wrap_policy
+    if policy is not None and not (policy is transformer_auto_wrap_policy and plugin.transformer_cls_names_to_wrap is None):
+        return False
+    plugin.auto_wrap_policy = transformer_auto_wrap_policy
+    plugin.transformer_cls_names_to_wrap = decoder_layer_classes(model)
+    return True
+
+
 def shard_teacher(teacher: nn.Module) -> nn.Module:
-    """The frozen teacher sharded over the processes: one FSDP2 unit per decoder layer and one for the rest.
+    """The frozen teacher sharded over the processes: a FSDP2 unit per decoder layer, the input and the output
+    embeddings a unit each (one if tied), the rest (final norm) in the root.
 
     Every unit is gathered for its forward and freed after it (``reshard_after_forward``), so a
     process holds its shards plus one unit whole. accelerate's preparation of a trained model
     keeps the root and output units gathered after the forward, for the backward that follows;
-    the teacher has none, so they would stay whole.
+    the teacher has none, so they would stay whole. The embeddings are units of their own because
+    gathering a unit takes about twice its size for a moment (the gathered buffer and the
+    parameters copied out of it): at a large vocabulary they are the largest tensors of the model.
     """
     from torch.distributed.fsdp import fully_shard
 
     teacher.requires_grad_(False)
-    layers = set(getattr(teacher, "_no_split_modules", None) or ())
+    layers = set(decoder_layer_classes(teacher))
     for module in list(teacher.modules())[1:]:
         if type(module).__name__ in layers:
             fully_shard(module, reshard_after_forward=True)
+    inputs, outputs = teacher.get_input_embeddings(), teacher.get_output_embeddings()
+    if inputs is not None and outputs is not None and inputs.weight is outputs.weight:
+        fully_shard([inputs, outputs], reshard_after_forward=True)
+    else:
+        for module in (inputs, outputs):
+            if module is not None:
+                fully_shard(module, reshard_after_forward=True)
     fully_shard(teacher, reshard_after_forward=True)
     return teacher
 
@@ -220,19 +257,39 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def fsdp_units(model: nn.Module | None) -> list[str]:
+    """The names of `model`'s modules that are FSDP2 units ('' for the root), [] when it is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [] if model is None else [name for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+
+
+def mark_memory(stages: dict, stage: str) -> None:
+    """Record in `stages` this process's resident memory now and its peak so far (MiB), at the end of `stage`."""
+    stages[stage] = [_round(rss_mb()), _round(peak_rss_mb())]
+
+
 class ProcessMemory(TrainerCallback):
     """Each process's memory at the end of training, gathered on every process (`per_process`).
 
     Per process: the student's parameter bytes it holds (its shards under FSDP), its Adam state,
-    the teacher's parameter bytes, its resident memory then and at its peak (the peak includes
-    loading both models whole, which every process does before sharding).
+    the teacher's parameter bytes, its resident memory then and at its peak, both at the end of each
+    stage (`mark_memory`: load, evaluate_before, prepare, train: where the peak was reached), and the
+    student's FSDP units.
     """
 
-    def __init__(self, teacher: nn.Module | None):
+    def __init__(self, teacher: nn.Module | None, stages: dict | None = None):
         self.teacher = teacher
+        self.stages = stages if stages is not None else {}  # stage → [RSS, peak RSS] at its end, MiB
         self.per_process: list[dict] = []
+        self.units: list[str] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        mark_memory(self.stages, "prepare")  # the Trainer has wrapped (under FSDP: sharded) the student
+        self.units = fsdp_units(model)
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        mark_memory(self.stages, "train")
         params = [p for p in model.parameters()]
         opt_state = [] if optimizer is None else [
             v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0
@@ -244,6 +301,8 @@ class ProcessMemory(TrainerCallback):
             "teacher_param_bytes": local_bytes(self.teacher.parameters()) if self.teacher is not None else 0,
             "rss_mb": _round(rss_mb()),
             "peak_rss_mb": _round(peak_rss_mb()),
+            "rss_mb_by_stage": dict(self.stages),  # [RSS, peak so far] at the end of each stage
+            "student_fsdp_units": self.units,
         }
         self.per_process = gather_objects(mine)
 

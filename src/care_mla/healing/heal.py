@@ -119,6 +119,8 @@ class HealTrainer(Trainer):
                  kd_top_k: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.layout = distributed.layout(self.accelerator)
+        if self.layout == "fsdp2":
+            distributed.wrap_decoder_layers(self.accelerator.state.fsdp_plugin, self.model)
         if teacher is not None:
             teacher = teacher.to(self.args.device).eval()
             if self.layout == "fsdp2":
@@ -478,6 +480,8 @@ def _heal(settings: HealSettings, args: TrainingArguments, converted_path: str, 
         logger.info("the training text holds %d windows of %d tokens: %d passes over it",
                     windows.shape[0] // epochs, settings.seq_len, epochs)
     timings["load"] = time.perf_counter() - t
+    stages: dict = {}
+    distributed.mark_memory(stages, "load")
 
     def held_out_ppl(model) -> float:
         return perplexity(model, eval_windows, batch_size=settings.batch_size, progress=settings.progress)
@@ -503,6 +507,7 @@ def _heal(settings: HealSettings, args: TrainingArguments, converted_path: str, 
     if tracked:
         accuracy["slice"] = {"original": slice_accuracy(teacher), "before": slice_accuracy(student)}
     timings["evaluate_before"] = time.perf_counter() - t
+    distributed.mark_memory(stages, "evaluate_before")
     if settings.kd_weight == 0:
         teacher = None
 
@@ -524,7 +529,7 @@ def _heal(settings: HealSettings, args: TrainingArguments, converted_path: str, 
         callbacks=[held_out, *callbacks], teacher=teacher, kd_weight=settings.kd_weight,
         kd_temperature=settings.kd_temperature, kd_top_k=settings.kd_top_k,
     )
-    memory = distributed.ProcessMemory(trainer.teacher)
+    memory = distributed.ProcessMemory(trainer.teacher, stages)
     trainer.add_callback(memory)
     trainer.remove_callback(PrinterCallback)
     if settings.progress:
