@@ -177,7 +177,7 @@ def test_fsdp_shards_student_and_teacher_over_two_processes(converted, tiny_mode
         assert p["student_param_bytes"] <= 0.55 * whole and p["teacher_param_bytes"] <= 0.55 * teacher_whole, p
         # one unit per decoder layer (accelerate's default NO_WRAP would gather the whole body at every step)
         assert {f"model.layers.{i}" for i in range(layers)} <= set(p["student_fsdp_units"]), p["student_fsdp_units"]
-        assert list(p["rss_mb_by_stage"]) == ["load", "evaluate_before", "prepare", "train"]
+        assert list(p["rss_mb_by_stage"]) == ["start", "load", "evaluate_before", "prepare", "train"]
         assert p["optimizer_state_bytes"] == 2 * p["student_param_bytes"], p  # Adam's two moments, sharded too
 
     work = healing.work_dir(run / "healed")

@@ -274,7 +274,7 @@ class ProcessMemory(TrainerCallback):
 
     Per process: the student's parameter bytes it holds (its shards under FSDP), its Adam state,
     the teacher's parameter bytes, its resident memory then and at its peak, both at the end of each
-    stage (`mark_memory`: load, evaluate_before, prepare, train: where the peak was reached), and the
+    stage (`mark_memory`: start, load, evaluate_before, prepare, train: where the peak was reached), and the
     student's FSDP units.
     """
 

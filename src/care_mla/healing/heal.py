@@ -460,6 +460,8 @@ def _heal(settings: HealSettings, args: TrainingArguments, converted_path: str, 
     device, dtype = args.device, getattr(torch, settings.dtype)
     checkpoint = distributed.last_checkpoint(Path(args.output_dir)) if settings.resume else None
 
+    stages: dict = {}
+    distributed.mark_memory(stages, "start")  # the interpreter and its libraries, before any model
     t = time.perf_counter()
     student, tokenizer, converted_path = load_model(converted_path, dtype, device)
     teacher, _, teacher_path = load_model(settings.teacher, dtype, device)
@@ -480,7 +482,6 @@ def _heal(settings: HealSettings, args: TrainingArguments, converted_path: str, 
         logger.info("the training text holds %d windows of %d tokens: %d passes over it",
                     windows.shape[0] // epochs, settings.seq_len, epochs)
     timings["load"] = time.perf_counter() - t
-    stages: dict = {}
     distributed.mark_memory(stages, "load")
 
     def held_out_ppl(model) -> float:
