@@ -10,8 +10,11 @@ batch, each a `care-mla heal` command of its own:
 - ``accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2``, ``--batch-size B``.
 
 and prints, per process, the student's parameter bytes and Adam state it holds, the teacher's
-bytes, its resident memory at the end of training and at its peak (which includes loading both
-models whole, before sharding), with the loss curve's largest relative gap to the one-process run.
+bytes, its resident memory at the end of training and at its peak, with the loss curve's largest
+relative gap to the one-process run, then each process's resident memory (and peak so far) at the
+end of each stage: start (before any model), load (both models whole), evaluate_before, prepare
+(sharded under FSDP), train. The allocator's retention is part of the figures: run it with
+``MALLOC_MMAP_THRESHOLD_=65536`` in the environment (inherited by every process) to see without it.
 
     python benchmarks/heal_processes.py [--out runs/heal-processes] [--layers 8 --hidden 1024] [--steps 4]
 """

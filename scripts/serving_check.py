@@ -227,19 +227,7 @@ def _context_ids(context: int, i: int, vocab: int) -> list[int]:
     return [(1000 + 37 * i + 11 * j) % (vocab - 200) + 100 for j in range(context)]
 
 
-def _warm_prefixes(llm, prompts: list[list[int]], pieces: int) -> None:
-    """Prefill each prompt's first 1/`pieces`, 2/`pieces`, … in turn (prefix caching on), so that its own
-    prefill later computes only the last piece's queries against the cached rest: a prompt prefilled whole
-    needs attention scores for every query and key at once, which vLLM-CPU's MLA prefill could not hold at
-    8K on 24 GB (it does not chunk an MLA prompt)."""
-    from vllm import SamplingParams
-
-    one = SamplingParams(temperature=0.0, max_tokens=1)
-    for j in range(1, pieces):
-        llm.generate([{"prompt_token_ids": ids[: len(ids) * j // pieces]} for ids in prompts], one, use_tqdm=False)
-
-
-def _decode_at_context(llm, context: int, batch: int, new_tokens: int, vocab: int, pieces: int = 1) -> dict:
+def _decode_at_context(llm, context: int, batch: int, new_tokens: int, vocab: int) -> dict:
     """Decode throughput of `batch` sequences at about `context` cached tokens: `batch` prompts of token ids, each
     generating 1 + `new_tokens` + `batch` tokens so that the last one ends at `context` (the timed steps read
     between `context` − `new_tokens` − `batch` and `context` cached tokens), stepped through the engine; only the
@@ -251,10 +239,8 @@ def _decode_at_context(llm, context: int, batch: int, new_tokens: int, vocab: in
     engine = llm.llm_engine
     steps_each = 1 + new_tokens + batch  # the first sequences decode while the last ones still prefill
     params = SamplingParams(temperature=0.0, max_tokens=steps_each, min_tokens=steps_each, ignore_eos=True)
-    prompts = [_context_ids(context - steps_each, i, vocab) for i in range(batch)]
-    if pieces > 1:
-        _warm_prefixes(llm, prompts, pieces)
-    for i, ids in enumerate(prompts):
+    for i in range(batch):
+        ids = _context_ids(context - steps_each, i, vocab)
         engine.add_request(f"ctx{context}-b{batch}-{i}", {"prompt_token_ids": ids}, params)
     produced: dict[str, int] = {}
     timed_s, timed_tokens, timed_steps = 0.0, 0, 0
@@ -325,7 +311,7 @@ def vllm_worker(spec: dict) -> dict:
     device = current_platform.device_type
     kwargs = dict(model=spec["folder"], dtype=spec["dtype"], max_model_len=spec["max_model_len"],
                   kv_cache_memory_bytes=int(spec["kv_cache_gib"] * GiB), enforce_eager=True, seed=0,
-                  max_num_seqs=spec["max_num_seqs"], enable_prefix_caching=spec.get("prefill_pieces", 1) > 1,
+                  max_num_seqs=spec["max_num_seqs"], enable_prefix_caching=False,
                   disable_log_stats=False)  # per-request timestamps for the decode speed
     if spec.get("attention_backend"):
         kwargs["attention_config"] = {"backend": spec["attention_backend"]}
@@ -354,7 +340,7 @@ def vllm_worker(spec: dict) -> dict:
     out["tokens"] = [list(r.outputs[0].token_ids) for r in llm.generate(spec["prompts"], params, use_tqdm=False)]
     out["decode"] = [_decode_speed(llm, spec["prompts"], b, spec["decode_tokens"]) for b in spec["decode_batches"]]
     vocab = llm.llm_engine.model_config.get_vocab_size()
-    out["decode_at_context"] = [_decode_at_context(llm, c, b, spec["decode_tokens"], vocab, spec.get("prefill_pieces", 1))
+    out["decode_at_context"] = [_decode_at_context(llm, c, b, spec["decode_tokens"], vocab)
                                 for c, b in spec.get("context_cells", [])]
     return out
 
@@ -505,9 +491,7 @@ def markdown(report: dict) -> str:
     for i, b in enumerate(report["decode_batches"]):
         row(f"decode tok/s, batch {b}", lambda m, i=i: _fmt(m["vllm"]["decode"][i]["decode_tok_s"], ",.1f"))
     for i, (c, b) in enumerate(report.get("context_cells", [])):
-        pieces = report.get("prefill_pieces", 1)
-        row(f"decode tok/s at {c:,} cached tokens, batch {b}" + (f" (prompts prefilled in {pieces} pieces)"
-                                                                 if pieces > 1 else ""),
+        row(f"decode tok/s at {c:,} cached tokens, batch {b}",
             lambda m, i=i: _fmt(m["vllm"]["decode_at_context"][i]["decode_tok_s"], ",.1f"))
     for c, b in report.get("context_skipped", []):
         lines.append(f"| decode at {c:,} cached tokens, batch {b} | " + " | ".join(
@@ -550,9 +534,6 @@ def main() -> int:
                         "sequence decodes timed; max_model_len grows to fit")
     p.add_argument("--max-context-tokens", type=int, default=65536,
                    help="skip a context x batch cell above this many prompt tokens (its prefill dominates on a CPU)")
-    p.add_argument("--prefill-pieces", type=int, default=1,
-                   help="prefill each --decode-contexts prompt in this many pieces through vLLM's prefix cache "
-                        "(on when > 1): the attention of one piece's queries is what a prefill step holds")
     p.add_argument("--attention-backend", default="auto",
                    help="vLLM backend for the export (attention_config.backend); 'auto': CPU_MLA on CPU, "
                         "vLLM's choice on GPU; '' for vLLM's choice everywhere")
@@ -626,7 +607,6 @@ def main() -> int:
               "kv_cache_gib": a.kv_cache_gib, "max_model_len": a.max_model_len, "decode_batches": batches,
               "decode_tokens": a.decode_tokens, "diagnostic": a.diagnostic, "probe_kv_mib": a.probe_kv_mib,
               "probe_len": a.probe_len, "context_cells": cells, "context_skipped": skipped,
-              "prefill_pieces": a.prefill_pieces,
               "rope_workaround": device == "cpu" and not a.no_rope_workaround, "models": {}, "notes": notes}
     ok, refused = True, False
     folders = ([("original", a.original)] if a.original else []) + [("export", a.folder)]
@@ -640,7 +620,7 @@ def main() -> int:
         spec = {"folder": folder, "dtype": a.dtype, "max_model_len": a.max_model_len, "kv_cache_gib": a.kv_cache_gib,
                 "max_num_seqs": a.max_num_seqs, "prompts": PROMPTS, "max_tokens": a.max_tokens,
                 "decode_batches": batches, "decode_tokens": a.decode_tokens, "context_cells": cells,
-                "prefill_pieces": a.prefill_pieces, "attention_backend": backend if label == "export" else "",
+                "attention_backend": backend if label == "export" else "",
                 "rope_workaround": not a.no_rope_workaround}
         print(f"[{label}] vLLM ...", flush=True)
         entry["vllm"] = run_vllm(spec, work / f"vllm_{label}_{Path(folder).name}_{a.dtype}.log")
