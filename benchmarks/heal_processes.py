@@ -12,8 +12,9 @@ batch, each a `care-mla heal` command of its own:
 and prints, per process, the student's parameter bytes and Adam state it holds, the teacher's
 bytes, its resident memory at the end of training and at its peak, with the loss curve's largest
 relative gap to the one-process run, then each process's resident memory (and peak so far) at the
-end of each stage: start (before any model), load (both models whole), evaluate_before, prepare
-(sharded under FSDP), train. The allocator's retention is part of the figures: run it with
+end of each stage, with its anonymous part (without mapped files' pages): start (before any
+model), load, evaluate_before (under FSDP both models are sharded first, from the main process's
+weights), prepare, train. The allocator's retention is part of the figures: run it with
 ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment (inherited by every process) to see without it.
 
     python benchmarks/heal_processes.py [--out runs/heal-processes] [--layers 8 --hidden 1024] [--steps 4]
@@ -113,10 +114,11 @@ def main() -> None:
             print(f"| {name} | {proc['rank']} | {proc['student_param_bytes'] / MiB:.0f} MiB "
                   f"| {proc['optimizer_state_bytes'] / MiB:.0f} MiB | {proc['teacher_param_bytes'] / MiB:.0f} MiB "
                   f"| {proc['rss_mb']:.0f} MiB | {proc['peak_rss_mb']:.0f} MiB | {gap:.1e} | {seconds:.0f} s |")
-    print("\nRSS / peak RSS so far at the end of each stage, MiB:")
+    print("\nRSS / peak RSS so far / anonymous RSS at the end of each stage, MiB:")
     for name, _, report, _ in rows:
         for proc in report["processes"]["per_process"]:
-            stages = ", ".join(f"{stage} {rss:.0f} / {peak:.0f}" for stage, (rss, peak) in proc["rss_mb_by_stage"].items())
+            stages = ", ".join(f"{stage} {rss:.0f} / {peak:.0f} / {anon:.0f}"
+                               for stage, (rss, peak, anon) in proc["rss_mb_by_stage"].items())
             print(f"- {name}, process {proc['rank']}: {stages}")
     print("\nthe main process's peak RSS over the whole run (with the export: under FSDP it gathers the student whole):")
     for name, _, report, _ in rows:

@@ -152,9 +152,50 @@ def wrap_decoder_layers(plugin, model: nn.Module) -> bool:
     return True
 
 
-def shard_teacher(teacher: nn.Module) -> nn.Module:
-    """The frozen teacher sharded over the processes: a FSDP2 unit per decoder layer, the input and the output
-    embeddings a unit each (one if tied), the rest (final norm) in the root.
+def fsdp_launch(processes: int) -> bool:
+    """True when the launcher asked for FSDP version 2 over several processes (read before any model loads)."""
+    return (processes > 1 and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+            and os.environ.get("FSDP_VERSION", "1") == "2")
+
+
+def load_on_main(spec: str, dtype: torch.dtype):
+    """(model, tokenizer, path) for sharding: the main process reads the weights on its CPU; the others build
+    the same model with its parameters on the meta device (its buffers real, computed from the config), and
+    receive their shards from the main process when it is sharded (`shard_teacher`, `shard_student`). So one
+    process, not every one, holds a whole model, and no device ever holds one."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from care_mla.pipeline.load import load_model, resolve_model_path
+
+    if dist.get_rank() == 0:
+        return load_model(spec, dtype, torch.device("cpu"))
+    path = resolve_model_path(spec)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(path), path
+
+
+def from_main(compute):
+    """`compute()` run on the main process (the one holding the weights) and its result sent to every process."""
+    box = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard_student(accelerator, model: nn.Module) -> nn.Module:
+    """The student sharded as accelerate's preparation for training shards it (the launch's FSDP2 plugin: units,
+    mixed precision), its weights sent from the main process (``cpu_ram_efficient_loading``), before the Trainer
+    prepares it (which then keeps it as it is): the converted model is measured sharded, as the healed one is."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = True
+    return fsdp2_prepare_model(accelerator, model)
+
+
+def shard_teacher(teacher: nn.Module, accelerator) -> nn.Module:
+    """The frozen teacher sharded over the processes: a FSDP2 unit per decoder layer, the input embeddings one,
+    the final norm and the output embeddings one (with the input embeddings if tied), the root what is left.
 
     Every unit is gathered for its forward and freed after it (``reshard_after_forward``), so a
     process holds its shards plus one unit whole. accelerate's preparation of a trained model
@@ -162,23 +203,47 @@ def shard_teacher(teacher: nn.Module) -> nn.Module:
     the teacher has none, so they would stay whole. The embeddings are units of their own because
     gathering a unit takes about twice its size for a moment (the gathered buffer and the
     parameters copied out of it): at a large vocabulary they are the largest tensors of the model.
+
+    The weights are the main process's (`load_on_main`): the others' are on the meta device until the
+    main process sends each its shards (`accelerator`'s broadcast).
     """
     from torch.distributed.fsdp import fully_shard
 
+    from accelerate.utils.fsdp_utils import fsdp2_load_full_state_dict
+    from accelerate.utils.modeling import get_non_persistent_buffers
+
     teacher.requires_grad_(False)
+    full = teacher.state_dict()  # the main process's weights (meta elsewhere, unused)
+    kept = {fqn: buf.clone() for fqn, buf in teacher.named_buffers()
+            if fqn in get_non_persistent_buffers(teacher, recurse=True, fqns=True)}
+    teacher.to(torch.device("meta"))
     layers = set(decoder_layer_classes(teacher))
     for module in list(teacher.modules())[1:]:
         if type(module).__name__ in layers:
             fully_shard(module, reshard_after_forward=True)
     inputs, outputs = teacher.get_input_embeddings(), teacher.get_output_embeddings()
-    if inputs is not None and outputs is not None and inputs.weight is outputs.weight:
-        fully_shard([inputs, outputs], reshard_after_forward=True)
-    else:
-        for module in (inputs, outputs):
-            if module is not None:
-                fully_shard(module, reshard_after_forward=True)
+    norm = getattr(teacher.get_decoder(), "norm", None) if hasattr(teacher, "get_decoder") else None
+    tied = inputs is not None and outputs is not None and inputs.weight is outputs.weight
+    if inputs is not None and not tied:
+        fully_shard(inputs, reshard_after_forward=True)
+    # the final norm with the head: the decoder is also run without the head (perplexity's split), and the
+    # root's hooks (which would gather what it holds) run only around the whole model's forward
+    tail = [m for m in (norm, *((inputs,) if tied else ()), outputs) if m is not None]
+    if tail:
+        fully_shard(tail, reshard_after_forward=True)
     fully_shard(teacher, reshard_after_forward=True)
-    return teacher
+    fsdp2_load_full_state_dict(accelerator, teacher, full)
+    del full
+    for fqn, buf in kept.items():  # not in the state dict: each process keeps its own (computed from the config)
+        parent, _, name = fqn.rpartition(".")
+        teacher.get_submodule(parent).register_buffer(name, buf.to(accelerator.device), persistent=False)
+    _tie(teacher)  # loading a state dict unties the embeddings
+    return teacher.eval()
+
+
+def _tie(model: nn.Module) -> None:
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
 
 
 def full_state_dict(accelerator, model: nn.Module) -> dict:
@@ -264,9 +329,22 @@ def fsdp_units(model: nn.Module | None) -> list[str]:
     return [] if model is None else [name for name, m in model.named_modules() if isinstance(m, FSDPModule)]
 
 
+def anon_rss_mb() -> float | None:
+    """This process's resident anonymous memory now (Linux), MiB: without the pages of mapped files (a model's
+    safetensors file stays mapped, and resident until the kernel needs the memory, while any tensor of it lives)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def mark_memory(stages: dict, stage: str) -> None:
-    """Record in `stages` this process's resident memory now and its peak so far (MiB), at the end of `stage`."""
-    stages[stage] = [_round(rss_mb()), _round(peak_rss_mb())]
+    """Record in `stages` this process's memory at the end of `stage`, MiB: [resident, peak resident so far,
+    resident anonymous]."""
+    stages[stage] = [_round(rss_mb()), _round(peak_rss_mb()), _round(anon_rss_mb())]
 
 
 class ProcessMemory(TrainerCallback):
@@ -301,7 +379,7 @@ class ProcessMemory(TrainerCallback):
             "teacher_param_bytes": local_bytes(self.teacher.parameters()) if self.teacher is not None else 0,
             "rss_mb": _round(rss_mb()),
             "peak_rss_mb": _round(peak_rss_mb()),
-            "rss_mb_by_stage": dict(self.stages),  # [RSS, peak so far] at the end of each stage
+            "rss_mb_by_stage": dict(self.stages),  # [RSS, peak so far, anonymous RSS] at the end of each stage
             "student_fsdp_units": self.units,
         }
         self.per_process = gather_objects(mine)

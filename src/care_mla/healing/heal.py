@@ -110,7 +110,8 @@ class WindowDataset(torch.utils.data.Dataset):
 class HealTrainer(Trainer):
     """`Trainer` whose loss is `kd_loss` against a frozen teacher (None: CE only).
 
-    Under FSDP the teacher is sharded as the student is; otherwise each process holds it whole.
+    Under FSDP both are sharded when the Trainer is built, from the main process's weights; otherwise
+    each process holds the teacher whole.
     """
 
     loss_is_scaled_for_ga = False  # a per-micro-batch mean: the Trainer divides by the accumulation steps
@@ -119,12 +120,13 @@ class HealTrainer(Trainer):
                  kd_top_k: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.layout = distributed.layout(self.accelerator)
-        if self.layout == "fsdp2":
+        if self.layout == "fsdp2":  # both read by the main process only (`distributed.load_on_main`): shard them now
             distributed.wrap_decoder_layers(self.accelerator.state.fsdp_plugin, self.model)
-        if teacher is not None:
+            self.model = self.model_wrapped = distributed.shard_student(self.accelerator, self.model)
+            if teacher is not None:
+                teacher = distributed.shard_teacher(teacher, self.accelerator)
+        elif teacher is not None:
             teacher = teacher.to(self.args.device).eval()
-            if self.layout == "fsdp2":
-                teacher = distributed.shard_teacher(teacher)
         self.teacher = teacher
         self.kd = {"beta": kd_weight, "tau": kd_temperature, "top_k": kd_top_k}
         self._parts = torch.zeros(3, device=self.args.device)  # CE sum, KL sum, micro-batches since the last log
@@ -462,9 +464,14 @@ def _heal(settings: HealSettings, args: TrainingArguments, converted_path: str, 
 
     stages: dict = {}
     distributed.mark_memory(stages, "start")  # the interpreter and its libraries, before any model
+    sharded = distributed.fsdp_launch(args.world_size)  # then only the main process reads the weights
     t = time.perf_counter()
-    student, tokenizer, converted_path = load_model(converted_path, dtype, device)
-    teacher, _, teacher_path = load_model(settings.teacher, dtype, device)
+    if sharded:
+        student, tokenizer, converted_path = distributed.load_on_main(converted_path, dtype)
+        teacher, _, teacher_path = distributed.load_on_main(settings.teacher, dtype)
+    else:
+        student, tokenizer, converted_path = load_model(converted_path, dtype, device)
+        teacher, _, teacher_path = load_model(settings.teacher, dtype, device)
     if teacher.config.vocab_size != student.config.vocab_size:
         raise SettingsError(
             f"the teacher's vocabulary ({teacher.config.vocab_size}) is not the converted model's "
@@ -498,21 +505,29 @@ def _heal(settings: HealSettings, args: TrainingArguments, converted_path: str, 
 
     scored = bool(settings.zero_shot_tasks)
     tracked = scored and settings.eval_zero_shot_limit > 0
-    t = time.perf_counter()
-    ppl = {"original": held_out_ppl(teacher), "before": held_out_ppl(student)}
-    logger.info("held-out ppl: original %.4g, converted %.4g", ppl["original"], ppl["before"])
+    ppl: dict = {}
     accuracy: dict = {}
-    if scored:
-        accuracy["zero_shot"] = {"original": zero_shot(teacher, settings.zero_shot_limit),
-                                 "before": zero_shot(student, settings.zero_shot_limit)}
-    if tracked:
-        accuracy["slice"] = {"original": slice_accuracy(teacher), "before": slice_accuracy(student)}
-    timings["evaluate_before"] = time.perf_counter() - t
-    distributed.mark_memory(stages, "evaluate_before")
-    if settings.kd_weight == 0:
-        teacher = None
 
-    norms = linear_norms.find_linear_norms(student)
+    def evaluate_before(original, converted) -> None:
+        t = time.perf_counter()
+        ppl.update(original=held_out_ppl(original), before=held_out_ppl(converted))
+        logger.info("held-out ppl: original %.4g, converted %.4g", ppl["original"], ppl["before"])
+        if scored:
+            accuracy["zero_shot"] = {"original": zero_shot(original, settings.zero_shot_limit),
+                                     "before": zero_shot(converted, settings.zero_shot_limit)}
+        if tracked:
+            accuracy["slice"] = {"original": slice_accuracy(original), "before": slice_accuracy(converted)}
+        timings["evaluate_before"] = time.perf_counter() - t
+        distributed.mark_memory(stages, "evaluate_before")
+
+    if not sharded:  # sharded, they are measured once the Trainer has sharded them (the same functions)
+        evaluate_before(teacher, student)
+        if settings.kd_weight == 0:
+            teacher = None
+
+    # the main process finds the export's linear latent norms (the others hold no weights yet)
+    norms = distributed.from_main(lambda: linear_norms.find_linear_norms(student)) if sharded else \
+        linear_norms.find_linear_norms(student)
     linear_norms.fold(student, norms)
     frozen = set(linear_norms.frozen_norm_weights(student))
     for name, param in student.named_parameters():
@@ -521,7 +536,7 @@ def _heal(settings: HealSettings, args: TrainingArguments, converted_path: str, 
     model = _with_lora(student, settings.lora_rank, settings.seed) if settings.lora else student
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     architecture, student_bytes = type(student).__name__, distributed.whole_bytes(model.parameters())
-    teacher_bytes = distributed.whole_bytes(teacher.parameters()) if teacher is not None else 0
+    teacher_bytes = distributed.whole_bytes(teacher.parameters()) if teacher is not None and settings.kd_weight else 0
 
     held_out = HeldOutEval(eval_windows, settings.eval_every, settings.batch_size,
                            slice_accuracy if tracked else None)
@@ -530,6 +545,11 @@ def _heal(settings: HealSettings, args: TrainingArguments, converted_path: str, 
         callbacks=[held_out, *callbacks], teacher=teacher, kd_weight=settings.kd_weight,
         kd_temperature=settings.kd_temperature, kd_top_k=settings.kd_top_k,
     )
+    teacher = trainer.teacher  # under FSDP a sharded model of its own: the loaded one is released
+    if sharded:
+        evaluate_before(trainer.teacher, trainer.model)
+        if settings.kd_weight == 0:
+            trainer.teacher = teacher = None
     memory = distributed.ProcessMemory(trainer.teacher, stages)
     trainer.add_callback(memory)
     trainer.remove_callback(PrinterCallback)
