@@ -9,8 +9,10 @@ Two layouts, chosen by the launcher (``care-mla heal`` has no flag for them):
   steps); the curves differ by float rounding only (measured in docs/healing.md).
 - **FSDP, version 2** (``--use_fsdp --fsdp_version 2``): the student's parameters, gradients
   and Adam state are sharded over the processes (each holds 1/P of them between layers), and
-  the teacher, which only runs forward, is sharded the same way. The data split and the curve
-  are DDP's. FSDP version 1 is refused: its wrapper hides the model from the callbacks.
+  the teacher, which only runs forward, is sharded the same way, one unit per decoder layer.
+  Only the main process reads the weights; the others build both models on the meta device and
+  receive their shards. The data split and the curve are DDP's. FSDP version 1 is refused: its
+  wrapper hides the model from the callbacks.
 - **DeepSpeed ZeRO stage 1 or 2** (``--use_deepspeed --zero_stage 2``; DeepSpeed is not a
   dependency): the optimizer state (and with stage 2 the gradients) partitioned, the weights
   and the teacher whole in each process. Tried once on the CPU with DeepSpeed 0.19.8 installed
