@@ -545,7 +545,6 @@ def _heal(settings: HealSettings, args: TrainingArguments, converted_path: str, 
         callbacks=[held_out, *callbacks], teacher=teacher, kd_weight=settings.kd_weight,
         kd_temperature=settings.kd_temperature, kd_top_k=settings.kd_top_k,
     )
-    teacher = trainer.teacher  # under FSDP a sharded model of its own: the loaded one is released
     if sharded:
         evaluate_before(trainer.teacher, trainer.model)
         if settings.kd_weight == 0:
