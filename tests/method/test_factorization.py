@@ -14,6 +14,8 @@ from care_mla.method.factorization import (
     balance_scale,
     care_factorize,
     joint_factorize,
+    joint_factorize_gram,
+    stack_gram,
     whitened_spectrum,
     whitening,
 )
@@ -418,3 +420,50 @@ def test_factors_validation_and_weight():
         Factors(down=torch.zeros(4, 2), up=torch.zeros(3, 5), spectrum=torch.zeros(4))
     f = Factors(down=torch.ones(4, 2), up=torch.ones(2, 5), spectrum=torch.zeros(4))
     assert f.rank == 2 and torch.equal(f.weight(), torch.full((4, 5), 2.0))
+
+
+# --------------------------------------------------------------------------- K/V: from the stack's Gram
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-2])
+@pytest.mark.parametrize("weighted,emphasis,balance", [(False, 1.0, True), (True, 4.0, True), (True, 2.0, False)])
+@pytest.mark.parametrize("r", [1, 8, 24, 32])
+def test_joint_from_the_gram_is_the_whitened_svds_latent(data, kv, damping, weighted, emphasis, balance, r):
+    """The eigenvectors of AᵀSᵀSA give the latent the SVD of S·A gives (down·up to float32 rounding, the spectrum
+    to 1e-6 of its largest value) on strongly anisotropic inputs, with and without weightings, for both
+    whitenings."""
+    C = data["C"]
+    W_k, W_v = kv
+    kwargs = dict(key_emphasis=emphasis, balance=balance)
+    if weighted:
+        g = torch.Generator().manual_seed(5)
+        kwargs |= dict(key_weight=_weighting(16, g), value_weight=_weighting(16, g))
+    gram = stack_gram(W_k, W_v, C, damping=damping)
+    for method in ("cholesky", "sqrt"):
+        want, m_k = joint_factorize(W_k, W_v, C, r, damping=damping, method=method, compute_dtype=torch.float64,
+                                    **kwargs)
+        got, m_k2 = joint_factorize_gram(W_k, W_v, gram, r, **kwargs)
+        assert m_k == m_k2 == 16 and got.down.shape == want.down.shape and got.up.shape == want.up.shape
+        w, g_ = want.weight().double(), got.weight().double()
+        assert (w - g_).norm() <= 1e-5 * w.norm()  # the factors are float32
+        assert (want.spectrum - got.spectrum).abs().max() <= 1e-6 * want.spectrum.max()
+
+
+def _weighting(m: int, g: torch.Generator):
+    from care_mla.method.objectives import Weighting
+
+    Q, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+    T = Q * torch.logspace(0, 1, m, dtype=torch.float64) @ Q.T
+    return Weighting(matrix=T, inverse=torch.linalg.inv(T))
+
+
+def test_joint_from_the_gram_refuses_another_stack(data, kv):
+    C = data["C"]
+    W_k, W_v = kv
+    gram = stack_gram(W_k, W_v, C)
+    with pytest.raises(ValueError, match="not the stack of this Gram"):
+        joint_factorize_gram(W_k[:, :8], W_v, gram, 4)
+    with pytest.raises(ValueError, match="exceeds"):
+        joint_factorize_gram(W_k, W_v, gram, 33)
+    with pytest.raises(ValueError, match="key_emphasis"):
+        joint_factorize_gram(W_k, W_v, gram, 4, key_emphasis=0.0)

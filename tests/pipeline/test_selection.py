@@ -42,31 +42,77 @@ def test_streamed_losses_equal_the_built_models_loss(tiny_model_dir, text_file, 
     assert len(set(round(x, 6) for x in got)) == 3  # the objectives do make different models
 
 
-def test_candidates_share_each_layers_weightings_and_skip_the_error_table(tiny_model_dir, text_file, tmp_path):
-    """The candidates of a choice reuse one layer's attention weightings (computed once per layer, whatever the
-    objective or key emphasis) and build no error table: their layers are bit for bit what each builds alone."""
+def test_candidates_share_each_layers_weightings_and_gram_and_skip_the_error_table(tiny_model_dir, text_file, tmp_path):
+    """The candidates of a choice reuse one layer's attention weightings and K/V stack Gram (each computed once per
+    layer, whatever the objective or key emphasis) and build no error table: their layers are what each builds
+    alone with the whitened SVD, to float32 rounding (the Gram's eigenvectors give the same latent)."""
     folder = tiny_model_dir("llama")
     s = settings_for(folder, text_file, tmp_path, latent="joint", allocation="uniform", kv_fraction=0.4,
                      objective="activation", refit_output=False)
     model, tokenizer, _ = load.load_model(str(folder), torch.float32, torch.device("cpu"))
     stats = calibration.calibrate(model, tokenizer, str(folder), s)
     candidates = [dataclasses.replace(s, objective=o, key_emphasis=e) for o, e in
-                  (("value", 1.0), ("attention", 2.0), ("attention", 4.0))]
+                  (("value", 1.0), ("attention", 2.0), ("attention", 4.0), ("activation", 1.0))]
     reader = CheckpointReader(folder)
     alone = [build.latent_stream(model.config, reader, stats, c, torch.float32) for c in candidates]
     shared = plan.SharedWeightings()
     made = []
     get = shared.get
-    shared.get = lambda i, make: get(i, lambda: made.append(i) or make())
+    shared.get = lambda i, make, what="weightings": get(i, lambda: made.append((i, what)) or make(), what)
     together = [build.latent_stream(model.config, reader, stats, c, torch.float32, shared=shared, errors=False)
                 for c in candidates]
     for i in range(model.config.num_hidden_layers):
         for a, b in zip(alone, together):  # layer i of every candidate in turn, as the choice builds them
             x, y = a.layer(i), b.layer(i)
-            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-    assert made == list(range(model.config.num_hidden_layers))  # once per layer, not once per candidate
+            assert x.keys() == y.keys()
+            for k in x:  # the latent's basis may differ in sign; the layer's K and V do not
+                if "kv_a_proj" not in k and "kv_b_proj" not in k:
+                    assert torch.equal(x[k], y[k]), k
+            a_name = next(k for k in x if "kv_a_proj" in k)
+            b_name = next(k for k in x if "kv_b_proj" in k)
+            wx, wy = (t[b_name].double() @ t[a_name].double() for t in (x, y))
+            assert (wx - wy).norm() <= 1e-5 * wx.norm()
+    layers = list(range(model.config.num_hidden_layers))
+    assert sorted(made) == sorted([(i, "weightings") for i in layers] + [(i, "stack_gram") for i in layers])
     assert all("k_rel_error" in row for row in alone[0].fields["layers"])
     assert not any("k_rel_error" in row for p in together for row in p.fields["layers"])
+
+
+@pytest.mark.parametrize("fmt", ["care_mla", "deepseek"])
+def test_decoupled_candidates_on_one_rope_plan_share_weightings_and_gram(tiny_model_dir, text_file, tmp_path, fmt):
+    """Candidates of a decoupled layout's objective choice that share the RoPE plan also share each layer's
+    attention weightings and latent Gram: each scores the loss it scores built alone (1e-5), and each layer's
+    values are made once, not once per candidate."""
+    folder = tiny_model_dir("llama")
+    s = settings_for(folder, text_file, tmp_path, latent="decoupled", format=fmt, kv_fraction=0.5,
+                     objective="activation", refit_output=False)
+    model, tokenizer, _ = load.load_model(str(folder), torch.float32, torch.device("cpu"))
+    stats = calibration.calibrate(model, tokenizer, str(folder), s)
+    windows = selection.selection_windows(tokenizer, s)
+    candidates = [dataclasses.replace(s, objective=o, key_emphasis=e) for o, e in
+                  (("activation", 1.0), ("value", 2.0), ("attention", 4.0))]
+    reader = CheckpointReader(folder)
+    alone = [build.decoupled_stream(model.config, reader, stats, c, torch.float32) for c in candidates]
+    shared = plan.SharedWeightings()
+    together = [build.decoupled_stream(model.config, reader, stats, candidates[0], torch.float32, shared=shared,
+                                       errors=False)]
+    together += [build.decoupled_stream(model.config, reader, stats, c, torch.float32, split=together[0].split,
+                                        shared=shared, errors=False) for c in candidates[1:]]
+    made = []
+    layer = shared.layer
+    shared.layer = lambda i: made.append((i, tuple(layer(i)))) or layer(i)
+
+    def losses(streams):
+        return streamed_losses(streams[0].model_class, streams[0].tensor, [(p.config, p.layer) for p in streams],
+                               windows, dtype=torch.float32, device=torch.device("cpu"), batch_size=3)
+
+    want, got = losses(alone), losses(together)
+    assert got == pytest.approx(want, rel=1e-5)
+    assert len(set(round(x, 6) for x in got)) == 3
+    for i in range(model.config.num_hidden_layers):  # candidate 0 finds layer i new, the others find it made
+        seen = [names for j, names in made if j == i]
+        assert seen[0] == () and all(set(names) == {"stack_gram", "weightings"} for names in seen[2:])
+    assert not any("v_rel_error" in row for p in together for row in p.fields["layers"])
 
 
 def test_best_takes_the_lowest_finite_loss():

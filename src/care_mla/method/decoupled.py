@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from care_mla.formats.families import get_family, head_dim
-from care_mla.method.factorization import care_factorize, joint_factorize
+from care_mla.method.factorization import care_factorize, joint_factorize, joint_factorize_gram, stack_gram
 from care_mla.method.objectives import attention_weightings
 from care_mla.method.rope_split import (
     DEFAULT_ROPE_CONTEXT,
@@ -186,19 +186,24 @@ class MlaLayout:
         return [layer.rank for layer in self.layers]
 
 
-def _latent_weightings(weights, dims: _Dims, C: Tensor, objective: str) -> dict:
+def _latent_weightings(weights, dims: _Dims, C: Tensor, objective: str, shared: dict | None = None) -> dict:
     """The weightings of the [K left out of RoPE, V] latent for `objective` (`objectives`), none for "activation".
 
     The un-rotated key part is read by the whole query (no RoPE on it): its key weight is the full
-    query Gram (``rotary=False``).
+    query Gram (``rotary=False``). `shared`: this layer's values other candidates made (filled here).
     """
     if objective == "activation":
         return {}
     if objective not in ("value", "attention"):
         raise DeepseekExportError(f"unknown objective {objective!r}; use 'activation', 'value' or 'attention'")
     Wq, Wo = weights[0], weights[6]
-    key_weight, value_weight = attention_weightings(Wq, Wo.T, C, num_heads=dims.heads, num_kv_heads=dims.kv_heads,
-                                                    head_dim=dims.d, rotary=False)
+    if shared is None or "weightings" not in shared:
+        made = attention_weightings(Wq, Wo.T, C, num_heads=dims.heads, num_kv_heads=dims.kv_heads,
+                                    head_dim=dims.d, rotary=False)
+        if shared is None:
+            shared = {}
+        shared["weightings"] = made
+    key_weight, value_weight = shared["weightings"]
     if objective == "value":
         return {"value_weight": value_weight}
     return {"key_weight": key_weight, "value_weight": value_weight}
@@ -206,13 +211,17 @@ def _latent_weightings(weights, dims: _Dims, C: Tensor, objective: str) -> dict:
 
 def _layer_layout(weights, plan: RopePlan, dims: _Dims, nope: int, kv_lora_rank: int, C: Tensor | None,
                   q_scale: float, whitening: str, damping: float, balance_kv: bool, objective: str = "activation",
-                  key_emphasis: float = 1.0, cross: Tensor | None = None) -> LayerLayout:
+                  key_emphasis: float = 1.0, cross: Tensor | None = None, shared: dict | None = None) -> LayerLayout:
     """The decoupled-RoPE tensors of one layer (float64), from its weights and RoPE plan.
 
     Error compensation (`cross` = X̃ᵀX/N, with C = X̃ᵀX̃/N the converted stream's second moment): the
     [un-rotated K, V] latent is fitted to the original outputs (`joint_factorize(cross=)`) and the RoPE key
     columns become the damped least-squares map from the converted inputs to the original RoPE keys,
     ``(C + δI)⁻¹(X̃ᵀX/N + δI)·W_pe`` (full-rank CARE with the cross moment). The exact layout is kept as is.
+
+    `shared` (never with `cross`): what the candidates of a choice that share this layer's RoPE plan and C reuse —
+    the attention weightings and the latent stack's `StackGram` (the latent then comes from
+    `joint_factorize_gram`: the same one at m³ cost); filled on first use.
     """
     _, _, Wk, bk, Wv, *_ = weights
     D = dims.hidden
@@ -227,9 +236,16 @@ def _layer_layout(weights, plan: RopePlan, dims: _Dims, nope: int, kv_lora_rank:
         up_v = torch.eye(kv_lora_rank, dtype=torch.float64)
     else:
         k_rest = from_pairs(rest_key(Zk[:D], plan))  # (D, g·d)
-        factors, m_k = joint_factorize(k_rest, Wv, C, kv_lora_rank, balance=balance_kv, method=whitening,
-                                       damping=damping, compute_dtype=torch.float64, key_emphasis=key_emphasis,
-                                       cross=cross, **_latent_weightings(weights, dims, C, objective))
+        if shared is not None and cross is None:
+            if "stack_gram" not in shared:
+                shared["stack_gram"] = stack_gram(k_rest, Wv, C, damping=damping, compute_dtype=torch.float64)
+            factors, m_k = joint_factorize_gram(k_rest, Wv, shared["stack_gram"], kv_lora_rank, balance=balance_kv,
+                                                key_emphasis=key_emphasis,
+                                                **_latent_weightings(weights, dims, C, objective, shared))
+        else:
+            factors, m_k = joint_factorize(k_rest, Wv, C, kv_lora_rank, balance=balance_kv, method=whitening,
+                                           damping=damping, compute_dtype=torch.float64, key_emphasis=key_emphasis,
+                                           cross=cross, **_latent_weightings(weights, dims, C, objective))
         if cross is not None and k_pe.shape[1]:
             k_pe = k_pe.clone()
             k_pe[:D] = care_factorize(k_pe[:D], C, k_pe.shape[1], method=whitening, damping=damping,
@@ -437,17 +453,20 @@ def check_rank(split: RopeSplit, rank: int) -> None:
 @torch.no_grad()
 def layer_layout(split: RopeSplit, i: int, kv_lora_rank: int, *, whitening: str = "cholesky", damping: float = 1e-2,
                  balance_kv: bool = True, weights: tuple | None = None, objective: str = "activation",
-                 key_emphasis: float = 1.0, moments: tuple[Tensor, Tensor] | None = None) -> LayerLayout:
+                 key_emphasis: float = 1.0, moments: tuple[Tensor, Tensor] | None = None,
+                 shared: dict | None = None) -> LayerLayout:
     """Layer i's decoupled-RoPE tensors at latent rank `kv_lora_rank` (its weights read now unless given).
 
     `moments` = (C̃, X̃ᵀX/N) of error compensation (`care_mla.method.compensation`) replace the layer's statistics:
     the latent and the RoPE keys are fitted to the original layer's outputs (`_layer_layout`). The RoPE plan
-    (which components stay rotated) is the split's, made on the original statistics.
+    (which components stay rotated) is the split's, made on the original statistics. `shared`: layer i's values
+    that candidates of a choice on this `split` share (`_layer_layout`; ignored with `moments`).
     """
     check_rank(split, kv_lora_rank)
     C, cross = (split.C(i), None) if moments is None or split.exact else (m.double() for m in moments)
     return _layer_layout(weights or split.weights(i), split.plans[i], split.dims, split.nope, kv_lora_rank,
-                         C, split.q_scale, whitening, damping, balance_kv, objective, key_emphasis, cross)
+                         C, split.q_scale, whitening, damping, balance_kv, objective, key_emphasis, cross,
+                         shared if moments is None else None)
 
 
 @torch.no_grad()

@@ -150,10 +150,12 @@ def latent_stream(config, reader: CheckpointReader, stats: CalibrationStats, set
 
 def decoupled_stream(config, reader: CheckpointReader, stats: CalibrationStats, settings: ConvertSettings,
                       dtype: torch.dtype, split: decoupled.RopeSplit | None = None,
-                      compensation: Compensation | None = None) -> ConvertedStream:
+                      compensation: Compensation | None = None, *, shared: SharedWeightings | None = None,
+                      errors: bool = True) -> ConvertedStream:
     """The decoupled-RoPE model's stream (care_mla or DeepSeek format); `split`: a RoPE plan already made (the
-    candidates of a choice share it); with ``settings.sequential_fit`` the layouts are fitted first, as
-    `compensation` says."""
+    candidates of a choice share it, and then what `shared` holds of each layer, and build no per-layer error
+    table without `errors`); with ``settings.sequential_fit`` the layouts are fitted first, as `compensation`
+    says."""
     from care_mla.formats.mapping import decoupled_layer_state
     from care_mla.formats.modeling_care_mla import CareMlaForCausalLM
     from care_mla.pipeline.layerwise import layer_prefix, skeleton
@@ -175,7 +177,7 @@ def decoupled_stream(config, reader: CheckpointReader, stats: CalibrationStats, 
         if fitted is not None:
             e = completed_layout(split, i, fitted[i])
         else:
-            e, row = decoupled_layer(split, i, ranks[i], stats, settings)
+            e, row = decoupled_layer(split, i, ranks[i], stats, settings, shared=shared, errors=errors)
             fields["layers"].append(row)
         source = reader.state(layer_prefix(i), dtype)
         if deepseek_format:

@@ -38,10 +38,15 @@ def _factorize(method: str, W, C, abs_mean, rank: int, s: ConvertSettings,
     raise SettingsError(f"--method {method} builds no separate K and V latents")
 
 
-def _joint_factorize(W_k, W_v, C, rank: int, s: ConvertSettings, weights: dict | None = None) -> factorization.Factors:
+def _joint_factorize(W_k, W_v, C, rank: int, s: ConvertSettings, weights: dict | None = None,
+                     gram: factorization.StackGram | None = None) -> factorization.Factors:
     """One K/V latent of rank `rank` (K columns of `up` first) by the joint-capable `s.method`; `weights`: the
-    attention-aware weightings of care (`attention_weights`)."""
+    attention-aware weightings of care (`attention_weights`); `gram`: the layer's stack moments, for care
+    (`factorization.joint_factorize_gram`, the same latent at m³ cost)."""
     if s.method == "care":
+        if gram is not None:
+            return factorization.joint_factorize_gram(W_k, W_v, gram, rank, balance=s.balance_kv,
+                                                      key_emphasis=s.key_emphasis, **(weights or {}))[0]
         return factorization.joint_factorize(
             W_k, W_v, C, rank, balance=s.balance_kv, method=s.whitening, damping=s.damping,
             key_emphasis=s.key_emphasis, **(weights or {}),
@@ -65,19 +70,26 @@ def layer_qo_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class SharedWeightings:
-    """The attention weightings of the layer asked for last, on the calibration statistics: the candidates of a
-    choice build layer i one after the other, and every objective but "activation", whatever its key emphasis,
-    weighs by the same two matrices (`objectives.attention_weightings`) — computed once per layer, not once per
-    candidate. Holds one layer's (two small matrices per KV head)."""
+    """What the candidates of a choice share for the layer asked for last, on the calibration statistics: they
+    build layer i one after the other, and every objective but "activation", whatever its key emphasis, weighs by
+    the same two matrices (`objectives.attention_weightings`), and every care joint latent is made from the same
+    `factorization.StackGram` — each computed once per layer, not once per candidate. Holds one layer's."""
 
     def __init__(self) -> None:
         self._layer: int | None = None
-        self._value = None
+        self._values: dict[str, object] = {}
 
-    def get(self, i: int, make: Callable[[], tuple]) -> tuple:
+    def layer(self, i: int) -> dict[str, object]:
+        """Layer i's shared values by name (empty when layer i is new: the previous layer's are dropped)."""
         if self._layer != i:
-            self._layer, self._value = i, make()
-        return self._value
+            self._layer, self._values = i, {}
+        return self._values
+
+    def get(self, i: int, make: Callable[[], tuple], what: str = "weightings"):
+        values = self.layer(i)
+        if what not in values:
+            values[what] = make()
+        return values[what]
 
 
 def attention_weights(config, qo_weights: QoWeights | None, i: int, C: torch.Tensor,
@@ -198,7 +210,10 @@ def layer_latent(i: int, ranks: list[int], kv_weights: KvWeights, stats: Calibra
         weights = {**weights, "cross": cross}
     if settings.latent == "joint":
         (r,) = ranks
-        f = _joint_factorize(W_k, W_v, C, r, settings, weights)
+        gram = None
+        if shared is not None and moments is None and settings.method == "care":
+            gram = shared.get(i, lambda: factorization.stack_gram(W_k, W_v, C, damping=settings.damping), "stack_gram")
+        f = _joint_factorize(W_k, W_v, C, r, settings, weights, gram)
         row = {"layer": i, "kv_rank": r}
         if errors:
             W_hat, m_k = f.weight(), W_k.shape[1]
@@ -266,14 +281,17 @@ def decoupled_kwargs(settings: ConvertSettings) -> dict:
 
 
 def decoupled_layer(split: decoupled.RopeSplit, i: int, rank: int, stats: CalibrationStats | None,
-                    settings: ConvertSettings, moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    settings: ConvertSettings, moments: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+                    shared: SharedWeightings | None = None, errors: bool = True,
                     ) -> tuple[decoupled.LayerLayout, dict]:
-    """Layer i's decoupled-RoPE tensors at `rank` and its row of the per-layer table (rank, kept RoPE energy, errors);
-    `moments` = (C̃, X̃ᵀX/N) of error compensation (errors are then relative to C̃)."""
+    """Layer i's decoupled-RoPE tensors at `rank` and its row of the per-layer table (rank, kept RoPE energy, errors
+    unless not `errors`); `moments` = (C̃, X̃ᵀX/N) of error compensation (errors are then relative to C̃).
+    `shared`: what the candidates of a choice on this `split` reuse (`decoupled.layer_layout`)."""
     w = split.weights(i)
-    e = decoupled.layer_layout(split, i, rank, weights=w, moments=moments, **decoupled_kwargs(settings))
+    e = decoupled.layer_layout(split, i, rank, weights=w, moments=moments, **decoupled_kwargs(settings),
+                               shared=None if shared is None or moments is not None else shared.layer(i))
     row = {"layer": i, "kv_rank": e.rank, "rope_kept_energy": split.kept_rope_energy(i)}
-    if stats is not None:
+    if stats is not None and errors:
         C = stats.second_moments[i] if moments is None else moments[0]
         k_nope = e.kv_latent @ e.up_k.reshape(e.rank, -1)
         row["k_nope_rel_error"] = relative_error(split.rest_key(i, w), k_nope, C) if split.nope else 0.0

@@ -263,15 +263,20 @@ def choose_settings_streamed(config, reader: CheckpointReader, tokenizer, stats:
 
     memo = LayerMemo(reader)
     decoupled = settings.latent == "decoupled"
-    # latents: the candidates share each layer's attention weightings and skip the per-layer error table
-    candidate = {} if decoupled else {"shared": SharedWeightings(), "errors": False}
 
     def score(candidates: list[ConvertSettings], windows: torch.Tensor) -> list[float]:
         make = decoupled_stream if decoupled else latent_stream
-        streams = [make(config, memo, stats, candidates[0], dtype, **candidate)]
-        for c in candidates[1:]:  # a RoPE plan depends on rope_dim only: shared by candidates that share it
-            same = decoupled and c.rope_dim == candidates[0].rope_dim
-            streams.append(make(config, memo, stats, c, dtype, **({"split": streams[0].split} if same else candidate)))
+        # the candidates share each layer's attention weightings and K/V stack Gram (for a decoupled layout, those
+        # that share the first one's RoPE plan: it depends on rope_dim only) and skip the per-layer error table
+        shared = {"shared": SharedWeightings(), "errors": False}
+        streams = [make(config, memo, stats, candidates[0], dtype, **shared)]
+        for c in candidates[1:]:
+            if not decoupled:
+                streams.append(make(config, memo, stats, c, dtype, **shared))
+            elif c.rope_dim == candidates[0].rope_dim:
+                streams.append(make(config, memo, stats, c, dtype, split=streams[0].split, **shared))
+            else:
+                streams.append(make(config, memo, stats, c, dtype, errors=False))
         first = streams[0]
         return streamed_losses(first.model_class, first.tensor, [(p.config, p.layer) for p in streams], windows,
                                dtype=dtype, device=device, batch_size=settings.batch_size, progress=settings.progress,
