@@ -32,7 +32,22 @@ TINY = ["--calib-samples", "16", "--calib-seq-len", "32", "--eval-samples", "4",
 #: Report fields that differ between two runs of the same conversion.
 VOLATILE = {"timings_s", "peak_rss_mb", "peak_rss_mb_conversion", "model", "text", "statistics", "cache_file",
             "wall_time_s", "tokens_per_s", "threads", "out", "converted", "teacher", "hardware", "created",
-            "peak_rss_mb_by_stage", "seconds", "cache_dir", "calib_text", "eval_text"}
+            "peak_rss_mb_by_stage", "seconds", "cache_dir", "calib_text", "eval_text", "rss_mb_by_stage",
+            "train_text"}
+
+
+#: Files compared by their numbers (less `VOLATILE`), not by their bytes; the first one found is a case's report.
+REPORTS = ("report.json", "heal_report.json", "sweep.json")
+
+
+def differences(after, before, path: str = "") -> list[str]:
+    """Where two reports' numbers differ, as paths (``layers[3].k_rank``)."""
+    if isinstance(after, dict) and isinstance(before, dict):
+        return [d for k in sorted(set(after) | set(before), key=str)
+                for d in (differences(after.get(k), before.get(k), f"{path}.{k}" if path else str(k)))]
+    if isinstance(after, list) and isinstance(before, list) and len(after) == len(before):
+        return [d for i, (a, b) in enumerate(zip(after, before)) for d in differences(a, b, f"{path}[{i}]")]
+    return [] if after == before else [f"{path}: {before!r} -> {after!r}"]
 
 
 def tiny_models(folder: Path, text: Path) -> dict[str, Path]:
@@ -78,7 +93,7 @@ def digest(folder: Path, work: Path) -> dict[str, str]:
     compared by their numbers instead, plots and tables not at all."""
     out = {}
     for p in sorted(folder.rglob("*")):
-        if not p.is_file() or p.suffix in (".lock", ".png", ".md") or p.name in ("report.json", "heal_report.json"):
+        if not p.is_file() or p.suffix in (".lock", ".png", ".md") or p.name in REPORTS:
             continue
         data = p.read_bytes()
         if p.suffix == ".json":
@@ -126,7 +141,7 @@ def record(smollm2: bool) -> dict:
             out = tmp / name
             print(f"{name} ...", flush=True)
             run(args, out, tmp / "cache")
-            found = [out / n for n in ("report.json", "heal_report.json", "sweep.json") if (out / n).is_file()]
+            found = [out / n for n in REPORTS if (out / n).is_file()]
             report = json.loads(found[0].read_text()) if found else None
             manifest[name] = {"files": digest(out, tmp), "report": numbers(report)}
     return manifest
@@ -142,8 +157,7 @@ def compare(after: dict, before: dict) -> list[str]:
         for f in sorted(set(b["files"]) | set(a["files"])):
             if b["files"].get(f) != a["files"].get(f):
                 diffs.append(f"{name}/{f}: {b['files'].get(f)} -> {a['files'].get(f)}")
-        if b["report"] != a["report"]:
-            diffs.append(f"{name}/report.json: numbers differ")
+        diffs += [f"{name}/report: {d}" for d in differences(a["report"], b["report"])]
     return diffs
 
 
