@@ -421,18 +421,22 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
     )
     from transformers import __version__ as transformers_version
 
+    from care_mla.io.heartbeat import heartbeat  # here, not above: verifying a cached model imports no torch
+
     gguf_dir, gguf_name = str(gguf_path.parent), gguf_path.name
     # transformers 5.x: GGUF checkpoints go through a "gguf" quantizer. `dequantize=True` asks for
     # dense float weights (Llama is still served by the legacy loader, which always dequantises with
     # gguf-py, but being explicit keeps this correct if Llama moves to the packed-weights path).
-    # local_files_only: never reach for the hub.
-    quantized = AutoModelForCausalLM.from_pretrained(
-        gguf_dir,
-        gguf_file=gguf_name,
-        quantization_config=GgufConfig(dequantize=True),
-        dtype=torch.float32,
-        local_files_only=True,
-    )
+    # local_files_only: never reach for the hub. The loader parses the file for ~15 s before its own bar.
+    with heartbeat(logger, f"reading and dequantizing {gguf_name} (transformers' GGUF loader)"):
+        logger.info("reading and dequantizing %s (transformers' GGUF loader)", gguf_name)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            gguf_dir,
+            gguf_file=gguf_name,
+            quantization_config=GgufConfig(dequantize=True),
+            dtype=torch.float32,
+            local_files_only=True,
+        )
     if quantized.config.model_type != "llama":
         raise AssetError(
             f"{gguf_name} holds a {quantized.config.model_type!r} model, expected 'llama'; run `{_GGUF_REINSTALL_FIX}`"
@@ -451,7 +455,9 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
         pad_token_id=config.pad_token_id,
     )
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name, local_files_only=True)
+    with heartbeat(logger, "rebuilding the tokenizer from the GGUF vocabulary"):
+        logger.info("rebuilding the tokenizer from the GGUF vocabulary")
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name, local_files_only=True)
     probe = "The capital of France is"
     probe_ids = tokenizer(probe, return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -461,6 +467,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
         raise AssetError("the rebuilt model disagrees with the GGUF model; report this as a care-mla bug")
     del quantized, state
 
+    logger.info("saving the float32 checkpoint and checking that it reloads to the same logits")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
