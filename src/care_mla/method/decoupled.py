@@ -197,13 +197,13 @@ def _latent_weightings(weights, dims: _Dims, C: Tensor, objective: str, shared: 
     if objective not in ("value", "attention"):
         raise DeepseekExportError(f"unknown objective {objective!r}; use 'activation', 'value' or 'attention'")
     Wq, Wo = weights[0], weights[6]
-    if shared is None or "weightings" not in shared:
-        made = attention_weightings(Wq, Wo.T, C, num_heads=dims.heads, num_kv_heads=dims.kv_heads,
-                                    head_dim=dims.d, rotary=False)
-        if shared is None:
-            shared = {}
-        shared["weightings"] = made
-    key_weight, value_weight = shared["weightings"]
+    if shared is not None and "weightings" in shared:
+        key_weight, value_weight = shared["weightings"]
+    else:
+        key_weight, value_weight = attention_weightings(Wq, Wo.T, C, num_heads=dims.heads,
+                                                        num_kv_heads=dims.kv_heads, head_dim=dims.d, rotary=False)
+        if shared is not None:
+            shared["weightings"] = (key_weight, value_weight)
     if objective == "value":
         return {"value_weight": value_weight}
     return {"key_weight": key_weight, "value_weight": value_weight}

@@ -390,6 +390,25 @@ def check_joint(W_k: Tensor, W_v: Tensor, C: Tensor, rank: int) -> tuple[int, in
     return m_k, check_rank(rank, W_k.shape[0], m_k + W_v.shape[1])
 
 
+def _check_emphasis(key_emphasis: float) -> float:
+    emphasis = float(key_emphasis)
+    if not math.isfinite(emphasis) or emphasis <= 0:
+        raise ValueError(f"key_emphasis must be a finite number > 0, got {key_emphasis}")
+    return emphasis
+
+
+def _unweighted_up(up: Tensor, m_k: int, alpha: float, key_weight: Weighting | None,
+                   value_weight: Weighting | None) -> Tensor:
+    """The up-projection of a weighted, balanced stack ``[A_k/α, A_v]`` mapped back to ``[W_k, W_v]``: K's columns
+    ``·α·T_k⁻¹``, V's ``·T_v⁻¹``."""
+    up_k, up_v = up[:, :m_k] * alpha, up[:, m_k:]
+    if key_weight is not None:
+        up_k = up_k @ key_weight.inverse.to(up.dtype)
+    if value_weight is not None:
+        up_v = up_v @ value_weight.inverse.to(up.dtype)
+    return torch.cat([up_k, up_v], dim=1)
+
+
 def joint_factorize(
     W_k: Tensor,
     W_v: Tensor,
@@ -422,9 +441,7 @@ def joint_factorize(
     _check_cross(cross, W_k.shape[0])
     _check_weighting(key_weight, m_k, "key_weight")
     _check_weighting(value_weight, W_v.shape[1], "value_weight")
-    emphasis = float(key_emphasis)
-    if not math.isfinite(emphasis) or emphasis <= 0:
-        raise ValueError(f"key_emphasis must be a finite number > 0, got {key_emphasis}")
+    emphasis = _check_emphasis(key_emphasis)
     dtype = working_dtype(W_k.shape[0], compute_dtype)
     A_k, A_v = W_k.to(dtype), W_v.to(dtype)
     if key_weight is not None:
@@ -434,12 +451,7 @@ def joint_factorize(
     alpha = (balance_scale(A_k, A_v, C) if balance else 1.0) / emphasis
     down, up, sigma = whitened_factors(torch.cat([A_k / alpha, A_v], dim=1), C, r, method, damping, compute_dtype,
                             cross=cross)
-    up_k, up_v = up[:, :m_k] * alpha, up[:, m_k:]
-    if key_weight is not None:
-        up_k = up_k @ key_weight.inverse.to(dtype)
-    if value_weight is not None:
-        up_v = up_v @ value_weight.inverse.to(dtype)
-    return factors_of(down, torch.cat([up_k, up_v], dim=1), sigma), m_k
+    return factors_of(down, _unweighted_up(up, m_k, alpha, key_weight, value_weight), sigma), m_k
 
 
 def whitened_spectrum(
@@ -577,9 +589,7 @@ def joint_factorize_gram(
     r = check_rank(rank, W_k.shape[0], m)
     _check_weighting(key_weight, m_k, "key_weight")
     _check_weighting(value_weight, m - m_k, "value_weight")
-    emphasis = float(key_emphasis)
-    if not math.isfinite(emphasis) or emphasis <= 0:
-        raise ValueError(f"key_emphasis must be a finite number > 0, got {key_emphasis}")
+    emphasis = _check_emphasis(key_emphasis)
     dtype = gram.moment.dtype
     nk = _weighted_energy(gram.moment[:m_k, :m_k], key_weight)
     nv = _weighted_energy(gram.moment[m_k:, m_k:], value_weight)
@@ -599,11 +609,5 @@ def joint_factorize_gram(
     if value_weight is not None:
         right[m_k:] = value_weight.matrix.to(dtype) @ right[m_k:]
     down = W_k.to(dtype) @ right[:m_k] + W_v.to(dtype) @ right[m_k:]
-    up = V.mT / scale[None, :]
-    up_k, up_v = up[:, :m_k], up[:, m_k:]
-    if key_weight is not None:
-        up_k = up_k @ key_weight.inverse.to(dtype)
-    if value_weight is not None:
-        up_v = up_v @ value_weight.inverse.to(dtype)
     sigma = evals.clamp_min(0).sqrt()[: min(W_k.shape[0], m)]
-    return factors_of(down, torch.cat([up_k, up_v], dim=1), sigma), m_k
+    return factors_of(down, _unweighted_up(V.mT, m_k, alpha, key_weight, value_weight), sigma), m_k

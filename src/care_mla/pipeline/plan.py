@@ -289,7 +289,7 @@ def decoupled_layer(split: decoupled.RopeSplit, i: int, rank: int, stats: Calibr
     `shared`: what the candidates of a choice on this `split` reuse (`decoupled.layer_layout`)."""
     w = split.weights(i)
     e = decoupled.layer_layout(split, i, rank, weights=w, moments=moments, **decoupled_kwargs(settings),
-                               shared=None if shared is None or moments is not None else shared.layer(i))
+                               shared=None if shared is None else shared.layer(i))
     row = {"layer": i, "kv_rank": e.rank, "rope_kept_energy": split.kept_rope_energy(i)}
     if stats is not None and errors:
         C = stats.second_moments[i] if moments is None else moments[0]
