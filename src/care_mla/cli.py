@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--refit-samples", type=_optional_count, default=DEFAULTS.refit_samples, metavar="N|all",
                    help="calibration windows (evenly spaced) the output refit runs over; 'all': every one "
                         "(--compensate always runs every window)")
+    c.add_argument("--two-pass", dest="single_pass", action="store_false",
+                   help="the default layout converts in one pass over the calibration windows (statistics, objective "
+                        "chosen per layer by its attention-output error, factors and o_proj refit, layer by layer); "
+                        "--two-pass calibrates first, chooses one objective for every layer by the calibration loss "
+                        "of whole candidate models, then refits on the converted stream (~2x the time)")
     _add_factorization_args(c, DEFAULTS)
     _add_calibration_args(c, DEFAULTS)
     c.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip perplexity and cache measurements")

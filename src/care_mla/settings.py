@@ -129,6 +129,11 @@ class ConvertSettings(SettingsFile):
     # every window. SmolLM2, 256 × 256 calibration, held-out ppl ratio at F = 0.25 with the refit over 64 / 128 / all
     # 256 windows: 1.224 / 1.217 / 1.210 (docs/benchmarks.md); 128 stays within 1 % at half the passes. None: all
     refit_samples: int | None = 128
+    # the default layout (care, joint latent, uniform ranks, refit, no compensation) converts in one pass over the
+    # calibration windows: each layer's statistics, its objective (chosen per layer by its attention-output error),
+    # factors and refit on the original stream (`pipeline.single_pass`); False (--two-pass): calibrate, choose one
+    # objective for all layers by calibration loss of whole candidate models, then refit on the converted stream
+    single_pass: bool = True
     whitening: Literal["cholesky", "sqrt"] = "cholesky"
     damping: float = 1e-2
     rank_min_ratio: float = 0.5  # adjusted: r_min = ratio · mean rank

@@ -64,7 +64,14 @@ def test_budget_is_met_exactly_and_measured(latent, allocation, tiny_model_dir, 
     assert (choice is not None) == (latent == "joint")  # the paper's separate latents keep the activation objective
     expected = s if choice is None else dataclasses.replace(s, objective=report["objective"],
                                                             key_emphasis=report["key_emphasis"])
-    if choice is not None:
+    if choice is not None and allocation == "uniform":  # the default layout: one pass, the objective per layer
+        assert report["timings_s"].keys() >= {"calibrate_choose_refit", "save"}
+        assert report["objective"] == report["key_emphasis"] == "auto"  # stored as asked: it differs per layer
+        assert len(choice["per_layer"]) == 3 and all(len(e) == 7 for e in choice["attention_error"])
+        for name, errors, row in zip(choice["per_layer"], choice["attention_error"], report["layers"]):
+            assert name == min(errors, key=errors.get) and row["choice_error"] == pytest.approx(errors[name], abs=1e-6)
+            assert 0 < row["o_refit_error"] < row["o_error"]  # the refit lowered the attention output's error
+    elif choice is not None:  # adjusted ranks: the two passes, one objective by calibration loss
         assert len(choice["screening_loss"]) == 7 and len(choice["calibration_loss"]) == 3
         assert choice["chosen"] == min(choice["calibration_loss"], key=choice["calibration_loss"].get)
     assert ConvertSettings.from_dict(json.loads((tmp_path / "out" / api.SETTINGS_FILE).read_text())) == expected

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -259,38 +260,63 @@ def calibrate(model, tokenizer, model_path: str, settings: ConvertSettings, *,
         config = model.config
     dtype, hardware_info = calib_dtype(settings, config, device, model_dtype)
     stats = _calibrate(model, tokenizer, model_path, settings, reader, device, dtype, config, model_dtype)
+    record_hardware(stats, hardware_info, dtype, settings)
+    return stats
+
+
+def record_hardware(stats: CalibrationStats, hardware_info: dict | None, dtype: torch.dtype,
+                    settings: ConvertSettings) -> None:
+    """Note in `stats` why its forward passes ran in `dtype` (`load.calib_dtype`'s probe, or the setting) and on
+    how many threads."""
     stats.meta["hardware"] = hardware_info or {"step": "calibration", "dtype": str(dtype).removeprefix("torch."),
                                                "reason": f"--calib-dtype {settings.calib_dtype}"}
     stats.meta["hardware"]["threads"] = torch.get_num_threads()
-    return stats
+
+
+@dataclass(frozen=True)
+class StatisticsCache:
+    """Where the statistics of one calibration (model content, text, shape, dtype: `key`) are kept, and what
+    they record of how they were made (`meta`)."""
+
+    path: Path
+    key: str
+    meta: dict
+
+    @classmethod
+    def of(cls, model_path: str, settings: ConvertSettings, dtype: torch.dtype) -> StatisticsCache:
+        cache_root = assets.resolve_cache_dir(settings.cache_dir)
+        text_path = resolve_text(settings.calib_text, "calibration")
+        key = _fingerprint(model_path, text_path, settings, dtype, cache_root)
+        meta = {"model": model_path, "text": str(text_path), "samples": settings.calib_samples,
+                "seq_len": settings.calib_seq_len, "dtype": str(dtype).removeprefix("torch."), "key": key}
+        return cls(cache_root / "calibration" / f"{key[:20]}.safetensors", key, meta)
+
+    def load(self) -> CalibrationStats | None:
+        """The cached statistics, or None (none kept, or a file that is not this calibration's: warned)."""
+        if not self.path.is_file():
+            return None
+        try:
+            stats = CalibrationStats.load(self.path, key=self.key)
+        except CalibrationCacheError as err:
+            logger.warning("ignoring the cached calibration statistics: %s; calibrating again", err)
+            return None
+        logger.info("calibration statistics from %s", self.path)
+        stats.meta["cache_file"] = str(self.path)
+        return stats
+
+    def save(self, stats: CalibrationStats) -> None:
+        stats.save(self.path, key=self.key)
+        stats.meta["cache_file"] = str(self.path)
 
 
 def _calibrate(model, tokenizer, model_path: str, settings: ConvertSettings, reader, device, dtype,
                config, model_dtype) -> CalibrationStats:
-    cache_root = assets.resolve_cache_dir(settings.cache_dir)
-    text_path = resolve_text(settings.calib_text, "calibration")
-    key = _fingerprint(model_path, text_path, settings, dtype, cache_root)
-    cache = cache_root / "calibration" / f"{key[:20]}.safetensors"
-    if cache.is_file():  # checked before tokenising: the statistics are all that is needed
-        try:
-            stats = CalibrationStats.load(cache, key=key)
-        except CalibrationCacheError as err:
-            logger.warning("ignoring the cached calibration statistics: %s; calibrating again", err)
-        else:
-            logger.info("calibration statistics from %s", cache)
-            stats.meta["cache_file"] = str(cache)
-            return stats
-    windows, _ = load_windows(
-        tokenizer, settings.calib_text, "calibration", settings.calib_samples, settings.calib_seq_len, cache_root
-    )
-    meta = {
-        "model": model_path,
-        "text": str(text_path),
-        "samples": settings.calib_samples,
-        "seq_len": settings.calib_seq_len,
-        "dtype": str(dtype).removeprefix("torch."),
-        "key": key,
-    }
+    store = StatisticsCache.of(model_path, settings, dtype)
+    stats = store.load()  # checked before tokenising: the statistics are all that is needed
+    if stats is not None:
+        return stats
+    cache, meta = store.path, dict(store.meta)
+    windows = calibration_windows(tokenizer, settings)
     resume = cache.with_name(cache.stem + ".partial.safetensors")  # layers done so far, if a run was killed
     if reader is not None:
         from care_mla.pipeline.layerwise import collect_statistics_layerwise
@@ -304,9 +330,8 @@ def _calibrate(model, tokenizer, model_path: str, settings: ConvertSettings, rea
         stats = collect_statistics(runner, windows, batch_size=settings.batch_size, progress=settings.progress,
                                    meta=meta, resume=resume)
         del runner
-    stats.save(cache, key=key)
+    store.save(stats)
     resume.unlink(missing_ok=True)
-    stats.meta["cache_file"] = str(cache)
     return stats
 
 

@@ -27,6 +27,7 @@ from care_mla.pipeline.load import ModelLoadError, open_source, resolve_device, 
 from care_mla.pipeline.plan import format_layer_table
 from care_mla.pipeline.reporting import StageTimer, peak_rss_mb, report_head, write_report
 from care_mla.pipeline.selection import choose_settings_streamed
+from care_mla.pipeline.single_pass import calibrate_and_fit, single_pass_applies, single_pass_stream
 from care_mla.settings import ConvertSettings
 
 logger = logging.getLogger(__name__)
@@ -52,14 +53,21 @@ def convert(settings: ConvertSettings) -> dict:
     with folder:
         with stage("load"):
             source = open_source(settings, device, dtype)
-        with stage("calibrate"):
-            stats = calibrate(source.model, source.tokenizer, source.path, settings, reader=source.checkpoint)
-        with stage("choose_settings"):  # what is "auto" in `settings`, by calibration loss
-            settings, choice = choose_settings_streamed(source.config, source.reader, source.tokenizer, stats,
-                                                        settings, dtype, device)
+        converted = None
+        if single_pass_applies(settings):  # statistics, choice per layer, factors and refit, layer by layer
+            with stage("calibrate_choose_refit"):
+                done = calibrate_and_fit(source, settings, dtype, device)
+            stats, choice = done.stats, {"objective_choice": done.choice["objective_choice"]}
+            converted = single_pass_stream(source.config, source.reader, done, dtype)
+        else:
+            with stage("calibrate"):
+                stats = calibrate(source.model, source.tokenizer, source.path, settings, reader=source.checkpoint)
+            with stage("choose_settings"):  # what is "auto" in `settings`, by calibration loss
+                settings, choice = choose_settings_streamed(source.config, source.reader, source.tokenizer, stats,
+                                                            settings, dtype, device)
         with folder.staging() as tmp:
-            with stage("factorize_and_save"):
-                converted = stream_converted(source, stats, settings, dtype, device)
+            with stage("factorize_and_save" if converted is None else "save"):
+                converted = converted or stream_converted(source, stats, settings, dtype, device)
                 write_model(tmp, converted.model_class, converted.config, tensor=converted.tensor,
                             layer=converted.layer, dtype=dtype, generation_config=source.generation_config,
                             progress=settings.progress)

@@ -54,6 +54,65 @@ class _Stop(Exception):
     """Raised by a hook once the attention output is caught: the layer's MLP need not run."""
 
 
+class MomentSum:
+    """`OutputMoments` summed batch by batch in float64: ô the converted attention's ``o_proj`` input (m wide), y
+    the target output (D wide) less the converted ``o_proj``'s `bias`."""
+
+    def __init__(self, m: int, D: int, bias: torch.Tensor | None, device: torch.device):
+        self.m, self.D, self.bias = m, D, bias
+        self.AB = torch.zeros(m, m + D, dtype=torch.float64, device=device)  # [Σ ôôᵀ | Σ ôyᵀ]
+        self.energy, self.count = 0.0, 0
+
+    def add(self, heads: torch.Tensor, y: torch.Tensor) -> None:
+        x = heads.reshape(-1, self.m).double()
+        y = y.reshape(-1, self.D).double()
+        if self.bias is not None:
+            y = y - self.bias.double()
+        self.AB += x.T @ torch.cat([x, y], dim=1)  # one float64 GEMM for both: a third less time than two
+        self.energy += float(y.pow(2).sum())
+        self.count += x.shape[0]
+
+    def moments(self) -> OutputMoments:
+        AB = self.AB / self.count
+        return OutputMoments(AB[:, : self.m].contiguous(), AB[:, self.m :].contiguous(), self.energy / self.count)
+
+
+def _catching(layer: nn.Module, caught: dict, what: str):
+    """Hook on `layer`'s ``o_proj`` that catches its input (``what="heads"``) or output (``"output"``) into
+    ``caught[what]`` and stops the layer there."""
+    o_proj = layer.self_attn.o_proj
+
+    def heads(_module, args):
+        caught["heads"] = args[0]
+        raise _Stop
+
+    def output(_module, _args, out):
+        caught["output"] = out
+        raise _Stop
+
+    return o_proj.register_forward_pre_hook(heads) if what == "heads" else o_proj.register_forward_hook(output)
+
+
+@torch.no_grad()
+def attention_parts(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict],
+                    what: str = "output") -> list[torch.Tensor]:
+    """Decoder `layer`'s attention output (after ``o_proj``; ``what="heads"``: ``o_proj``'s input) on each batch
+    of `hidden`; the layer stops there (its MLP never runs)."""
+    caught: dict[str, torch.Tensor] = {}
+    out = []
+    handle = _catching(layer, caught, what)
+    try:
+        for h, kw in zip(hidden, kwargs):
+            try:
+                layer(h, **kw)
+            except _Stop:
+                pass
+            out.append(caught.pop(what))
+    finally:
+        handle.remove()
+    return out
+
+
 @torch.no_grad()
 def output_moments(original: nn.Module, converted: nn.Module, hidden: list[torch.Tensor], original_kwargs: list[dict],
                    converted_kwargs: list[dict], heads: list[torch.Tensor] | None = None) -> OutputMoments:
@@ -61,43 +120,15 @@ def output_moments(original: nn.Module, converted: nn.Module, hidden: list[torch
     keyword arguments): y is the `original` layer's attention output less the `converted` ``o_proj``'s bias, ô
     the `converted` ``o_proj``'s input. Each layer stops after its ``o_proj``. With a list `heads`, each batch's
     ô is appended to it (`_attention_from_heads` finishes the converted layer from them)."""
-    caught: dict[str, torch.Tensor] = {}
-
-    def output(_module, _args, out):
-        caught["y"] = out
-        raise _Stop
-
-    def catch_heads(_module, args):
-        caught["heads"] = args[0]
-        raise _Stop
-
     o_conv = converted.self_attn.o_proj
-    bias = o_conv.bias
-    m, D = o_conv.in_features, o_conv.out_features
-    AB = torch.zeros(m, m + D, dtype=torch.float64, device=o_conv.weight.device)  # [E[ôôᵀ] | E[ôyᵀ]], summed
-    energy, count = 0.0, 0
-    handles = [original.self_attn.o_proj.register_forward_hook(output), o_conv.register_forward_pre_hook(catch_heads)]
-    try:
-        for h, kw_o, kw_c in zip(hidden, original_kwargs, converted_kwargs):
-            for layer, kw in ((original, kw_o), (converted, kw_c)):
-                try:
-                    layer(h, **kw)
-                except _Stop:
-                    pass
-            if heads is not None:
-                heads.append(caught["heads"])
-            x = caught["heads"].reshape(-1, m).double()
-            y = caught["y"].reshape(-1, D).double()
-            if bias is not None:
-                y = y - bias.double()
-            AB += x.T @ torch.cat([x, y], dim=1)  # one float64 GEMM for both: a third less time than two
-            energy += float(y.pow(2).sum())
-            count += x.shape[0]
-    finally:
-        for handle in handles:
-            handle.remove()
-    AB /= count
-    return OutputMoments(AB[:, :m].contiguous(), AB[:, m:].contiguous(), energy / count)
+    total = MomentSum(o_conv.in_features, o_conv.out_features, o_conv.bias, o_conv.weight.device)
+    for h, kw_o, kw_c in zip(hidden, original_kwargs, converted_kwargs):
+        (y,) = attention_parts(original, [h], [kw_o], "output")
+        (x,) = attention_parts(converted, [h], [kw_c], "heads")
+        if heads is not None:
+            heads.append(x)
+        total.add(x, y)
+    return total.moments()
 
 
 @contextmanager

@@ -1,0 +1,267 @@
+"""The default conversion in one layer-sequential pass over the calibration windows: each decoder layer's
+statistics, the choice of its objective, its factors and its output refit, before the next layer runs.
+
+The two-pass conversion (`calibration` → `selection` → `sequential`) calibrates, scores whole converted models
+over windows to choose one objective for all layers, then runs the converted stream again to refit every
+``o_proj``: about three forward passes. Here everything a layer needs is made from what the calibration pass has
+in hand when it reaches the layer — the original stream's inputs of that layer:
+
+1. the layer's second moment C over every window (the attention inputs, as `calibration.collect_statistics`
+   accumulates them: the same numbers);
+2. each candidate objective (`selection.objective_candidates`) factorized from C (`factorization.stack_gram`: one
+   eigendecomposition of an m × m Gram each) and scored by the **relative error of the layer's attention output**
+   on `selection.SELECTION_WINDOWS` windows; the layer keeps its best, so the objective is chosen per layer;
+3. the winner factorized by the whitened SVD (the written factors, as in every conversion), its ``o_proj``
+   refitted by least squares from its heads to the original attention's output on the original stream over
+   ``settings.refit_samples`` windows (`compensation.refit_output_weight`);
+4. the original layer run over every window: the next layer's inputs.
+
+Held-out ppl on SmolLM2 at F = 0.25 / 0.125, the refit on the original stream against the converted one (the same
+objectives): 1.213 / 1.519 against 1.217 / 1.548 (docs/benchmarks.md). Applies to the default layout (a joint
+latent of care at uniform ranks, refit on, no compensation, one device); anything else runs the two passes
+(`single_pass_applies`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from care_mla.formats.configuration_care_mla import CareMlaConfig
+from care_mla.formats.mapping import LayerLatent, latent_layer_state
+from care_mla.method.compensation import output_refit_error, refit_output_weight
+from care_mla.method.statistics import CalibrationStats, SecondMoment
+from care_mla.pipeline.build import ConvertedStream, sequential_windows
+from care_mla.pipeline.calibration import (
+    StatisticsCache,
+    calibration_windows,
+    capture_layer_inputs,
+    layer_output,
+    materialised,
+    record_hardware,
+)
+from care_mla.pipeline.load import ModelSource, calib_dtype
+from care_mla.pipeline.plan import SharedWeightings, layer_latent, plan_ranks
+from care_mla.pipeline.sequential import DRIFT_WINDOWS, MomentSum, attention_parts
+from care_mla.settings import ConvertSettings
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["single_pass_applies", "PassWindows", "SinglePass", "single_pass", "calibrate_and_fit", "single_pass_stream"]
+
+
+def single_pass_applies(settings: ConvertSettings) -> bool:
+    """Whether `settings` convert in one pass: a care joint latent at uniform ranks with the output refit and
+    without compensation, one device (no ``--max-memory`` placement), unless ``--two-pass``."""
+    return (settings.single_pass and settings.method == "care" and settings.latent == "joint"
+            and settings.allocation == "uniform" and bool(settings.refit_output) and not settings.compensate
+            and settings.format == "care_mla" and not settings.max_memory_map)
+
+
+@dataclass(frozen=True)
+class PassWindows:
+    """Which calibration windows (indices into the N windows) the pass runs and what each serves: `main` the
+    original stream (every window while the statistics are collected; with cached statistics only those the
+    others need), `selection` the choice's, `refit` the output refit's, `drift` the converted stream's."""
+
+    main: list[int]
+    selection: list[int]
+    refit: list[int]
+    drift: list[int]
+
+    @classmethod
+    def of(cls, n: int, settings: ConvertSettings, *, statistics: bool) -> PassWindows:
+        from care_mla.pipeline.selection import SELECTION_WINDOWS
+
+        everything = torch.arange(n)
+        refit = sequential_windows(everything, settings).tolist()
+        selection = everything[:: max(1, n // SELECTION_WINDOWS)][:SELECTION_WINDOWS].tolist()
+        drift = refit[:DRIFT_WINDOWS]
+        main = list(range(n)) if statistics else sorted(set(selection) | set(refit))
+        return cls(main, selection, refit, drift)
+
+
+@dataclass
+class SinglePass:
+    """What the pass made: the statistics (collected, or the cached ones), each layer's factors with its refitted
+    ``o_weight``, the per-layer table rows and the report fields of the per-layer choice."""
+
+    stats: CalibrationStats
+    latents: list[LayerLatent]
+    rows: list[dict]
+    choice: dict
+
+
+def _gather(hidden: list[torch.Tensor], positions: list[int], batch_size: int) -> list[torch.Tensor]:
+    """The rows at `positions` (of the stream whose batches are `hidden`), re-batched by `batch_size`."""
+    rows = [hidden[p // batch_size][p % batch_size] for p in positions]
+    return [torch.stack(rows[s : s + batch_size]) for s in range(0, len(rows), batch_size)]
+
+
+def _relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    error = sum(float((o.double() - t.double()).pow(2).sum()) for o, t in zip(outputs, targets))
+    return error / max(sum(float(t.double().pow(2).sum()) for t in targets), 1e-30)
+
+
+@torch.no_grad()
+def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings, *, dtype: torch.dtype,
+                stream_dtype: torch.dtype, device: torch.device, stats: CalibrationStats | None = None,
+                meta: dict | None = None) -> SinglePass:
+    """Convert every layer of the checkpoint `reader` (its `config`) in one pass over the calibration `windows`
+    (N, T), the streams in `stream_dtype` on `device`, the written tensors in `dtype`. With `stats` (cached for
+    these windows) the statistics are not collected again and the original stream runs only over the windows the
+    choice and the refit need; else they are collected (with `meta`) and returned."""
+    from care_mla.formats.modeling_care_mla import CareMlaForCausalLM
+    from care_mla.pipeline.layerwise import kv_weights_reader, layer_prefix, qo_weights_reader, skeleton
+    from care_mla.pipeline.selection import objective_candidates
+
+    from care_mla.pipeline.layerwise import LayerMemo
+
+    reader = LayerMemo(reader)  # each layer's tensors read from the checkpoint once, whatever asks for them
+    collect = stats is None
+    picks = PassWindows.of(windows.shape[0], settings, statistics=collect)
+    bs = settings.batch_size
+    kv_weights, qo_weights = kv_weights_reader(reader, dtype), qo_weights_reader(reader, dtype)
+    ranks = plan_ranks(config, kv_weights, stats, settings, qo_weights)
+    target = CareMlaConfig.from_base(config, kv_latent="joint", kv_lora_ranks=ranks)
+    original, converted = skeleton(config, device), skeleton(target, device, CareMlaForCausalLM)
+    embedding = reader.get("model.embed_tokens.weight", stream_dtype)
+
+    def inputs(model, which: list[int]) -> tuple[list[torch.Tensor], list[dict]]:
+        embed = model.model.embed_tokens
+        embed.to_empty(device=device)
+        embed.load_state_dict({"weight": embedding.to(device)}, assign=True)
+        try:
+            return capture_layer_inputs(model, windows[which], bs)
+        finally:
+            embed.to("meta")
+
+    hidden, kw_main = inputs(original, picks.main)
+    position = {w: p for p, w in enumerate(picks.main)}
+    kw = {name: inputs(converted, getattr(picks, name))[1] for name in ("selection", "refit")}
+    drift_stream, kw_drift = inputs(converted, picks.drift)
+    del embedding
+
+    candidates = objective_candidates(settings)
+    names = [f"{c.objective}, key_emphasis {c.key_emphasis:g}" for c in candidates]
+    moments, abs_means, count = [], [], 0
+    latents, rows, chosen, errors = [], [], [], []
+    if not collect:
+        moments, abs_means, count = list(stats.second_moments), list(stats.abs_means), stats.num_tokens
+    tokens = windows[picks.main].numel()
+    bar = tqdm(range(config.num_hidden_layers), unit="layer", disable=not settings.progress,
+               desc=f"one pass: statistics, {len(candidates)} candidate objectives, output refit")
+    for i in bar:
+        t = time.perf_counter()
+        source = reader.state(layer_prefix(i), dtype)
+        with materialised(original.model.layers[i], reader.state(layer_prefix(i), stream_dtype), device) as layer:
+            if collect:  # what `collect_statistics`'s hook on input_layernorm accumulates, batch by batch
+                moment = SecondMoment(layer.input_layernorm.weight.shape[0], device=device)
+                for h in hidden:
+                    moment.add_batch(layer.input_layernorm(h))
+                moments.append(moment.second_moment.float().cpu())
+                abs_means.append(moment.abs_mean.float().cpu())
+                count = moment.count
+            so_far = CalibrationStats(moments[: i + 1], abs_means[: i + 1], count)
+
+            def attention_state(s: ConvertSettings, shared: SharedWeightings | None = None):
+                latent, row = layer_latent(i, ranks[i], kv_weights, so_far, s, qo_weights, config, shared=shared,
+                                           errors=shared is None)
+                return latent, row, latent_layer_state(source, latent)
+
+            # this layer's inputs of the windows the choice and the refit run on, then the original layer over
+            # every window, its attention outputs there kept as their targets
+            selected, refit = (_gather(hidden, [position[w] for w in ws], bs) for ws in (picks.selection, picks.refit))
+            wanted = {position[w] for w in picks.selection} | {position[w] for w in picks.refit}
+            kept: dict[int, torch.Tensor] = {}
+            batch = iter(range(len(hidden)))
+
+            def keep(_module, _args, out):
+                b = next(batch)
+                kept.update({b * bs + j: out[j] for j in range(out.shape[0]) if b * bs + j in wanted})
+
+            handle = layer.self_attn.o_proj.register_forward_hook(keep)
+            try:
+                hidden = [layer_output(layer(h, **k)) for h, k in zip(hidden, kw_main)]
+            finally:
+                handle.remove()
+            targets, refit_targets = ([torch.stack([kept[position[w]] for w in ws[s : s + bs]])
+                                       for s in range(0, len(ws), bs)] for ws in (picks.selection, picks.refit))
+            del kept
+        shared = SharedWeightings()
+        losses = []
+        for c in candidates:
+            state = attention_state(c, shared)[2]
+            with materialised(converted.model.layers[i], _cast(state, stream_dtype), device) as candidate:
+                losses.append(_relative_error(attention_parts(candidate, selected, kw["selection"]), targets))
+        del selected, targets, shared
+        best = min(range(len(candidates)), key=lambda k: (losses[k] if math.isfinite(losses[k]) else math.inf, k))
+        latent, row, state = attention_state(candidates[best])
+        with materialised(converted.model.layers[i], _cast(state, stream_dtype), device) as fitted:
+            o_proj = fitted.self_attn.o_proj
+            total = MomentSum(o_proj.in_features, o_proj.out_features, o_proj.bias, o_proj.weight.device)
+            for heads, y in zip(attention_parts(fitted, refit, kw["refit"], "heads"), refit_targets):
+                total.add(heads, y)
+        del refit, refit_targets
+        outputs = total.moments()
+        before = state["self_attn.o_proj.weight"]
+        weight = refit_output_weight(outputs, before, settings.damping).cpu()
+        row.update(o_error=output_refit_error(outputs, before), o_refit_error=output_refit_error(outputs, weight),
+                   choice_error=losses[best])
+        latent = dataclasses.replace(latent, o_weight=weight)
+        with materialised(converted.model.layers[i], _cast(latent_layer_state(source, latent), stream_dtype),
+                          device) as fitted:
+            drift_stream = [layer_output(fitted(h, **k)) for h, k in zip(drift_stream, kw_drift)]
+        reference = _gather(hidden, [position[w] for w in picks.drift], bs)
+        row["drift"] = _relative_error(drift_stream, reference)
+        latents.append(latent)
+        rows.append(row)
+        chosen.append(names[best])
+        errors.append({n: round(e, 6) for n, e in zip(names, losses) if math.isfinite(e)})
+        bar.set_postfix_str(f"{tokens / (time.perf_counter() - t):,.0f} tok/s, {names[best]}")
+    bar.close()
+    if collect:
+        stats = CalibrationStats(moments, abs_means, count, dict(meta or {}))
+    tally = {n: chosen.count(n) for n in names if n in chosen}
+    logger.info("objective per layer by attention-output error on %d windows: %s", len(picks.selection), tally)
+    choice = {"objective_choice": {"per_layer": chosen, "layers_by_candidate": tally, "attention_error": errors,
+                                   "windows": len(picks.selection)},
+              "ranks": ranks, "layers": rows}
+    return SinglePass(stats, latents, rows, choice)
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) for k, v in state.items()}
+
+
+def single_pass_stream(config, reader, done: SinglePass, dtype: torch.dtype) -> ConvertedStream:
+    """The latent model's stream of what `single_pass` fitted (what `layerwise.write_model` writes)."""
+    from care_mla.formats.modeling_care_mla import CareMlaForCausalLM
+    from care_mla.pipeline.layerwise import layer_prefix
+
+    target = CareMlaConfig.from_base(config, kv_latent="joint", kv_lora_ranks=done.choice["ranks"])
+    fields = {k: v for k, v in done.choice.items() if k != "objective_choice"}
+    return ConvertedStream(CareMlaForCausalLM, target, lambda name: reader.get(name, dtype),
+                           lambda i: latent_layer_state(reader.state(layer_prefix(i), dtype), done.latents[i]), fields)
+
+
+def calibrate_and_fit(source: ModelSource, settings: ConvertSettings, dtype: torch.dtype,
+                      device: torch.device) -> SinglePass:
+    """Stages 2–4 of `convert` in one pass (`single_pass`) over `source`: the statistics come from the cache when
+    this calibration was made before (then only the windows of the choice and the refit run), else they are
+    collected on the way and cached, as `calibration.calibrate` does."""
+    stream_dtype, hardware = calib_dtype(settings, source.config, device, dtype)
+    store = StatisticsCache.of(source.path, settings, stream_dtype)
+    cached = store.load()
+    done = single_pass(source.config, source.reader, calibration_windows(source.tokenizer, settings), settings,
+                       dtype=dtype, stream_dtype=stream_dtype, device=device, stats=cached, meta=store.meta)
+    if cached is None:
+        store.save(done.stats)
+    record_hardware(done.stats, hardware, stream_dtype, settings)
+    return done

@@ -1,0 +1,127 @@
+"""The one-pass conversion (`pipeline.single_pass`): its statistics are the calibration's, its choice is each layer's
+lowest attention-output error, its refit is the least-squares fit on the original stream."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import settings_for
+from transformers import AutoModelForCausalLM
+
+from care_mla.method.statistics import CalibrationStats
+from care_mla.pipeline import convert as api
+from care_mla.pipeline.calibration import StatisticsCache, calibration_windows, capture_layer_inputs
+from care_mla.pipeline.layerwise import collect_statistics_layerwise
+from care_mla.pipeline.load import checkpoint_reader
+from care_mla.pipeline.sequential import attention_parts
+from care_mla.pipeline.single_pass import PassWindows, single_pass_applies
+from care_mla.settings import ConvertSettings
+
+
+def _models(src, out):
+    load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # noqa: E731
+    return load(src), load(out)
+
+
+def _layer_inputs(model, windows: torch.Tensor, layer: int) -> tuple[torch.Tensor, dict]:
+    """Layer `layer`'s input hidden states of `model` on `windows`, and the keyword arguments its layers take."""
+    with torch.no_grad():
+        hidden = model(windows, output_hidden_states=True).hidden_states[layer]
+    _, kwargs = capture_layer_inputs(model, windows, windows.shape[0])
+    return hidden, kwargs[0]
+
+
+def test_the_default_layout_converts_in_one_pass():
+    assert single_pass_applies(ConvertSettings(kv_fraction=0.25))
+    for other in (dict(single_pass=False), dict(compensate=True), dict(refit_output=False), dict(latent="separate"),
+                  dict(allocation="adjusted"), dict(format="deepseek"), dict(method="transmla", latent="joint")):
+        assert not single_pass_applies(ConvertSettings(kv_fraction=0.25, **other)), other
+    assert not single_pass_applies(ConvertSettings(kv_fraction=1.0))  # parity: nothing to refit
+
+
+def test_pass_windows_cover_what_the_choice_and_refit_need():
+    s = ConvertSettings(refit_samples=8)
+    fresh, cached = PassWindows.of(64, s, statistics=True), PassWindows.of(64, s, statistics=False)
+    assert fresh.main == list(range(64)) and len(fresh.selection) == 16 and len(fresh.refit) == 8
+    assert fresh.refit == torch.linspace(0, 63, 8).round().long().tolist() and fresh.drift == fresh.refit
+    assert cached.main == sorted(set(fresh.selection) | set(fresh.refit)) and len(cached.main) < 64
+
+
+def test_statistics_are_the_calibrations(tiny_model_dir, text_file, tmp_path):
+    """The second moments the pass collects (and caches) are those `collect_statistics` collects, bit for bit."""
+    src = tiny_model_dir("llama")
+    s = settings_for(src, text_file, tmp_path, kv_fraction=0.25, evaluate=False)
+    api.convert(s)
+    cached = StatisticsCache.of(str(src), s, torch.float32).load()
+    assert cached is not None and cached.num_tokens == 8 * 32
+    from transformers import AutoConfig, AutoTokenizer
+
+    windows = calibration_windows(AutoTokenizer.from_pretrained(src), s)
+    direct = collect_statistics_layerwise(checkpoint_reader(str(src)), AutoConfig.from_pretrained(src), windows,
+                                          dtype=torch.float32, device=torch.device("cpu"), progress=False)
+    assert cached.num_layers == direct.num_layers == 3
+    for a, b, c, d in zip(cached.second_moments, direct.second_moments, cached.abs_means, direct.abs_means):
+        assert torch.equal(a, b) and torch.equal(c, d)
+
+
+def test_choice_error_is_the_attention_output_error_of_the_pinned_candidate(tiny_model_dir, text_file, tmp_path):
+    """Layer 0's chosen objective, pinned in a plain two-pass conversion (no refit), has that attention-output
+    error on the selection windows — measured here with the transformers modules of both models."""
+    src = tiny_model_dir("llama")
+    report = api.convert(settings_for(src, text_file, tmp_path, kv_fraction=0.25, evaluate=False))
+    chosen = report["objective_choice"]["per_layer"][0]
+    objective, emphasis = chosen.split(", key_emphasis ")
+    api.convert(settings_for(src, text_file, tmp_path, out=str(tmp_path / "pinned"), kv_fraction=0.25, evaluate=False,
+                             single_pass=False, refit_output=False, objective=objective, key_emphasis=float(emphasis)))
+    original, pinned = _models(src, tmp_path / "pinned")
+    from transformers import AutoTokenizer
+
+    windows = calibration_windows(AutoTokenizer.from_pretrained(src), settings_for(src, text_file, tmp_path))
+    h, kw_o = _layer_inputs(original, windows, 0)
+    _, kw_c = _layer_inputs(pinned, windows, 0)
+    (y,) = attention_parts(original.model.layers[0], [h], [kw_o])
+    (y_hat,) = attention_parts(pinned.model.layers[0], [h], [kw_c])
+    error = float((y_hat - y).double().pow(2).sum() / y.double().pow(2).sum())
+    assert error == pytest.approx(report["objective_choice"]["attention_error"][0][chosen], rel=1e-4)
+    assert error == pytest.approx(report["layers"][0]["choice_error"], rel=1e-4)
+
+
+def test_refit_is_least_squares_on_the_original_stream(tiny_model_dir, text_file, tmp_path):
+    """Layer 1's written o_proj is the ridge fit (pulled to the original o_proj, λ = damping × mean diag) from the
+    converted heads to the original attention output, both on the *original* model's layer-1 inputs."""
+    src = tiny_model_dir("llama")
+    s = settings_for(src, text_file, tmp_path, kv_fraction=0.25, evaluate=False)
+    api.convert(s)
+    original, converted = _models(src, tmp_path / "out")
+    from transformers import AutoTokenizer
+
+    windows = calibration_windows(AutoTokenizer.from_pretrained(src), s)  # 8 windows: the refit runs on all
+    h, kw_o = _layer_inputs(original, windows, 1)
+    _, kw_c = _layer_inputs(converted, windows, 1)
+    (y,) = attention_parts(original.model.layers[1], [h], [kw_o])
+    (heads,) = attention_parts(converted.model.layers[1], [h], [kw_c], "heads")
+    x, y = heads.reshape(-1, heads.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
+    A, B = x.T @ x / x.shape[0], x.T @ y / x.shape[0]
+    W = original.model.layers[1].self_attn.o_proj.weight.double()
+    lam = s.damping * float(torch.diagonal(A).mean())
+    expected = torch.linalg.solve(A + lam * torch.eye(A.shape[0], dtype=A.dtype), B + lam * W.T).T
+    written = converted.model.layers[1].self_attn.o_proj.weight.double()
+    assert (written - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert (written - W).abs().max() >= 100 * (written - expected).abs().max()  # it did move from the original
+
+
+def test_cached_statistics_write_the_same_model(tiny_model_dir, text_file, tmp_path):
+    """A second conversion finds the statistics cached and runs only the windows of the choice and the refit; the
+    model it writes has the same logits."""
+    src = tiny_model_dir("llama")
+    common = dict(kv_fraction=0.25, evaluate=False, calib_samples=32, refit_samples=8)
+    first = api.convert(settings_for(src, text_file, tmp_path, out=str(tmp_path / "a"), **common))
+    second = api.convert(settings_for(src, text_file, tmp_path, out=str(tmp_path / "b"), **common))
+    assert first["calibration"]["statistics"] == second["calibration"]["statistics"]
+    assert second["objective_choice"]["per_layer"] == first["objective_choice"]["per_layer"]
+    a, b = _models(tmp_path / "a", tmp_path / "b")
+    ids = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (a(ids).logits - b(ids).logits).abs().max() <= 1e-4
+    assert isinstance(StatisticsCache.of(str(src), settings_for(src, text_file, tmp_path, **common),
+                                         torch.float32).load(), CalibrationStats)
