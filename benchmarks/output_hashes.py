@@ -33,7 +33,7 @@ TINY = ["--calib-samples", "16", "--calib-seq-len", "32", "--eval-samples", "4",
 VOLATILE = {"timings_s", "peak_rss_mb", "peak_rss_mb_conversion", "model", "text", "statistics", "cache_file",
             "wall_time_s", "tokens_per_s", "threads", "out", "converted", "teacher", "hardware", "created",
             "peak_rss_mb_by_stage", "seconds", "cache_dir", "calib_text", "eval_text", "rss_mb_by_stage",
-            "train_text"}
+            "train_text", "seconds_by_step", "rss_mb"}
 
 
 #: Files compared by their numbers (less `VOLATILE`), not by their bytes; the first one found is a case's report.
@@ -121,7 +121,7 @@ def run(args: list[str], out: Path, cache: Path) -> None:
         raise SystemExit(f"{' '.join(args[:2])} failed:\n{done.stderr[-3000:]}")
 
 
-def record(smollm2: bool) -> dict:
+def record(smollm2: bool, convert_args: list[str] = ()) -> dict:
     manifest = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -138,6 +138,8 @@ def record(smollm2: bool) -> dict:
                                                   "8", "--eval-seq-len", "128", "--calib-dtype", "float32",
                                                   "--dtype", "float32", "--quiet"]))
         for name, args in todo:
+            if args[0] == "convert":
+                args = [*args, *convert_args]
             out = tmp / name
             print(f"{name} ...", flush=True)
             run(args, out, tmp / "cache")
@@ -166,8 +168,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="manifest to write (JSON)")
     p.add_argument("--compare", type=Path, help="a manifest recorded before: report every difference")
     p.add_argument("--no-smollm2", dest="smollm2", action="store_false", help="tiny models only")
+    p.add_argument("--convert-args", default="",
+                   help="appended to every convert case, e.g. '--two-pass' (to compare with a tree before that flag)")
     a = p.parse_args()
-    manifest = record(a.smollm2)
+    manifest = record(a.smollm2, a.convert_args.split())
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     files = sum(len(m["files"]) for m in manifest.values())

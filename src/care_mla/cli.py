@@ -143,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "forward time)")
     c.add_argument("--refit-output", action=argparse.BooleanOptionalAction, default=None,
                    help="refit each layer's o_proj (not cached) by least squares from the converted attention's "
-                        "heads to the original attention's output on the same inputs, layer after layer (about "
-                        "1.3 forward passes over --refit-samples windows); default: on for care below parity")
+                        "heads to the original attention's output on the same inputs, layer after layer (in the "
+                        "default one pass: an attention pass over --refit-samples windows of the original stream; "
+                        "in two passes: about 1.3 forward passes of the converted stream); default: on for care "
+                        "below parity")
     c.add_argument("--refit-samples", type=_optional_count, default=DEFAULTS.refit_samples, metavar="N|all",
                    help="calibration windows (evenly spaced) the output refit runs over; 'all': every one "
                         "(--compensate always runs every window)")

@@ -19,7 +19,7 @@ from care_mla.settings import ConvertSettings
 logger = logging.getLogger(__name__)
 
 DEMO_RUNS = (
-    ("CARE (default: joint K/V latent, objective chosen by calibration loss, output refit)", dict(method="care")),
+    ("CARE (default, one pass: joint K/V latent, objective chosen per layer, output refit)", dict(method="care")),
     ("weight SVD, uniform ranks", dict(method="svd", allocation="uniform")),
 )
 #: The demo's token budget (see the module docstring).

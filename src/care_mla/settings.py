@@ -121,13 +121,14 @@ class ConvertSettings(SettingsFile):
     # (`compensation`; about twice a calibration's forward passes)
     compensate: bool = False
     # any layout: refit each layer's o_proj (not cached) by least squares from the converted attention's heads
-    # to the original attention's output on the same inputs (`compensation.refit_output_weight`; runs the
-    # converted stream layer by layer, as compensation does). None: on for care below parity (measured better on
+    # to the original attention's output on the same inputs (`compensation.refit_output_weight`; on the original
+    # stream in the one-pass conversion, else on the converted stream layer by layer, as compensation does). None: on for care below parity (measured better on
     # both models, README), off at parity (exact: nothing to refit) and for the baselines (as their authors made them)
     refit_output: bool | None = None
-    # calibration windows (evenly spaced) the output refit alone runs the converted stream over; compensation runs
-    # every window. SmolLM2, 256 × 256 calibration, held-out ppl ratio at F = 0.25 with the refit over 64 / 128 / all
-    # 256 windows: 1.224 / 1.217 / 1.210 (docs/benchmarks.md); 128 stays within 1 % at half the passes. None: all
+    # calibration windows (evenly spaced) the output refit is fitted on: of the original stream in the one-pass
+    # conversion (`single_pass`), of the converted stream in two passes; compensation runs every window. Two passes,
+    # SmolLM2, 256 × 256 calibration, held-out ppl ratio at F = 0.25 with the refit over 64 / 128 / all 256 windows:
+    # 1.224 / 1.217 / 1.210 (docs/benchmarks.md); 128 stays within 1 % at half the passes. None: all
     refit_samples: int | None = 128
     # the default layout (care, joint latent, uniform ranks, refit, no compensation) converts in one pass over the
     # calibration windows: each layer's statistics, its objective (chosen per layer by its attention-output error),

@@ -238,3 +238,22 @@ def test_sweep_joint_cells_choose_their_objective_and_compensate(tiny_model_dir,
     assert care_cell.compensate and care_cell.refit_output  # the baselines stay as their authors made them
     assert not svd_cell.compensate and not svd_cell.refit_output
     assert not sweep_settings(tiny_model_dir("llama"), text_file, tmp_path).cell("care", "uniform", "joint", 0.25).refit_output
+
+
+def test_sweep_refit_cell_is_the_default_conversion(tiny_model_dir, text_file, tmp_path):
+    """With --refit-output (no compensation) a care joint uniform cell is made as `convert` makes its default, in
+    one pass: the same objective per layer, the same held-out perplexity."""
+    from conftest import settings_for
+
+    from care_mla.pipeline import convert as api
+
+    src = tiny_model_dir("llama")
+    s = sweep_settings(src, text_file, tmp_path, kv_fractions=(0.25,), methods=("care",), allocations=("uniform",),
+                       latents=("joint",), refit_output=True)
+    (cell,) = sweep(s)["cells"]
+    report = api.convert(settings_for(src, text_file, tmp_path, out=str(tmp_path / "convert"), kv_fraction=0.25,
+                                      cache_dir=str(tmp_path / "cache-convert")))
+    assert cell["objective_choice"]["per_layer"] == report["objective_choice"]["per_layer"]
+    assert cell["ranks"] == report["ranks"]
+    assert cell["ppl"] == pytest.approx(report["ppl"]["converted"], rel=1e-5)
+    assert all(0 < row["o_refit_error"] < row["o_error"] for row in cell["layers"])

@@ -64,9 +64,10 @@ def test_statistics_are_the_calibrations(tiny_model_dir, text_file, tmp_path):
         assert torch.equal(a, b) and torch.equal(c, d)
 
 
-def test_choice_error_is_the_attention_output_error_of_the_pinned_candidate(tiny_model_dir, text_file, tmp_path):
-    """Layer 0's chosen objective, pinned in a plain two-pass conversion (no refit), has that attention-output
-    error on the selection windows — measured here with the transformers modules of both models."""
+def test_choice_error_is_the_refitted_error_of_the_pinned_candidate(tiny_model_dir, text_file, tmp_path):
+    """Layer 0's chosen objective, pinned in a plain two-pass conversion (no refit), leaves that attention-output
+    error on the selection windows once o_proj is refitted there — measured here with the transformers modules of
+    both models and a least-squares solve of its own."""
     src = tiny_model_dir("llama")
     report = api.convert(settings_for(src, text_file, tmp_path, kv_fraction=0.25, evaluate=False))
     chosen = report["objective_choice"]["per_layer"][0]
@@ -80,10 +81,23 @@ def test_choice_error_is_the_attention_output_error_of_the_pinned_candidate(tiny
     h, kw_o = _layer_inputs(original, windows, 0)
     _, kw_c = _layer_inputs(pinned, windows, 0)
     (y,) = attention_parts(original.model.layers[0], [h], [kw_o])
-    (y_hat,) = attention_parts(pinned.model.layers[0], [h], [kw_c])
-    error = float((y_hat - y).double().pow(2).sum() / y.double().pow(2).sum())
+    (heads,) = attention_parts(pinned.model.layers[0], [h], [kw_c], "heads")
+    W = original.model.layers[0].self_attn.o_proj.weight.double()
+    refitted = _ridge(heads, y, W, 1e-2) @ heads.reshape(-1, heads.shape[-1]).double().T
+    y = y.reshape(-1, y.shape[-1]).double()
+    error = float((refitted.T - y).pow(2).sum() / y.pow(2).sum())
+    plain = float((heads.reshape(-1, heads.shape[-1]).double() @ W.T - y).pow(2).sum() / y.pow(2).sum())
     assert error == pytest.approx(report["objective_choice"]["attention_error"][0][chosen], rel=1e-4)
     assert error == pytest.approx(report["layers"][0]["choice_error"], rel=1e-4)
+    assert error < plain  # the score is after the refit, not before
+
+
+def _ridge(heads: torch.Tensor, y: torch.Tensor, W: torch.Tensor, damping: float) -> torch.Tensor:
+    """argmin over W' of mean ‖ô W'ᵀ − y‖² + λ‖W' − W‖², λ = damping × mean diag E[ôôᵀ], in float64."""
+    x, y = heads.reshape(-1, heads.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
+    A, B = x.T @ x / x.shape[0], x.T @ y / x.shape[0]
+    lam = damping * float(torch.diagonal(A).mean())
+    return torch.linalg.solve(A + lam * torch.eye(A.shape[0], dtype=A.dtype), B + lam * W.T).T
 
 
 def test_refit_is_least_squares_on_the_original_stream(tiny_model_dir, text_file, tmp_path):
@@ -100,11 +114,8 @@ def test_refit_is_least_squares_on_the_original_stream(tiny_model_dir, text_file
     _, kw_c = _layer_inputs(converted, windows, 1)
     (y,) = attention_parts(original.model.layers[1], [h], [kw_o])
     (heads,) = attention_parts(converted.model.layers[1], [h], [kw_c], "heads")
-    x, y = heads.reshape(-1, heads.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
-    A, B = x.T @ x / x.shape[0], x.T @ y / x.shape[0]
     W = original.model.layers[1].self_attn.o_proj.weight.double()
-    lam = s.damping * float(torch.diagonal(A).mean())
-    expected = torch.linalg.solve(A + lam * torch.eye(A.shape[0], dtype=A.dtype), B + lam * W.T).T
+    expected = _ridge(heads, y, W, s.damping)
     written = converted.model.layers[1].self_attn.o_proj.weight.double()
     assert (written - expected).abs().max() <= 1e-5 * expected.abs().max()
     assert (written - W).abs().max() >= 100 * (written - expected).abs().max()  # it did move from the original

@@ -153,6 +153,20 @@ def cell_key(method: str, allocation: str, latent: str, kv_fraction: float) -> s
     return f"{method}/{allocation}/{latent}@{kv_fraction:g}"
 
 
+def _single_pass_cell(model, stats, settings, windows, dtype, device):
+    """(converted model, its report fields, the choice's fields) of a cell that `convert` makes in one pass
+    (`single_pass`), from the sweep's statistics and in-memory model."""
+    from care_mla.formats.mapping import build_latent_model
+    from care_mla.pipeline.load import ModuleReader, calib_dtype
+    from care_mla.pipeline.single_pass import single_pass
+
+    stream_dtype = calib_dtype(settings, model.config, device, dtype)[0]
+    done = single_pass(model.config, ModuleReader(model), windows, settings, dtype=dtype, stream_dtype=stream_dtype,
+                       device=device, stats=stats)
+    fields = {"ranks": done.choice["ranks"], "layers": done.rows}
+    return build_latent_model(model, done.latents), fields, {"objective_choice": done.choice["objective_choice"]}
+
+
 def _representatives(s: SweepSettings) -> dict[str, tuple[str, str]]:
     """Per latent, the (method, allocation) evaluated at kv_fraction 1.0, where all are exact."""
     reps = {}
@@ -331,6 +345,7 @@ def _sweep(s: SweepSettings, folder) -> dict:
     from care_mla.formats.families import get_family, gqa_kv_width
     from care_mla.io.text import load_windows
     from care_mla.pipeline import build, calibration, evaluate, load, plan, reporting, selection
+    from care_mla.pipeline.single_pass import single_pass_applies
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -397,11 +412,15 @@ def _sweep(s: SweepSettings, folder) -> dict:
                 cells.append({**cell, "status": "exact", "same_as": rep, **_metrics(done[rep])})
                 continue
             c0 = time.perf_counter()
-            cs, choice = selection.choose_settings_whole(model, tokenizer, stats, s.cell(method, allocation, latent, f))
+            cs = s.cell(method, allocation, latent, f)
             if cs.sequential_fit and calib_windows is None:
                 calib_windows, _ = load_windows(tokenizer, s.calib_text, "calibration", s.calib_samples,
                                                 s.calib_seq_len, assets.resolve_cache_dir(s.cache_dir))
-            converted, fields = build.build_converted(model, stats, cs, calib_windows if cs.sequential_fit else None)
+            if single_pass_applies(cs):  # as `convert` makes it: choice per layer and refit in one pass
+                converted, fields, choice = _single_pass_cell(model, stats, cs, calib_windows, dtype, device)
+            else:
+                cs, choice = selection.choose_settings_whole(model, tokenizer, stats, cs)
+                converted, fields = build.build_converted(model, stats, cs, calib_windows if cs.sequential_fit else None)
             ppl = perplexity(converted, windows, batch_size=s.batch_size, progress=s.progress)
             width = kv_cache_width(converted.config) / converted.config.num_hidden_layers
             measured = {

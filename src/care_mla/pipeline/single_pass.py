@@ -8,17 +8,19 @@ in hand when it reaches the layer — the original stream's inputs of that layer
 
 1. the layer's second moment C over every window (the attention inputs, as `calibration.collect_statistics`
    accumulates them: the same numbers);
-2. each candidate objective (`selection.objective_candidates`) factorized from C (`factorization.stack_gram`: one
-   eigendecomposition of an m × m Gram each) and scored by the **relative error of the layer's attention output**
-   on `selection.SELECTION_WINDOWS` windows; the layer keeps its best, so the objective is chosen per layer;
-3. the winner factorized by the whitened SVD (the written factors, as in every conversion), its ``o_proj``
+2. the original layer run over every window: the next layer's inputs, and its attention outputs on the windows
+   the choice and the refit use (their targets);
+3. each candidate objective (`selection.objective_candidates`) factorized from C (`factorization.stack_gram`: one
+   eigendecomposition of an m × m Gram each) and scored by **what its output refit leaves of the layer's
+   attention-output error** on `selection.SELECTION_WINDOWS` windows (`refitted_error`); the layer keeps its best,
+   so the objective is chosen per layer;
+4. the winner factorized by the whitened SVD (the written factors, as in every conversion), its ``o_proj``
    refitted by least squares from its heads to the original attention's output on the original stream over
-   ``settings.refit_samples`` windows (`compensation.refit_output_weight`);
-4. the original layer run over every window: the next layer's inputs.
+   ``settings.refit_samples`` windows (`compensation.refit_output_weight`).
 
-Held-out ppl on SmolLM2 at F = 0.25 / 0.125, the refit on the original stream against the converted one (the same
-objectives): 1.213 / 1.519 against 1.217 / 1.548 (docs/benchmarks.md). Applies to the default layout (a joint
-latent of care at uniform ranks, refit on, no compensation, one device); anything else runs the two passes
+Held-out ppl ratio (docs/results.md), SmolLM2 at F = 0.25 / 0.125 with the objectives pinned, the refit on the
+original stream against the converted one: 1.213 / 1.519 against 1.217 / 1.548. Applies to the default layout (a
+joint latent of care at uniform ranks, refit on, no compensation, one device); anything else runs the two passes
 (`single_pass_applies`).
 """
 
@@ -104,6 +106,19 @@ def _gather(hidden: list[torch.Tensor], positions: list[int], batch_size: int) -
     return [torch.stack(rows[s : s + batch_size]) for s in range(0, len(rows), batch_size)]
 
 
+def refitted_error(layer, hidden: list[torch.Tensor], kwargs: list[dict], targets: list[torch.Tensor],
+                   weight: torch.Tensor, damping: float) -> float:
+    """Relative error of converted decoder `layer`'s attention output against `targets` (the original attention's,
+    batch by batch, on the same inputs `hidden`) once its ``o_proj`` is refitted on these very batches from
+    `weight` (`compensation.refit_output_weight`): what the refit leaves of a candidate, the choice's score."""
+    o_proj = layer.self_attn.o_proj
+    total = MomentSum(o_proj.in_features, o_proj.out_features, o_proj.bias, o_proj.weight.device)
+    for heads, y in zip(attention_parts(layer, hidden, kwargs, "heads"), targets):
+        total.add(heads, y)
+    moments = total.moments()
+    return output_refit_error(moments, refit_output_weight(moments, weight, damping))
+
+
 def _relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
     error = sum(float((o.double() - t.double()).pow(2).sum()) for o, t in zip(outputs, targets))
     return error / max(sum(float(t.double().pow(2).sum()) for t in targets), 1e-30)
@@ -155,12 +170,15 @@ def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings
     if not collect:
         moments, abs_means, count = list(stats.second_moments), list(stats.abs_means), stats.num_tokens
     tokens = windows[picks.main].numel()
+    spent = dict.fromkeys(("statistics", "forward", "choice", "refit", "drift"), 0.0)  # seconds, summed over layers
+    clock = _Clock(spent)
     bar = tqdm(range(config.num_hidden_layers), unit="layer", disable=not settings.progress,
                desc=f"one pass: statistics, {len(candidates)} candidate objectives, output refit")
     for i in bar:
         t = time.perf_counter()
         source = reader.state(layer_prefix(i), dtype)
         with materialised(original.model.layers[i], reader.state(layer_prefix(i), stream_dtype), device) as layer:
+            clock("forward")  # reading the layer
             if collect:  # what `collect_statistics`'s hook on input_layernorm accumulates, batch by batch
                 moment = SecondMoment(layer.input_layernorm.weight.shape[0], device=device)
                 for h in hidden:
@@ -169,6 +187,7 @@ def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings
                 abs_means.append(moment.abs_mean.float().cpu())
                 count = moment.count
             so_far = CalibrationStats(moments[: i + 1], abs_means[: i + 1], count)
+            clock("statistics")
 
             def attention_state(s: ConvertSettings, shared: SharedWeightings | None = None):
                 latent, row = layer_latent(i, ranks[i], kv_weights, so_far, s, qo_weights, config, shared=shared,
@@ -194,14 +213,17 @@ def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings
             targets, refit_targets = ([torch.stack([kept[position[w]] for w in ws[s : s + bs]])
                                        for s in range(0, len(ws), bs)] for ws in (picks.selection, picks.refit))
             del kept
+        clock("forward")
         shared = SharedWeightings()
         losses = []
         for c in candidates:
             state = attention_state(c, shared)[2]
             with materialised(converted.model.layers[i], _cast(state, stream_dtype), device) as candidate:
-                losses.append(_relative_error(attention_parts(candidate, selected, kw["selection"]), targets))
+                losses.append(refitted_error(candidate, selected, kw["selection"], targets,
+                                             state["self_attn.o_proj.weight"], settings.damping))
         del selected, targets, shared
         best = min(range(len(candidates)), key=lambda k: (losses[k] if math.isfinite(losses[k]) else math.inf, k))
+        clock("choice")
         latent, row, state = attention_state(candidates[best])
         with materialised(converted.model.layers[i], _cast(state, stream_dtype), device) as fitted:
             o_proj = fitted.self_attn.o_proj
@@ -215,11 +237,13 @@ def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings
         row.update(o_error=output_refit_error(outputs, before), o_refit_error=output_refit_error(outputs, weight),
                    choice_error=losses[best])
         latent = dataclasses.replace(latent, o_weight=weight)
+        clock("refit")
         with materialised(converted.model.layers[i], _cast(latent_layer_state(source, latent), stream_dtype),
                           device) as fitted:
             drift_stream = [layer_output(fitted(h, **k)) for h, k in zip(drift_stream, kw_drift)]
         reference = _gather(hidden, [position[w] for w in picks.drift], bs)
         row["drift"] = _relative_error(drift_stream, reference)
+        clock("drift")
         latents.append(latent)
         rows.append(row)
         chosen.append(names[best])
@@ -230,10 +254,26 @@ def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings
         stats = CalibrationStats(moments, abs_means, count, dict(meta or {}))
     tally = {n: chosen.count(n) for n in names if n in chosen}
     logger.info("objective per layer by attention-output error on %d windows: %s", len(picks.selection), tally)
+    logger.info("one pass over %d windows, seconds by step: %s", len(picks.main),
+                {k: round(v, 1) for k, v in spent.items()})
     choice = {"objective_choice": {"per_layer": chosen, "layers_by_candidate": tally, "attention_error": errors,
                                    "windows": len(picks.selection)},
-              "ranks": ranks, "layers": rows}
+              "ranks": ranks, "layers": rows,
+              "single_pass": {"windows": len(picks.main), "statistics_collected": collect,
+                              "seconds_by_step": {k: round(v, 3) for k, v in spent.items()}}}
     return SinglePass(stats, latents, rows, choice)
+
+
+class _Clock:
+    """``clock(step)`` adds the seconds since its last call to ``spent[step]``."""
+
+    def __init__(self, spent: dict[str, float]):
+        self.spent, self.last = spent, time.perf_counter()
+
+    def __call__(self, step: str) -> None:
+        now = time.perf_counter()
+        self.spent[step] += now - self.last
+        self.last = now
 
 
 def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
