@@ -63,7 +63,8 @@ report = convert(ConvertSettings(model=args["model"], out=args["out"], kv_fracti
                                  evaluate=False, progress=False, cache_dir=args["cache"], layerwise=args["layerwise"],
                                  overwrite=True, device=args["device"], format=args["format"], **args.get("settings", {})))
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(),
-                  "timings_s": report["timings_s"], "calibration_dtype": report["calibration"]["dtype"]}))
+                  "timings_s": report["timings_s"], "calibration_dtype": report["calibration"]["dtype"],
+                  "single_pass_s": (report.get("single_pass") or {}).get("seconds_by_step")}))
 """
 
 
@@ -111,6 +112,8 @@ def main() -> None:
         if r:
             print(f"{name:44s}{r['seconds']:10.1f}{r['peak_rss_mb']:14.0f}" + (f"{r['peak_gpu_mb']:14.0f}" if gpu else ""))
     print(f"ratio conversion / forward: {conv['seconds'] / fwd['seconds']:.2f}   stages: {conv['timings_s']}")
+    if conv.get("single_pass_s"):
+        print(f"   the one pass by step (s): {conv['single_pass_s']}")
     if whole:
         print(f"ratio whole-model conversion / forward: {whole['seconds'] / fwd['seconds']:.2f}   stages: {whole['timings_s']}")
     if paper:

@@ -117,7 +117,7 @@ def test_refit_is_least_squares_on_the_original_stream(tiny_model_dir, text_file
     W = original.model.layers[1].self_attn.o_proj.weight.double()
     expected = _ridge(heads, y, W, s.damping)
     written = converted.model.layers[1].self_attn.o_proj.weight.double()
-    assert (written - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert (written - expected).abs().max() <= 5e-4 * expected.abs().max()  # float32 moments (MOMENT_DTYPE)
     assert (written - W).abs().max() >= 100 * (written - expected).abs().max()  # it did move from the original
 
 
