@@ -30,6 +30,11 @@ def test_convert_folder(tiny_model_dir, text_file, tmp_path):
     assert "## Per-layer ranks and relative activation errors" in text
     assert text.count("\n| 2 | ") == 1  # one row per layer (3 layers: 0, 1, 2)
     assert "Calibration: corpus.txt, 8 × 32 tokens (256)" in text and "## Plots" not in text
+    # the one pass's choice: every layer under the candidate it took
+    assert "objective and key emphasis **chosen per layer** (one pass)" in text
+    for name, count in saved["objective_choice"]["layers_by_candidate"].items():
+        layers = [str(i) for i, c in enumerate(saved["objective_choice"]["per_layer"]) if c == name]
+        assert f"| {name} | {count} | {', '.join(layers)} |" in text
     assert "| task | original | converted |" in text
     zs = saved["zero_shot"]
     assert set(zs) == {"original", "converted"} and zs["converted"]["tasks"]["text_lastword"]["samples"] == 4

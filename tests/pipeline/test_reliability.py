@@ -203,6 +203,15 @@ def test_folder_that_appears_meanwhile_is_kept_and_the_result_too(work, capsys, 
         return stats
 
     monkeypatch.setattr(api, "calibrate", calibrate_then_someone_writes_out)
+    real_pass = api.calibrate_and_fit
+
+    def pass_then_someone_writes_out(*a, **kw):  # the default layout's one pass stands for calibrate
+        done = real_pass(*a, **kw)
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")
+        return done
+
+    monkeypatch.setattr(api, "calibrate_and_fit", pass_then_someone_writes_out)
     before = work.digests()
     code, err = run(work.args(out, "--no-eval"), capsys)
     line = one_line_error(err)
@@ -420,20 +429,26 @@ def test_disk_full_is_one_line_and_leaves_nothing(work, capsys, monkeypatch):
     assert not (work.root / "out").exists()
 
 
+def _fail_first_stage(monkeypatch, error: BaseException) -> None:
+    """The conversion's first stage after loading raises `error`: calibrate (two passes) or the one pass."""
+    for stage in ("calibrate", "calibrate_and_fit"):
+        monkeypatch.setattr(api, stage, lambda *a, **k: (_ for _ in ()).throw(error))
+
+
 def test_ctrl_c_exits_130_with_one_line(work, capsys, monkeypatch):
-    monkeypatch.setattr(api, "calibrate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    _fail_first_stage(monkeypatch, KeyboardInterrupt())
     assert_refused(work, capsys, work.args(work.root / "out"), 130, "interrupted")
 
 
 def test_debug_shows_the_traceback(work, monkeypatch):
-    monkeypatch.setattr(api, "calibrate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    _fail_first_stage(monkeypatch, RuntimeError("boom"))
     with pytest.raises(RuntimeError, match="boom"):
         main(work.args(work.root / "out", "--debug"))
     assert leftovers(work.root) == []
 
 
 def test_unexpected_errors_are_one_line_with_exit_1(work, capsys, monkeypatch):
-    monkeypatch.setattr(api, "calibrate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    _fail_first_stage(monkeypatch, RuntimeError("boom"))
     assert_refused(work, capsys, work.args(work.root / "out"), 1, "RuntimeError: boom", "--debug")
 
 
@@ -521,7 +536,7 @@ def test_corrupt_perplexity_memo_and_token_cache_are_recomputed(work, capsys):
 
 def test_killed_calibration_resumes_from_the_layers_done(work, monkeypatch, caplog):
     """A conversion that dies in layer 2 leaves its progress; the next run starts at layer 2 and gives the
-    statistics of an uninterrupted calibration, bit for bit."""
+    statistics of an uninterrupted calibration, bit for bit. (Two passes: the one pass does not resume.)"""
     from care_mla.io.checkpoint import CheckpointReader
 
     monkeypatch.setattr(calibration, "RESUME_INTERVAL_S", 0.0)
@@ -535,12 +550,12 @@ def test_killed_calibration_resumes_from_the_layers_done(work, monkeypatch, capl
         return real_state(self, prefix, dtype)
 
     monkeypatch.setattr(CheckpointReader, "state", dies_at_layer_2)
-    assert main(work.args(work.root / "a", "--no-eval")) == 1
+    assert main(work.args(work.root / "a", "--no-eval", "--two-pass")) == 1
     (partial,) = (work.cache_dir / "calibration").glob("*.partial.safetensors")
     reads.clear()
     reads.append("resumed")
     with caplog.at_level(logging.INFO):
-        assert main(work.args(work.root / "a", "--no-eval")) == 0
+        assert main(work.args(work.root / "a", "--no-eval", "--two-pass")) == 0
     assert "resuming the calibration after layer 2 of 3" in caplog.text
     assert "model.layers.0." not in reads[1:reads.index("model.layers.2.")]  # layers 0, 1 were not run again
     assert not partial.exists()
@@ -548,7 +563,7 @@ def test_killed_calibration_resumes_from_the_layers_done(work, monkeypatch, capl
     resumed = calibration.CalibrationStats.load(stats)
     monkeypatch.setattr(CheckpointReader, "state", real_state)
     fresh = work.root / "fresh-cache"
-    args = work.args(work.root / "b", "--no-eval")
+    args = work.args(work.root / "b", "--no-eval", "--two-pass")
     args[args.index("--cache-dir") + 1] = str(fresh)
     assert main(args) == 0
     (other,) = sorted((fresh / "calibration").glob("*.safetensors"))

@@ -89,7 +89,9 @@ def _convert_section(folder: Path, r: dict) -> list[str]:
     lines = [f"# Conversion: {_name(r.get('model', '?'))} → {r.get('architecture', '?')}", ""]
     f = r.get("kv_fraction")
     what = [f"method **{r.get('method')}**", f"allocation **{r.get('allocation')}**", f"latent **{r.get('latent')}**"]
-    if r.get("objective") not in (None, "activation"):
+    if (r.get("objective_choice") or {}).get("per_layer"):
+        what.append("objective and key emphasis **chosen per layer** (one pass)")
+    elif r.get("objective") not in (None, "activation"):
         what.append(f"objective **{r['objective']}** (key emphasis {r.get('key_emphasis')})")
     if r.get("compensate"):
         what.append("**error compensation** across layers")
@@ -102,7 +104,13 @@ def _convert_section(folder: Path, r: dict) -> list[str]:
     lines.append("")
     for field, title in (("objective_choice", "objective"), ("rope_dim_choice", "RoPE/latent split")):
         choice = r.get(field)
-        if choice:
+        if choice and "per_layer" in choice:  # the one pass: chosen per layer by what each candidate's refit leaves
+            lines += [f"Chosen per layer ({title}) by the attention-output error each candidate leaves after its own "
+                      f"o_proj refit, on {choice['windows']} calibration windows:", ""]
+            rows = [[name, str(count), ", ".join(str(i) for i, c in enumerate(choice["per_layer"]) if c == name)]
+                    for name, count in sorted(choice["layers_by_candidate"].items(), key=lambda kv: -kv[1])]
+            lines += _table(["candidate", "layers", "which"], rows) + [""]
+        elif choice:
             lines += [f"Chosen by calibration loss ({title}): **{choice['chosen']}**", ""]
             screening, final = choice.get("screening_loss") or {}, choice["calibration_loss"]
             windows = choice.get("windows") or {}
