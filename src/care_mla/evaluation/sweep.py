@@ -163,8 +163,8 @@ def _single_pass_cell(model, stats, settings, windows, dtype, device):
     stream_dtype = calib_dtype(settings, model.config, device, dtype)[0]
     done = single_pass(model.config, ModuleReader(model), windows, settings, dtype=dtype, stream_dtype=stream_dtype,
                        device=device, stats=stats)
-    fields = {"ranks": done.choice["ranks"], "layers": done.rows}
-    return build_latent_model(model, done.latents), fields, {"objective_choice": done.choice["objective_choice"]}
+    fields = {"ranks": done.fields["ranks"], "layers": done.fields["layers"]}
+    return build_latent_model(model, done.latents), fields, done.choice
 
 
 def _representatives(s: SweepSettings) -> dict[str, tuple[str, str]]:

@@ -57,7 +57,7 @@ def convert(settings: ConvertSettings) -> dict:
         if single_pass_applies(settings):  # statistics, choice per layer, factors and refit, layer by layer
             with stage("calibrate_choose_refit"):
                 done = calibrate_and_fit(source, settings, dtype, device)
-            stats, choice = done.stats, {"objective_choice": done.choice["objective_choice"]}
+            stats, choice = done.stats, done.choice
             converted = single_pass_stream(source.config, source.reader, done, dtype)
         else:
             with stage("calibrate"):
@@ -67,7 +67,8 @@ def convert(settings: ConvertSettings) -> dict:
                                                             settings, dtype, device)
         with folder.staging() as tmp:
             with stage("factorize_and_save" if converted is None else "save"):
-                converted = converted or stream_converted(source, stats, settings, dtype, device)
+                if converted is None:  # two passes: factorized (and refitted) as it is written
+                    converted = stream_converted(source, stats, settings, dtype, device)
                 write_model(tmp, converted.model_class, converted.config, tensor=converted.tensor,
                             layer=converted.layer, dtype=dtype, generation_config=source.generation_config,
                             progress=settings.progress)

@@ -92,12 +92,17 @@ class PassWindows:
 @dataclass
 class SinglePass:
     """What the pass made: the statistics (collected, or the cached ones), each layer's factors with its refitted
-    ``o_weight``, the per-layer table rows and the report fields of the per-layer choice."""
+    ``o_weight``, and the report fields: ``ranks``, ``layers`` (the per-layer table), ``objective_choice`` (the
+    choice per layer) and ``single_pass`` (windows run, seconds by step)."""
 
     stats: CalibrationStats
     latents: list[LayerLatent]
-    rows: list[dict]
-    choice: dict
+    fields: dict
+
+    @property
+    def choice(self) -> dict:
+        """The report fields of the choice (what `selection.choose_settings` returns in two passes)."""
+        return {"objective_choice": self.fields["objective_choice"]}
 
 
 def _gather(hidden: list[torch.Tensor], positions: list[int], batch_size: int) -> list[torch.Tensor]:
@@ -264,12 +269,12 @@ def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings
     logger.info("objective per layer by attention-output error on %d windows: %s", len(picks.selection), tally)
     logger.info("one pass over %d windows, seconds by step: %s", len(picks.main),
                 {k: round(v, 1) for k, v in spent.items()})
-    choice = {"objective_choice": {"per_layer": chosen, "layers_by_candidate": tally, "attention_error": errors,
+    fields = {"ranks": ranks, "layers": rows,
+              "objective_choice": {"per_layer": chosen, "layers_by_candidate": tally, "attention_error": errors,
                                    "windows": len(picks.selection)},
-              "ranks": ranks, "layers": rows,
               "single_pass": {"windows": len(picks.main), "statistics_collected": collect,
                               "seconds_by_step": {k: round(v, 3) for k, v in spent.items()}}}
-    return SinglePass(stats, latents, rows, choice)
+    return SinglePass(stats, latents, fields)
 
 
 class _Clock:
@@ -293,8 +298,8 @@ def single_pass_stream(config, reader, done: SinglePass, dtype: torch.dtype) -> 
     from care_mla.formats.modeling_care_mla import CareMlaForCausalLM
     from care_mla.pipeline.layerwise import layer_prefix
 
-    target = CareMlaConfig.from_base(config, kv_latent="joint", kv_lora_ranks=done.choice["ranks"])
-    fields = {k: v for k, v in done.choice.items() if k != "objective_choice"}
+    target = CareMlaConfig.from_base(config, kv_latent="joint", kv_lora_ranks=done.fields["ranks"])
+    fields = {k: v for k, v in done.fields.items() if k != "objective_choice"}  # the choice is reported apart
     return ConvertedStream(CareMlaForCausalLM, target, lambda name: reader.get(name, dtype),
                            lambda i: latent_layer_state(reader.state(layer_prefix(i), dtype), done.latents[i]), fields)
 
