@@ -536,7 +536,7 @@ def test_corrupt_perplexity_memo_and_token_cache_are_recomputed(work, capsys):
 
 def test_killed_calibration_resumes_from_the_layers_done(work, monkeypatch, caplog):
     """A conversion that dies in layer 2 leaves its progress; the next run starts at layer 2 and gives the
-    statistics of an uninterrupted calibration, bit for bit. (Two passes: the one pass does not resume.)"""
+    statistics of an uninterrupted calibration, bit for bit (two passes; the one pass: test_single_pass)."""
     from care_mla.io.checkpoint import CheckpointReader
 
     monkeypatch.setattr(calibration, "RESUME_INTERVAL_S", 0.0)

@@ -82,7 +82,7 @@ def test_choice_error_is_the_refitted_error_of_the_pinned_candidate(tiny_model_d
     _, kw_c = _layer_inputs(pinned, windows, 0)
     (y,) = attention_parts(original.model.layers[0], [h], [kw_o])
     (heads,) = attention_parts(pinned.model.layers[0], [h], [kw_c], "heads")
-    W = original.model.layers[0].self_attn.o_proj.weight.double()
+    W = original.model.layers[0].self_attn.o_proj.weight.detach().double()
     refitted = _ridge(heads, y, W, 1e-2) @ heads.reshape(-1, heads.shape[-1]).double().T
     y = y.reshape(-1, y.shape[-1]).double()
     error = float((refitted.T - y).pow(2).sum() / y.pow(2).sum())
@@ -114,9 +114,9 @@ def test_refit_is_least_squares_on_the_original_stream(tiny_model_dir, text_file
     _, kw_c = _layer_inputs(converted, windows, 1)
     (y,) = attention_parts(original.model.layers[1], [h], [kw_o])
     (heads,) = attention_parts(converted.model.layers[1], [h], [kw_c], "heads")
-    W = original.model.layers[1].self_attn.o_proj.weight.double()
+    W = original.model.layers[1].self_attn.o_proj.weight.detach().double()
     expected = _ridge(heads, y, W, s.damping)
-    written = converted.model.layers[1].self_attn.o_proj.weight.double()
+    written = converted.model.layers[1].self_attn.o_proj.weight.detach().double()
     assert (written - expected).abs().max() <= 5e-4 * expected.abs().max()  # float32 moments (MOMENT_DTYPE)
     assert (written - W).abs().max() >= 100 * (written - expected).abs().max()  # it did move from the original
 
@@ -136,3 +136,44 @@ def test_cached_statistics_write_the_same_model(tiny_model_dir, text_file, tmp_p
         assert (a(ids).logits - b(ids).logits).abs().max() <= 1e-4
     assert isinstance(StatisticsCache.of(str(src), settings_for(src, text_file, tmp_path, **common),
                                          torch.float32).load(), CalibrationStats)
+
+
+def test_killed_pass_resumes_after_the_layers_done(tiny_model_dir, text_file, tmp_path, monkeypatch, caplog):
+    """A one pass that dies in layer 2 leaves its progress; the next run starts at layer 2 (layers 0 and 1 are not
+    read again) and writes the model an uninterrupted pass writes, byte for byte."""
+    import logging
+
+    from care_mla.io.checkpoint import CheckpointReader
+    from care_mla.pipeline import calibration
+
+    monkeypatch.setattr(calibration, "RESUME_INTERVAL_S", 0.0)
+    src = tiny_model_dir("llama")
+    real_state = CheckpointReader.state
+    reads: list[str] = []
+
+    def dies_at_layer_2(self, prefix, dtype=None):
+        reads.append(prefix)
+        if prefix == "model.layers.2." and "resumed" not in reads:
+            raise RuntimeError("killed")
+        return real_state(self, prefix, dtype)
+
+    monkeypatch.setattr(CheckpointReader, "state", dies_at_layer_2)
+    s = settings_for(src, text_file, tmp_path, out=str(tmp_path / "a"), kv_fraction=0.25, evaluate=False)
+    with pytest.raises(RuntimeError, match="killed"):
+        api.convert(s)
+    (partial,) = (tmp_path / "cache" / "calibration").glob("*.pass.partial.safetensors")
+    reads[:] = ["resumed"]
+    with caplog.at_level(logging.INFO):
+        resumed = api.convert(s)
+    assert "resuming the one pass after layer 2 of 3" in caplog.text
+    assert "model.layers.0." not in reads[: reads.index("model.layers.2.")]  # layers 0, 1 were not run again
+    assert not partial.exists()
+    monkeypatch.setattr(CheckpointReader, "state", real_state)
+    fresh = api.convert(settings_for(src, text_file, tmp_path, out=str(tmp_path / "b"), kv_fraction=0.25,
+                                     evaluate=False, cache_dir=str(tmp_path / "fresh-cache")))
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert resumed["layers"] == fresh["layers"] and resumed["objective_choice"] == fresh["objective_choice"]
+    other = StatisticsCache.of(str(src), settings_for(src, text_file, tmp_path, cache_dir=str(tmp_path / "fresh-cache")),
+                               torch.float32).load()
+    mine = StatisticsCache.of(str(src), s, torch.float32).load()
+    assert all(torch.equal(x, y) for x, y in zip(mine.second_moments, other.second_moments))

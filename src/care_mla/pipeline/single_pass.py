@@ -27,10 +27,13 @@ joint latent of care at uniform ranks, refit on, no compensation, one device); a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -38,7 +41,7 @@ from tqdm.auto import tqdm
 from care_mla.formats.configuration_care_mla import CareMlaConfig
 from care_mla.formats.mapping import LayerLatent, latent_layer_state
 from care_mla.method.compensation import output_refit_error, refit_output_weight
-from care_mla.method.statistics import CalibrationStats, SecondMoment
+from care_mla.method.statistics import CalibrationCacheError, CalibrationStats, SecondMoment
 from care_mla.pipeline.build import ConvertedStream, sequential_windows
 from care_mla.pipeline.calibration import (
     StatisticsCache,
@@ -137,14 +140,79 @@ def _relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) ->
     return error / max(sum(float(t.double().pow(2).sum()) for t in targets), 1e-30)
 
 
+#: Settings that do not change what the pass computes (a progress file made under other values still serves).
+_NOT_PASS_SETTINGS = {"out", "overwrite", "evaluate", "progress", "eval_text", "eval_samples", "eval_seq_len",
+                      "zero_shot_tasks", "zero_shot_limit", "cache_dir"}
+
+
+class _Progress:
+    """The pass's progress, saved at most every `interval` seconds after a layer is done (what a killed run needs to
+    go on after that layer: the statistics so far, both hidden-state streams, each layer's factors and refitted
+    o_proj, the report rows) and loaded by the next run of the same pass (`key`: the statistics' key, the pass's
+    settings and dtypes) — as `calibration.collect_statistics` does for a calibration."""
+
+    def __init__(self, path: Path | None, key: str, interval: float):
+        self.path, self.key, self.interval = path, key, interval
+        self.last = time.perf_counter()
+
+    def due(self) -> bool:
+        return self.path is not None and time.perf_counter() - self.last >= self.interval
+
+    def save(self, done: int, moments: list, abs_means: list, count: int, latents: list[LayerLatent], record: dict,
+             streams: dict[str, list[torch.Tensor]]) -> None:
+        tensors = {f"{name}.{j}": h.detach().contiguous().cpu() for name, hs in streams.items() for j, h in enumerate(hs)}
+        for i, latent in enumerate(latents):
+            (f,) = latent.factors
+            tensors.update({f"latent.{i}.down": f.down, f"latent.{i}.up": f.up, f"latent.{i}.spectrum": f.spectrum,
+                            f"latent.{i}.o_weight": latent.o_weight})
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        CalibrationStats(moments[:done], abs_means[:done], count, record).save(self.path, key=self.key, extra=tensors)
+        self.last = time.perf_counter()
+
+    def load(self, streams: dict[str, list[torch.Tensor]]):
+        """(layers done, statistics so far, latents, record, streams) of a run killed after them, else None."""
+        from care_mla.method.factorization import Factors
+
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            done, extra = CalibrationStats.load(self.path, key=self.key, extra=True)
+            restored = {name: [extra[f"{name}.{j}"].to(device=h.device, dtype=h.dtype) for j, h in enumerate(hs)]
+                        for name, hs in streams.items()}
+            n = done.num_layers
+            latents = [LayerLatent((Factors(extra[f"latent.{i}.down"], extra[f"latent.{i}.up"],
+                                            extra[f"latent.{i}.spectrum"]),), o_weight=extra[f"latent.{i}.o_weight"])
+                       for i in range(n)]
+        except (CalibrationCacheError, KeyError) as err:
+            logger.warning("ignoring the one pass's progress file: %s", err)
+            return None
+        if any(r.shape != h.shape for name in streams for r, h in zip(restored[name], streams[name])):
+            logger.warning("ignoring the one pass's progress file %s: other shapes", self.path)
+            return None
+        return n, done, latents, done.meta, restored
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _pass_key(settings: ConvertSettings, statistics_key: str, dtype: torch.dtype, stream_dtype: torch.dtype,
+              collect: bool) -> str:
+    fields = {k: v for k, v in dataclasses.asdict(settings).items() if k not in _NOT_PASS_SETTINGS}
+    text = json.dumps([statistics_key, fields, str(dtype), str(stream_dtype), collect], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 @torch.no_grad()
 def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings, *, dtype: torch.dtype,
                 stream_dtype: torch.dtype, device: torch.device, stats: CalibrationStats | None = None,
-                meta: dict | None = None) -> SinglePass:
+                meta: dict | None = None, resume: Path | None = None) -> SinglePass:
     """Convert every layer of the checkpoint `reader` (its `config`) in one pass over the calibration `windows`
     (N, T), the streams in `stream_dtype` on `device`, the written tensors in `dtype`. With `stats` (cached for
     these windows) the statistics are not collected again and the original stream runs only over the windows the
-    choice and the refit need; else they are collected (with `meta`) and returned."""
+    choice and the refit need; else they are collected (with `meta`) and returned. With `resume`, the progress is
+    saved there (at most every `calibration.RESUME_INTERVAL_S`) and a killed run of the same pass goes on after its
+    last layer saved; the file is removed once the pass is done."""
     from care_mla.formats.modeling_care_mla import CareMlaForCausalLM
     from care_mla.pipeline.layerwise import kv_weights_reader, layer_prefix, qo_weights_reader, skeleton
     from care_mla.pipeline.selection import objective_candidates
@@ -184,10 +252,23 @@ def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings
         moments, abs_means, count = list(stats.second_moments), list(stats.abs_means), stats.num_tokens
     tokens = windows[picks.main].numel()
     spent = dict.fromkeys(("statistics", "forward", "choice", "refit", "drift"), 0.0)  # seconds, summed over layers
+    from care_mla.pipeline import calibration
+
+    progress = _Progress(resume, _pass_key(settings, (meta or stats.meta).get("key", ""), dtype, stream_dtype, collect),
+                         calibration.RESUME_INTERVAL_S)
+    start = 0
+    restored = progress.load({"hidden": hidden, "drift": drift_stream})
+    if restored is not None:
+        start, so_far, latents, record, streams = restored
+        hidden, drift_stream = streams["hidden"], streams["drift"]
+        rows, chosen, errors, spent = record["rows"], record["chosen"], record["errors"], record["spent"]
+        if collect:
+            moments, abs_means, count = list(so_far.second_moments), list(so_far.abs_means), so_far.num_tokens
+        logger.info("resuming the one pass after layer %d of %d (%s)", start, config.num_hidden_layers, resume)
     clock = _Clock(spent)
-    bar = tqdm(range(config.num_hidden_layers), unit="layer", disable=not settings.progress,
+    bar = tqdm(total=config.num_hidden_layers, initial=start, unit="layer", disable=not settings.progress,
                desc=f"one pass: statistics, {len(candidates)} candidate objectives, output refit")
-    for i in bar:
+    for i in range(start, config.num_hidden_layers):
         t = time.perf_counter()
         source = reader.state(layer_prefix(i), dtype)
         with materialised(original.model.layers[i], reader.state(layer_prefix(i), stream_dtype), device) as layer:
@@ -261,8 +342,14 @@ def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings
         rows.append(row)
         chosen.append(names[best])
         errors.append({n: round(e, 6) for n, e in zip(names, losses) if math.isfinite(e)})
+        bar.update(1)
         bar.set_postfix_str(f"{tokens / (time.perf_counter() - t):,.0f} tok/s, {names[best]}")
+        if i + 1 < config.num_hidden_layers and progress.due():
+            progress.save(i + 1, moments, abs_means, count, latents,
+                          {"rows": rows, "chosen": chosen, "errors": errors, "spent": spent},
+                          {"hidden": hidden, "drift": drift_stream})
     bar.close()
+    progress.remove()
     if collect:
         stats = CalibrationStats(moments, abs_means, count, dict(meta or {}))
     tally = {n: chosen.count(n) for n in names if n in chosen}
@@ -313,7 +400,8 @@ def calibrate_and_fit(source: ModelSource, settings: ConvertSettings, dtype: tor
     store = StatisticsCache.of(source.path, settings, stream_dtype)
     cached = store.load()
     done = single_pass(source.config, source.reader, calibration_windows(source.tokenizer, settings), settings,
-                       dtype=dtype, stream_dtype=stream_dtype, device=device, stats=cached, meta=store.meta)
+                       dtype=dtype, stream_dtype=stream_dtype, device=device, stats=cached, meta=store.meta,
+                       resume=store.path.with_name(store.path.stem + ".pass.partial.safetensors"))
     if cached is None:
         store.save(done.stats)
     record_hardware(done.stats, hardware, stream_dtype, settings)
