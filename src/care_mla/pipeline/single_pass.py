@@ -42,6 +42,7 @@ from care_mla.formats.configuration_care_mla import CareMlaConfig
 from care_mla.formats.mapping import LayerLatent, latent_layer_state
 from care_mla.method.compensation import output_refit_error, refit_output_weight
 from care_mla.method.statistics import CalibrationCacheError, CalibrationStats, SecondMoment
+from care_mla.pipeline import calibration
 from care_mla.pipeline.build import ConvertedStream, sequential_windows
 from care_mla.pipeline.calibration import (
     StatisticsCache,
@@ -135,6 +136,24 @@ def refitted_error(layer, hidden: list[torch.Tensor], kwargs: list[dict], target
     return max(error, 0.0) / max(moments.energy, 1e-30)
 
 
+def _forward_keeping(layer, hidden: list[torch.Tensor], kwargs: list[dict],
+                     wanted: set[int]) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
+    """(decoder `layer`'s outputs on each batch of `hidden`, its attention outputs of the `wanted` rows by
+    position in the stream — copies, so the rest of each batch's attention output is freed)."""
+    kept: dict[int, torch.Tensor] = {}
+    start = iter(range(0, sum(h.shape[0] for h in hidden), hidden[0].shape[0]))
+
+    def keep(_module, _args, out):
+        first = next(start)
+        kept.update({first + j: out[j].clone() for j in range(out.shape[0]) if first + j in wanted})
+
+    handle = layer.self_attn.o_proj.register_forward_hook(keep)
+    try:
+        return [layer_output(layer(h, **k)) for h, k in zip(hidden, kwargs)], kept
+    finally:
+        handle.remove()
+
+
 def _relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
     error = sum(float((o.double() - t.double()).pow(2).sum()) for o, t in zip(outputs, targets))
     return error / max(sum(float(t.double().pow(2).sum()) for t in targets), 1e-30)
@@ -214,10 +233,14 @@ def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings
     saved there (at most every `calibration.RESUME_INTERVAL_S`) and a killed run of the same pass goes on after its
     last layer saved; the file is removed once the pass is done."""
     from care_mla.formats.modeling_care_mla import CareMlaForCausalLM
-    from care_mla.pipeline.layerwise import kv_weights_reader, layer_prefix, qo_weights_reader, skeleton
+    from care_mla.pipeline.layerwise import (
+        LayerMemo,
+        kv_weights_reader,
+        layer_prefix,
+        qo_weights_reader,
+        skeleton,
+    )
     from care_mla.pipeline.selection import objective_candidates
-
-    from care_mla.pipeline.layerwise import LayerMemo
 
     reader = LayerMemo(reader)  # each layer's tensors read from the checkpoint once, whatever asks for them
     collect = stats is None
@@ -227,9 +250,8 @@ def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings
     ranks = plan_ranks(config, kv_weights, stats, settings, qo_weights)
     target = CareMlaConfig.from_base(config, kv_latent="joint", kv_lora_ranks=ranks)
     original, converted = skeleton(config, device), skeleton(target, device, CareMlaForCausalLM)
-    embedding = reader.get("model.embed_tokens.weight", stream_dtype)
 
-    def inputs(model, which: list[int]) -> tuple[list[torch.Tensor], list[dict]]:
+    def inputs(model, which: list[int], embedding: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
         embed = model.model.embed_tokens
         embed.to_empty(device=device)
         embed.load_state_dict({"weight": embedding.to(device)}, assign=True)
@@ -238,10 +260,11 @@ def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings
         finally:
             embed.to("meta")
 
-    hidden, kw_main = inputs(original, picks.main)
+    embedding = reader.get("model.embed_tokens.weight", stream_dtype)
+    hidden, kw_main = inputs(original, picks.main, embedding)
     position = {w: p for p, w in enumerate(picks.main)}
-    kw = {name: inputs(converted, getattr(picks, name))[1] for name in ("selection", "refit")}
-    drift_stream, kw_drift = inputs(converted, picks.drift)
+    kw = {name: inputs(converted, getattr(picks, name), embedding)[1] for name in ("selection", "refit")}
+    drift_stream, kw_drift = inputs(converted, picks.drift, embedding)
     del embedding
 
     candidates = objective_candidates(settings)
@@ -252,8 +275,6 @@ def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings
         moments, abs_means, count = list(stats.second_moments), list(stats.abs_means), stats.num_tokens
     tokens = windows[picks.main].numel()
     spent = dict.fromkeys(("statistics", "forward", "choice", "refit", "drift"), 0.0)  # seconds, summed over layers
-    from care_mla.pipeline import calibration
-
     progress = _Progress(resume, _pass_key(settings, (meta or stats.meta).get("key", ""), dtype, stream_dtype, collect),
                          calibration.RESUME_INTERVAL_S)
     start = 0
@@ -291,19 +312,7 @@ def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings
             # this layer's inputs of the windows the choice and the refit run on, then the original layer over
             # every window, its attention outputs there kept as their targets
             selected, refit = (_gather(hidden, [position[w] for w in ws], bs) for ws in (picks.selection, picks.refit))
-            wanted = {position[w] for w in picks.selection} | {position[w] for w in picks.refit}
-            kept: dict[int, torch.Tensor] = {}
-            batch = iter(range(len(hidden)))
-
-            def keep(_module, _args, out):
-                b = next(batch)
-                kept.update({b * bs + j: out[j] for j in range(out.shape[0]) if b * bs + j in wanted})
-
-            handle = layer.self_attn.o_proj.register_forward_hook(keep)
-            try:
-                hidden = [layer_output(layer(h, **k)) for h, k in zip(hidden, kw_main)]
-            finally:
-                handle.remove()
+            hidden, kept = _forward_keeping(layer, hidden, kw_main, {position[w] for w in picks.selection + picks.refit})
             targets, refit_targets = ([torch.stack([kept[position[w]] for w in ws[s : s + bs]])
                                        for s in range(0, len(ws), bs)] for ws in (picks.selection, picks.refit))
             del kept
