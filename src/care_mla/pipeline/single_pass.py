@@ -125,15 +125,20 @@ def refitted_error(layer, hidden: list[torch.Tensor], kwargs: list[dict], target
     """Relative error of converted decoder `layer`'s attention output against `targets` (the original attention's,
     batch by batch, on the same inputs `hidden`) once its ``o_proj`` is refitted on these very batches from
     `weight` (`compensation.refit_output_weight`): what the refit leaves of a candidate, the choice's score."""
-    o_proj = layer.self_attn.o_proj
-    total = MomentSum(o_proj.in_features, o_proj.out_features, o_proj.bias, o_proj.weight.device, MOMENT_DTYPE)
-    for heads, y in zip(attention_parts(layer, hidden, kwargs, "heads"), targets):
-        total.add(heads, y)
-    moments = total.moments()
+    moments = _output_moments(layer, hidden, kwargs, targets)
     W = refit_output_weight(moments, weight, damping)
     # E‖ô Wᵀ − y‖² = tr(W A Wᵀ) − 2 tr(W B) + E‖y‖², with one m × m GEMM (`compensation.output_refit_error` takes two)
     error = float((W @ moments.heads).mul_(W).sum() - 2 * (W * moments.cross.T).sum()) + moments.energy
     return max(error, 0.0) / max(moments.energy, 1e-30)
+
+
+def _output_moments(layer, hidden: list[torch.Tensor], kwargs: list[dict], targets: list[torch.Tensor]):
+    """`OutputMoments` of converted decoder `layer`'s heads on `hidden` against the original attention's `targets`."""
+    o_proj = layer.self_attn.o_proj
+    total = MomentSum(o_proj.in_features, o_proj.out_features, o_proj.bias, o_proj.weight.device, MOMENT_DTYPE)
+    for heads, y in zip(attention_parts(layer, hidden, kwargs, "heads"), targets):
+        total.add(heads, y)
+    return total.moments()
 
 
 def _forward_keeping(layer, hidden: list[torch.Tensor], kwargs: list[dict],
@@ -329,12 +334,8 @@ def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings
         clock("choice")
         latent, row, state = attention_state(candidates[best])
         with materialised(converted.model.layers[i], _cast(state, stream_dtype), device) as fitted:
-            o_proj = fitted.self_attn.o_proj
-            total = MomentSum(o_proj.in_features, o_proj.out_features, o_proj.bias, o_proj.weight.device, MOMENT_DTYPE)
-            for heads, y in zip(attention_parts(fitted, refit, kw["refit"], "heads"), refit_targets):
-                total.add(heads, y)
+            outputs = _output_moments(fitted, refit, kw["refit"], refit_targets)
         del refit, refit_targets
-        outputs = total.moments()
         before = state["self_attn.o_proj.weight"]
         weight = refit_output_weight(outputs, before, settings.damping).cpu()
         row.update(o_error=output_refit_error(outputs, before), o_refit_error=output_refit_error(outputs, weight),
