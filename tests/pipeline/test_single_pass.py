@@ -177,3 +177,26 @@ def test_killed_pass_resumes_after_the_layers_done(tiny_model_dir, text_file, tm
                                torch.float32).load()
     mine = StatisticsCache.of(str(src), s, torch.float32).load()
     assert all(torch.equal(x, y) for x, y in zip(mine.second_moments, other.second_moments))
+
+
+def test_replayed_queries_are_the_computed_ones(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    """The candidates and the refit take the original layer's kept q_proj outputs (the conversion leaves q_proj as
+    it was) instead of computing them: same choice, errors and written model as when every candidate computes its
+    own (forced here by a q_proj that does not compare equal); and they are taken, not computed, by default."""
+    from care_mla.pipeline import single_pass as sp
+
+    src = tiny_model_dir("qwen2")  # q_proj with a bias
+    replayed: list[bool] = []
+    real_same = sp._same_query
+    monkeypatch.setattr(sp, "_same_query", lambda state, q: replayed.append(real_same(state, q)) or replayed[-1])
+    common = dict(kv_fraction=0.25, evaluate=False, batch_size=3)  # batches of 3, 3, 2: replayed in order
+    a = api.convert(settings_for(src, text_file, tmp_path, out=str(tmp_path / "a"), **common))
+    assert replayed and all(replayed)
+    monkeypatch.setattr(sp, "_same_query", lambda state, q: False)
+    b = api.convert(settings_for(src, text_file, tmp_path, out=str(tmp_path / "b"), **common))
+    assert a["objective_choice"]["per_layer"] == b["objective_choice"]["per_layer"]
+    for x, y in zip(a["objective_choice"]["attention_error"], b["objective_choice"]["attention_error"]):
+        assert x.keys() == y.keys() and all(abs(x[k] - y[k]) <= 1e-5 * max(y[k], 1e-3) for k in x)
+    m, n = _models(tmp_path / "a", tmp_path / "b")
+    for (name, p), q in zip(m.named_parameters(), n.parameters()):
+        assert (p - q).abs().max() <= 1e-5 * q.abs().max(), name

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,42 +122,73 @@ MOMENT_DTYPE = torch.float32
 
 
 def refitted_error(layer, hidden: list[torch.Tensor], kwargs: list[dict], targets: list[torch.Tensor],
-                   weight: torch.Tensor, damping: float) -> float:
+                   weight: torch.Tensor, damping: float, queries: list[torch.Tensor] | None = None) -> float:
     """Relative error of converted decoder `layer`'s attention output against `targets` (the original attention's,
     batch by batch, on the same inputs `hidden`) once its ``o_proj`` is refitted on these very batches from
-    `weight` (`compensation.refit_output_weight`): what the refit leaves of a candidate, the choice's score."""
-    moments = _output_moments(layer, hidden, kwargs, targets)
+    `weight` (`compensation.refit_output_weight`): what the refit leaves of a candidate, the choice's score.
+    `queries`: the layer's ``q_proj`` outputs on `hidden`, when known (not computed again)."""
+    moments = _output_moments(layer, hidden, kwargs, targets, queries)
     W = refit_output_weight(moments, weight, damping)
     # E‖ô Wᵀ − y‖² = tr(W A Wᵀ) − 2 tr(W B) + E‖y‖², with one m × m GEMM (`compensation.output_refit_error` takes two)
     error = float((W @ moments.heads).mul_(W).sum() - 2 * (W * moments.cross.T).sum()) + moments.energy
     return max(error, 0.0) / max(moments.energy, 1e-30)
 
 
-def _output_moments(layer, hidden: list[torch.Tensor], kwargs: list[dict], targets: list[torch.Tensor]):
-    """`OutputMoments` of converted decoder `layer`'s heads on `hidden` against the original attention's `targets`."""
+def _output_moments(layer, hidden: list[torch.Tensor], kwargs: list[dict], targets: list[torch.Tensor],
+                    queries: list[torch.Tensor] | None = None):
+    """`OutputMoments` of converted decoder `layer`'s heads on `hidden` against the original attention's `targets`
+    (`queries`: its ``q_proj`` outputs there, `_replaying`)."""
     o_proj = layer.self_attn.o_proj
     total = MomentSum(o_proj.in_features, o_proj.out_features, o_proj.bias, o_proj.weight.device, MOMENT_DTYPE)
-    for heads, y in zip(attention_parts(layer, hidden, kwargs, "heads"), targets):
-        total.add(heads, y)
+    with _replaying(layer.self_attn.q_proj, queries):
+        for heads, y in zip(attention_parts(layer, hidden, kwargs, "heads"), targets):
+            total.add(heads, y)
     return total.moments()
 
 
-def _forward_keeping(layer, hidden: list[torch.Tensor], kwargs: list[dict],
-                     wanted: set[int]) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
-    """(decoder `layer`'s outputs on each batch of `hidden`, its attention outputs of the `wanted` rows by
-    position in the stream — copies, so the rest of each batch's attention output is freed)."""
-    kept: dict[int, torch.Tensor] = {}
-    start = iter(range(0, sum(h.shape[0] for h in hidden), hidden[0].shape[0]))
-
-    def keep(_module, _args, out):
-        first = next(start)
-        kept.update({first + j: out[j].clone() for j in range(out.shape[0]) if first + j in wanted})
-
-    handle = layer.self_attn.o_proj.register_forward_hook(keep)
+@contextmanager
+def _replaying(module: torch.nn.Module, outputs: list[torch.Tensor] | None):
+    """`module` returning `outputs`, one per call in order, instead of computing them (nothing changes without
+    `outputs`). The conversion leaves ``q_proj`` as it was, so the original layer's queries, kept as it ran on the
+    same inputs, are the converted one's: each candidate and the refit skip that GEMM (a third of what their
+    attention computes)."""
+    if outputs is None:
+        yield module
+        return
+    batches = iter(outputs)
+    module.forward = lambda _x: next(batches)
     try:
-        return [layer_output(layer(h, **k)) for h, k in zip(hidden, kwargs)], kept
+        yield module
     finally:
-        handle.remove()
+        del module.forward
+
+
+def _forward_keeping(layer, hidden: list[torch.Tensor], kwargs: list[dict],
+                     wanted: set[int]) -> tuple[list[torch.Tensor], dict[str, dict[int, torch.Tensor]]]:
+    """(decoder `layer`'s outputs on each batch of `hidden`, its attention outputs (``"attention"``) and its
+    ``q_proj`` outputs (``"query"``) of the `wanted` rows by position in the stream — copies, so the rest of each
+    batch's is freed)."""
+    kept: dict[str, dict[int, torch.Tensor]] = {"attention": {}, "query": {}}
+    size = hidden[0].shape[0]
+    batch = iter(range(len(hidden)))
+    first = 0
+
+    def keeper(what: str):
+        def keep(_module, _args, out):
+            kept[what].update({first + j: out[j].clone() for j in range(out.shape[0]) if first + j in wanted})
+        return keep
+
+    handles = [layer.self_attn.o_proj.register_forward_hook(keeper("attention")),
+               layer.self_attn.q_proj.register_forward_hook(keeper("query"))]
+    outputs = []
+    try:
+        for h, k in zip(hidden, kwargs):
+            first = next(batch) * size
+            outputs.append(layer_output(layer(h, **k)))
+        return outputs, kept
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
@@ -318,24 +350,29 @@ def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings
             # every window, its attention outputs there kept as their targets
             selected, refit = (_gather(hidden, [position[w] for w in ws], bs) for ws in (picks.selection, picks.refit))
             hidden, kept = _forward_keeping(layer, hidden, kw_main, {position[w] for w in picks.selection + picks.refit})
-            targets, refit_targets = ([torch.stack([kept[position[w]] for w in ws[s : s + bs]])
-                                       for s in range(0, len(ws), bs)] for ws in (picks.selection, picks.refit))
+            (targets, refit_targets), (queries, refit_queries) = (
+                [[torch.stack([rows[position[w]] for w in ws[s : s + bs]]) for s in range(0, len(ws), bs)]
+                 for ws in (picks.selection, picks.refit)] for rows in (kept["attention"], kept["query"]))
             del kept
+            q_proj = dict(layer.self_attn.q_proj.state_dict())
         clock("forward")
         shared = SharedWeightings()
         losses = []
         for c in candidates:
             state = attention_state(c, shared)[2]
-            with materialised(converted.model.layers[i], _cast(state, stream_dtype), device) as candidate:
+            streamed = _cast(state, stream_dtype)
+            if not _same_query(streamed, q_proj):  # the written dtype rounded q_proj: the queries are computed
+                queries = refit_queries = None
+            with materialised(converted.model.layers[i], streamed, device) as candidate:
                 losses.append(refitted_error(candidate, selected, kw["selection"], targets,
-                                             state["self_attn.o_proj.weight"], settings.damping))
-        del selected, targets, shared
+                                             state["self_attn.o_proj.weight"], settings.damping, queries))
+        del selected, targets, queries, shared
         best = min(range(len(candidates)), key=lambda k: (losses[k] if math.isfinite(losses[k]) else math.inf, k))
         clock("choice")
         latent, row, state = attention_state(candidates[best])
         with materialised(converted.model.layers[i], _cast(state, stream_dtype), device) as fitted:
-            outputs = _output_moments(fitted, refit, kw["refit"], refit_targets)
-        del refit, refit_targets
+            outputs = _output_moments(fitted, refit, kw["refit"], refit_targets, refit_queries)
+        del refit, refit_targets, refit_queries
         before = state["self_attn.o_proj.weight"]
         weight = refit_output_weight(outputs, before, settings.damping).cpu()
         row.update(o_error=output_refit_error(outputs, before), o_refit_error=output_refit_error(outputs, weight),
@@ -384,6 +421,11 @@ class _Clock:
         now = time.perf_counter()
         self.spent[step] += now - self.last
         self.last = now
+
+
+def _same_query(state: dict[str, torch.Tensor], q_proj: dict[str, torch.Tensor]) -> bool:
+    """Whether converted layer `state` keeps the original ``q_proj`` tensors `q_proj` bit for bit."""
+    return all(torch.equal(state[f"self_attn.q_proj.{k}"], v) for k, v in q_proj.items())
 
 
 def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
