@@ -33,7 +33,7 @@ TINY = ["--calib-samples", "16", "--calib-seq-len", "32", "--eval-samples", "4",
 VOLATILE = {"timings_s", "peak_rss_mb", "peak_rss_mb_conversion", "model", "text", "statistics", "cache_file",
             "wall_time_s", "tokens_per_s", "threads", "out", "converted", "teacher", "hardware", "created",
             "peak_rss_mb_by_stage", "seconds", "cache_dir", "calib_text", "eval_text", "rss_mb_by_stage",
-            "train_text", "seconds_by_step", "rss_mb"}
+            "train_text", "seconds_by_step", "rss_mb", "peak_rss_mb_by_step"}
 
 
 #: Files compared by their numbers (less `VOLATILE`), not by their bytes; the first one found is a case's report.

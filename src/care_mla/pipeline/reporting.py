@@ -73,6 +73,34 @@ class _RssPeak:
         self.mb = max(self.mb, psutil.Process().memory_info().rss / 2**20)
 
 
+class RssSampler:
+    """A daemon thread sampling this process's resident set size every `interval_s`; `take()` returns the largest
+    seen since the last `take()` (or the start) — the peak of each step of a loop whose steps alternate."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s, self._max = interval_s, 0.0
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="care-mla-rss-steps", daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._max = max(self._max, self._process.memory_info().rss / 2**20)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def take(self) -> float:
+        peak = max(self._max, self._process.memory_info().rss / 2**20)
+        self._max = 0.0
+        return peak
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 

@@ -55,6 +55,7 @@ from care_mla.pipeline.calibration import (
 )
 from care_mla.pipeline.load import ModelSource, calib_dtype
 from care_mla.pipeline.plan import SharedWeightings, layer_latent, plan_ranks
+from care_mla.pipeline.reporting import RssSampler
 from care_mla.pipeline.sequential import DRIFT_WINDOWS, MomentSum, attention_parts
 from care_mla.settings import ConvertSettings
 
@@ -163,29 +164,59 @@ def _replaying(module: torch.nn.Module, outputs: list[torch.Tensor] | None):
         del module.forward
 
 
-def _forward_keeping(layer, hidden: list[torch.Tensor], kwargs: list[dict],
-                     wanted: set[int]) -> tuple[list[torch.Tensor], dict[str, dict[int, torch.Tensor]]]:
-    """(decoder `layer`'s outputs on each batch of `hidden`, its attention outputs (``"attention"``) and its
-    ``q_proj`` outputs (``"query"``) of the `wanted` rows by position in the stream — copies, so the rest of each
-    batch's is freed)."""
-    kept: dict[str, dict[int, torch.Tensor]] = {"attention": {}, "query": {}}
-    size = hidden[0].shape[0]
-    batch = iter(range(len(hidden)))
-    first = 0
+@contextmanager
+def _collecting(norm: torch.nn.Module, moment: SecondMoment | None):
+    """While the block runs, `moment` accumulates each output of `norm` (nothing without `moment`); yields a list
+    whose one number is the seconds that took."""
+    seconds = [0.0]
+    if moment is None:
+        yield seconds
+        return
+
+    def add(_module, _args, out):
+        start = time.perf_counter()
+        moment.add_batch(out)
+        seconds[0] += time.perf_counter() - start
+
+    handle = norm.register_forward_hook(add)
+    try:
+        yield seconds
+    finally:
+        handle.remove()
+
+
+def _forward_keeping(layer, hidden: list[torch.Tensor], kwargs: list[dict], keep: dict[str, list[int]],
+                     batch_size: int) -> dict[str, dict[str, list[torch.Tensor]]]:
+    """Replace each batch of `hidden` by decoder `layer`'s output on it (in place: one stream is held, not two).
+    Returns the layer's attention outputs (``"attention"``) and its ``q_proj`` outputs (``"query"``) of the rows at
+    the stream positions of each list of `keep`, re-batched by `batch_size` as `_gather` does: ``[what][name]``.
+    The rows are copied into those batches as the layer makes them, so the rest of each batch's is freed."""
+    slots: dict[int, list[tuple[str, int, int]]] = {}  # stream position → (list, batch, row) it is copied to
+    for name, positions in keep.items():
+        for k, p in enumerate(positions):
+            slots.setdefault(p, []).append((name, k // batch_size, k % batch_size))
+    kept = {what: {name: [None] * math.ceil(len(ps) / batch_size) for name, ps in keep.items()}
+            for what in ("attention", "query")}
+    first = 0  # the stream position of the batch running
 
     def keeper(what: str):
-        def keep(_module, _args, out):
-            kept[what].update({first + j: out[j].clone() for j in range(out.shape[0]) if first + j in wanted})
-        return keep
+        def copy(_module, _args, out):
+            for j in range(out.shape[0]):
+                for name, b, r in slots.get(first + j, ()):
+                    batches = kept[what][name]
+                    if batches[b] is None:
+                        rows = min(batch_size, len(keep[name]) - b * batch_size)
+                        batches[b] = out.new_empty((rows, *out.shape[1:]))
+                    batches[b][r] = out[j]
+        return copy
 
     handles = [layer.self_attn.o_proj.register_forward_hook(keeper("attention")),
                layer.self_attn.q_proj.register_forward_hook(keeper("query"))]
-    outputs = []
     try:
-        for h, k in zip(hidden, kwargs):
-            first = next(batch) * size
-            outputs.append(layer_output(layer(h, **k)))
-        return outputs, kept
+        for b, k in enumerate(kwargs):
+            first = b * hidden[0].shape[0]
+            hidden[b] = layer_output(layer(hidden[b], **k))
+        return kept
     finally:
         for handle in handles:
             handle.remove()
@@ -259,7 +290,6 @@ def _pass_key(settings: ConvertSettings, statistics_key: str, dtype: torch.dtype
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-@torch.no_grad()
 def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings, *, dtype: torch.dtype,
                 stream_dtype: torch.dtype, device: torch.device, stats: CalibrationStats | None = None,
                 meta: dict | None = None, resume: Path | None = None) -> SinglePass:
@@ -269,6 +299,15 @@ def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings
     choice and the refit need; else they are collected (with `meta`) and returned. With `resume`, the progress is
     saved there (at most every `calibration.RESUME_INTERVAL_S`) and a killed run of the same pass goes on after its
     last layer saved; the file is removed once the pass is done."""
+    with RssSampler() as rss:
+        return _single_pass(config, reader, windows, settings, dtype=dtype, stream_dtype=stream_dtype, device=device,
+                            stats=stats, meta=meta, resume=resume, rss=rss)
+
+
+@torch.no_grad()
+def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings, *, dtype: torch.dtype,
+                 stream_dtype: torch.dtype, device: torch.device, stats: CalibrationStats | None,
+                 meta: dict | None, resume: Path | None, rss: RssSampler) -> SinglePass:
     from care_mla.formats.modeling_care_mla import CareMlaForCausalLM
     from care_mla.pipeline.layerwise import (
         LayerMemo,
@@ -323,7 +362,8 @@ def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings
         if collect:
             moments, abs_means, count = list(so_far.second_moments), list(so_far.abs_means), so_far.num_tokens
         logger.info("resuming the one pass after layer %d of %d (%s)", start, config.num_hidden_layers, resume)
-    clock = _Clock(spent)
+    peaks: dict[str, float] = {}  # MB, the largest resident set of each step over the layers (this run's)
+    clock = _Clock(spent, peaks, rss)
     bar = tqdm(total=config.num_hidden_layers, initial=start, unit="layer", disable=not settings.progress,
                desc=f"one pass: statistics, {len(candidates)} candidate objectives, output refit")
     for i in range(start, config.num_hidden_layers):
@@ -331,15 +371,6 @@ def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings
         source = reader.state(layer_prefix(i), dtype)
         with materialised(original.model.layers[i], reader.state(layer_prefix(i), stream_dtype), device) as layer:
             clock("forward")  # reading the layer
-            if collect:  # what `collect_statistics`'s hook on input_layernorm accumulates, batch by batch
-                moment = SecondMoment(layer.input_layernorm.weight.shape[0], device=device)
-                for h in hidden:
-                    moment.add_batch(layer.input_layernorm(h))
-                moments.append(moment.second_moment.float().cpu())
-                abs_means.append(moment.abs_mean.float().cpu())
-                count = moment.count
-            so_far = CalibrationStats(moments[: i + 1], abs_means[: i + 1], count)
-            clock("statistics")
 
             def attention_state(s: ConvertSettings, shared: SharedWeightings | None = None):
                 latent, row = layer_latent(i, ranks[i], kv_weights, so_far, s, qo_weights, config, shared=shared,
@@ -349,13 +380,21 @@ def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings
             # this layer's inputs of the windows the choice and the refit run on, then the original layer over
             # every window, its attention outputs there kept as their targets
             selected, refit = (_gather(hidden, [position[w] for w in ws], bs) for ws in (picks.selection, picks.refit))
-            hidden, kept = _forward_keeping(layer, hidden, kw_main, {position[w] for w in picks.selection + picks.refit})
+            # the statistics as `collect_statistics` accumulates them: input_layernorm's outputs, batch by batch
+            moment = SecondMoment(layer.input_layernorm.weight.shape[0], device=device) if collect else None
+            with _collecting(layer.input_layernorm, moment) as seconds:
+                kept = _forward_keeping(layer, hidden, kw_main, {name: [position[w] for w in getattr(picks, name)]
+                                                                 for name in ("selection", "refit")}, bs)
+            if collect:
+                moments.append(moment.second_moment.float().cpu())
+                abs_means.append(moment.abs_mean.float().cpu())
+                count = moment.count
+            so_far = CalibrationStats(moments[: i + 1], abs_means[: i + 1], count)
             (targets, refit_targets), (queries, refit_queries) = (
-                [[torch.stack([rows[position[w]] for w in ws[s : s + bs]]) for s in range(0, len(ws), bs)]
-                 for ws in (picks.selection, picks.refit)] for rows in (kept["attention"], kept["query"]))
+                (kept[what]["selection"], kept[what]["refit"]) for what in ("attention", "query"))
             del kept
             q_proj = dict(layer.self_attn.q_proj.state_dict())
-        clock("forward")
+        clock("forward", statistics=seconds[0])
         shared = SharedWeightings()
         losses = []
         for c in candidates:
@@ -401,25 +440,31 @@ def single_pass(config, reader, windows: torch.Tensor, settings: ConvertSettings
         stats = CalibrationStats(moments, abs_means, count, dict(meta or {}))
     tally = {n: chosen.count(n) for n in names if n in chosen}
     logger.info("objective per layer by attention-output error on %d windows: %s", len(picks.selection), tally)
-    logger.info("one pass over %d windows, seconds by step: %s", len(picks.main),
-                {k: round(v, 1) for k, v in spent.items()})
+    logger.info("one pass over %d windows, seconds by step: %s; peak memory by step (MB): %s", len(picks.main),
+                {k: round(v, 1) for k, v in spent.items()}, {k: round(v) for k, v in peaks.items()})
     fields = {"ranks": ranks, "layers": rows,
               "objective_choice": {"per_layer": chosen, "layers_by_candidate": tally, "attention_error": errors,
                                    "windows": len(picks.selection)},
               "single_pass": {"windows": len(picks.main), "statistics_collected": collect,
-                              "seconds_by_step": {k: round(v, 3) for k, v in spent.items()}}}
+                              "seconds_by_step": {k: round(v, 3) for k, v in spent.items()},
+                              "peak_rss_mb_by_step": peaks}}
     return SinglePass(stats, latents, fields)
 
 
 class _Clock:
-    """``clock(step)`` adds the seconds since its last call to ``spent[step]``."""
+    """``clock(step)`` adds the seconds since its last call to ``spent[step]`` and raises ``peaks[step]`` to the
+    largest resident set size `rss` saw since then (MB)."""
 
-    def __init__(self, spent: dict[str, float]):
-        self.spent, self.last = spent, time.perf_counter()
+    def __init__(self, spent: dict[str, float], peaks: dict[str, float], rss: RssSampler):
+        self.spent, self.peaks, self.rss, self.last = spent, peaks, rss, time.perf_counter()
 
-    def __call__(self, step: str) -> None:
+    def __call__(self, step: str, **within: float) -> None:
+        """`within`: seconds of other steps that ran inside this one (``statistics=2.0``), counted there."""
         now = time.perf_counter()
-        self.spent[step] += now - self.last
+        self.spent[step] += now - self.last - sum(within.values())
+        for other, seconds in within.items():
+            self.spent[other] += seconds
+        self.peaks[step] = max(self.peaks.get(step, 0.0), round(self.rss.take(), 1))
         self.last = now
 
 
