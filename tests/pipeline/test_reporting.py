@@ -9,7 +9,7 @@ import pytest
 from conftest import settings_for
 
 from care_mla.pipeline import convert as api
-from care_mla.pipeline.reporting import StageTimer
+from care_mla.pipeline.reporting import RssSampler, StageTimer
 
 
 def test_stage_timer_attributes_a_peak_to_the_stage_that_made_it(caplog):
@@ -29,6 +29,22 @@ def test_stage_timer_attributes_a_peak_to_the_stage_that_made_it(caplog):
     assert "stage large" in messages and any(m.startswith("stage large done in") for m in messages)
 
 
+def test_rss_sampler_gives_the_peak_since_it_was_last_taken():
+    """The one pass's steps alternate layer after layer: each `take` is the peak since the one before."""
+    import time
+
+    with RssSampler(interval_s=0.01) as rss:
+        rss.take()
+        before = rss.take()
+        block = np.ones(300 * 2**20 // 8)  # 300 MB, touched
+        time.sleep(0.05)
+        del block
+        large = rss.take()
+        time.sleep(0.05)
+        after = rss.take()
+    assert large >= before + 250 and after < large - 250
+
+
 @pytest.mark.parametrize("single_pass", [True, False])
 def test_report_has_every_stage_with_its_time_and_memory(single_pass, tiny_model_dir, text_file, tmp_path):
     report = api.convert(settings_for(tiny_model_dir("llama"), text_file, tmp_path, kv_fraction=0.5,
@@ -38,3 +54,7 @@ def test_report_has_every_stage_with_its_time_and_memory(single_pass, tiny_model
     assert list(report["timings_s"]) == stages and list(report["peak_rss_mb_by_stage"]) == stages
     for name in stages:
         assert 0 < report["peak_rss_mb_by_stage"][name] <= report["peak_rss_mb"] + 1
+    if single_pass:  # and the pass's own steps (forward, choice, refit, drift: their peaks over the layers)
+        steps = report["single_pass"]["peak_rss_mb_by_step"]
+        assert set(steps) == {"forward", "choice", "refit", "drift"}
+        assert all(0 < mb <= report["peak_rss_mb"] + 1 for mb in steps.values())  # ru_maxrss: the true peak
