@@ -35,6 +35,10 @@ def test_convert_folder(tiny_model_dir, text_file, tmp_path):
     for name, count in saved["objective_choice"]["layers_by_candidate"].items():
         layers = [str(i) for i, c in enumerate(saved["objective_choice"]["per_layer"]) if c == name]
         assert f"| {name} | {count} | {', '.join(layers)} |" in text
+    steps = saved["single_pass"]
+    assert "The one pass by step: statistics " in text and all(
+        f"{k} {v:.3g} s" in text for k, v in steps["seconds_by_step"].items() if v >= 0.01)
+    assert f"(peak {steps['peak_rss_mb_by_step']['refit']:.4g} MB)" in text
     assert "| task | original | converted |" in text
     zs = saved["zero_shot"]
     assert set(zs) == {"original", "converted"} and zs["converted"]["tasks"]["text_lastword"]["samples"] == 4

@@ -177,6 +177,12 @@ def _convert_section(folder: Path, r: dict) -> list[str]:
     if r.get("peak_rss_mb_by_stage"):
         lines += ["", "Peak memory by stage: " + ", ".join(f"{k} {_num(v)} MB"
                                                           for k, v in r["peak_rss_mb_by_stage"].items()) + "."]
+    steps = r.get("single_pass") or {}
+    if steps.get("seconds_by_step"):
+        peaks = steps.get("peak_rss_mb_by_step") or {}
+        lines += ["", "The one pass by step: " + ", ".join(
+            f"{k} {_num(v, 3)} s" + (f" (peak {_num(peaks[k])} MB)" if k in peaks else "")
+            for k, v in steps["seconds_by_step"].items()) + "."]
     return lines
 
 
