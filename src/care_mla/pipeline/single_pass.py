@@ -7,9 +7,9 @@ over windows to choose one objective for all layers, then runs the converted str
 in hand when it reaches the layer — the original stream's inputs of that layer:
 
 1. the layer's second moment C over every window (the attention inputs, as `calibration.collect_statistics`
-   accumulates them: the same numbers);
-2. the original layer run over every window: the next layer's inputs, and its attention outputs on the windows
-   the choice and the refit use (their targets);
+   accumulates them from ``input_layernorm``'s outputs: the same numbers);
+2. the original layer run over every window: the next layer's inputs (in place of its own), and its attention
+   outputs (the targets) and ``q_proj`` outputs (`_replaying`) on the windows the choice and the refit use;
 3. each candidate objective (`selection.objective_candidates`) factorized from C (`factorization.stack_gram`: one
    eigendecomposition of an m × m Gram each) and scored by **what its output refit leaves of the layer's
    attention-output error** on `selection.SELECTION_WINDOWS` windows (`refitted_error`); the layer keeps its best,
