@@ -142,7 +142,8 @@ def _output_moments(layer, hidden: list[torch.Tensor], kwargs: list[dict], targe
     o_proj = layer.self_attn.o_proj
     total = MomentSum(o_proj.in_features, o_proj.out_features, o_proj.bias, o_proj.weight.device, MOMENT_DTYPE)
     with _replaying(layer.self_attn.q_proj, queries):
-        for heads, y in zip(attention_parts(layer, hidden, kwargs, "heads"), targets):
+        for h, k, y in zip(hidden, kwargs, targets):  # batch by batch: one batch's heads held at a time
+            (heads,) = attention_parts(layer, [h], [k], "heads")
             total.add(heads, y)
     return total.moments()
 
