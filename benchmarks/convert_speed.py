@@ -4,6 +4,7 @@ Each measurement runs in its own process so their peak RSS figures do not mix. U
 
     python benchmarks/convert_speed.py [--model smollm2-135m-instruct] [--samples 256] [--seq-len 256]
                                        [--device cpu|cuda] [--format care_mla|deepseek] [--compare-whole] [--paper]
+                                       [--repeat N]
 
 On a GPU (`--device cuda`) both sides run there and the peak GPU memory is printed as well.
 """
@@ -87,14 +88,19 @@ def main() -> None:
     p.add_argument("--paper", action="store_true",
                    help="also time the paper's CARE (separate latents, activation objective, no output refit: no choice, "
                         "no converted stream), its own calibration")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the plain forward and the default conversion this many times, alternately, and report "
+                        "each pair's ratio and their median (a shared machine's speed drifts between runs)")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         args = {"model": a.model, "samples": a.samples, "seq_len": a.seq_len, "batch_size": a.batch_size,
                 "calib_dtype": a.calib_dtype, "out": f"{tmp}/out", "cache": f"{tmp}/cache", "device": a.device,
                 "format": a.format}
         t = time.perf_counter()
-        fwd = run(FORWARD, args)
-        conv = run(CONVERT, {**args, "layerwise": True})
+        pairs = []
+        for k in range(a.repeat):  # each conversion its own empty cache: it calibrates
+            pairs.append((run(FORWARD, args), run(CONVERT, {**args, "layerwise": True, "cache": f"{tmp}/cache-{k}"})))
+        fwd, conv = pairs[0]
         whole = run(CONVERT, {**args, "layerwise": False, "cache": f"{tmp}/cache-whole"}) if a.compare_whole else None
         paper = run(CONVERT, {**args, "layerwise": True, "cache": f"{tmp}/cache-paper", "settings": {
             "latent": "separate", "objective": "activation", "refit_output": False}}) if a.paper else None
@@ -114,6 +120,14 @@ def main() -> None:
     print(f"ratio conversion / forward: {conv['seconds'] / fwd['seconds']:.2f}   stages: {conv['timings_s']}")
     if conv.get("single_pass_s"):
         print(f"   the one pass by step (s): {conv['single_pass_s']}")
+    if len(pairs) > 1:
+        ratios = sorted(c["seconds"] / f["seconds"] for f, c in pairs)
+        for k, (f, c) in enumerate(pairs[1:], 2):
+            print(f"run {k}: plain forward {f['seconds']:.1f} s, conversion {c['seconds']:.1f} s, ratio "
+                  f"{c['seconds'] / f['seconds']:.2f}" + (f"; one pass by step (s): {c['single_pass_s']}"
+                                                          if c.get("single_pass_s") else ""))
+        print(f"median ratio conversion / forward over {len(pairs)} alternating runs: "
+              f"{ratios[len(ratios) // 2] if len(ratios) % 2 else sum(ratios[len(ratios) // 2 - 1:][:2]) / 2:.2f}")
     if whole:
         print(f"ratio whole-model conversion / forward: {whole['seconds'] / fwd['seconds']:.2f}   stages: {whole['timings_s']}")
     if paper:
