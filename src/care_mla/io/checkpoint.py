@@ -65,6 +65,9 @@ def check_finite(name: str, tensor: torch.Tensor, where: str = "") -> None:
                                      "re-download or re-export it")
 
 
+_NOTHING_READ = object()
+
+
 def _layer_of(name: str) -> str | None:
     """``"3"`` for ``model.layers.3.…``; None for a tensor outside the decoder layers."""
     parts = name.split(".")
@@ -105,7 +108,7 @@ class CheckpointReader:
             check_safetensors_file(folder / file)
         self.folder = folder
         self.weight_map: dict[str, str] = dict(weight_map)
-        self._last_layer: str | None = "none read yet"
+        self._last_layer: object = _NOTHING_READ
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map

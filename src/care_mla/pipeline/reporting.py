@@ -40,37 +40,12 @@ class StageTimer:
     def __call__(self, name: str) -> Iterator[None]:
         logger.info("stage %s", name)
         start = time.perf_counter()
-        with _RssPeak(self.interval_s) as peak:
+        with RssSampler(self.interval_s) as rss:  # ru_maxrss is the whole run's peak: it cannot tell stages apart
             yield
+            peak = rss.take()
         self.seconds[name] = time.perf_counter() - start
-        self.peak_rss_mb[name] = round(peak.mb, 1)
-        logger.info("stage %s done in %.1f s (peak memory %.0f MB)", name, self.seconds[name], peak.mb)
-
-
-class _RssPeak:
-    """The largest resident set size of this process seen while the block runs, sampled by a daemon thread
-    (`ru_maxrss` is the peak of the whole run, which cannot tell one stage from another)."""
-
-    def __init__(self, interval_s: float):
-        self.interval_s, self.mb = interval_s, 0.0
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        process = psutil.Process()
-        while True:
-            self.mb = max(self.mb, process.memory_info().rss / 2**20)
-            if self._stop.wait(self.interval_s):
-                return
-
-    def __enter__(self) -> "_RssPeak":
-        self._thread = threading.Thread(target=self._sample, name="care-mla-rss", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.mb = max(self.mb, psutil.Process().memory_info().rss / 2**20)
+        self.peak_rss_mb[name] = round(peak, 1)
+        logger.info("stage %s done in %.1f s (peak memory %.0f MB)", name, self.seconds[name], peak)
 
 
 class RssSampler:
