@@ -146,6 +146,28 @@ def capture_layer_inputs(
     return hidden, kwargs
 
 
+@contextmanager
+def accumulating(norm: nn.Module, moment: SecondMoment | None):
+    """While the block runs, `moment` accumulates each output of `norm` (a decoder layer's ``input_layernorm``: the
+    attention inputs the statistics are of); nothing without `moment`. Yields a list whose one number is the
+    seconds that took."""
+    seconds = [0.0]
+    if moment is None:
+        yield seconds
+        return
+
+    def add(_module, _args, out):
+        start = time.perf_counter()
+        moment.add_batch(out)
+        seconds[0] += time.perf_counter() - start
+
+    handle = norm.register_forward_hook(add)
+    try:
+        yield seconds
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def collect_statistics(
     model: nn.Module,
@@ -199,11 +221,8 @@ def collect_statistics(
         t = time.perf_counter()
         with materialised(layer, None if layer_weights is None else layer_weights(idx), device, layer_placement):
             moment = SecondMoment(layer.input_layernorm.weight.shape[0], device=device)
-            handle = layer.input_layernorm.register_forward_hook(lambda _m, _a, out: moment.add_batch(out))
-            try:
+            with accumulating(layer.input_layernorm, moment):
                 hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
-            finally:
-                handle.remove()
         # kept in fp32 (half the memory of L·D² fp64): a relative rounding ≤ 2⁻²⁴ ≈ 6e-8 per entry,
         # 10⁵× below the relative damping (1e-2·mean diag C) every whitened factorization adds
         stats.append((moment.second_moment.float().cpu(), moment.abs_mean.float().cpu(), moment.count))

@@ -47,6 +47,7 @@ from care_mla.pipeline import calibration
 from care_mla.pipeline.build import ConvertedStream, sequential_windows
 from care_mla.pipeline.calibration import (
     StatisticsCache,
+    accumulating,
     calibration_windows,
     capture_layer_inputs,
     layer_output,
@@ -163,27 +164,6 @@ def _replaying(module: torch.nn.Module, outputs: list[torch.Tensor] | None):
         yield module
     finally:
         del module.forward
-
-
-@contextmanager
-def _collecting(norm: torch.nn.Module, moment: SecondMoment | None):
-    """While the block runs, `moment` accumulates each output of `norm` (nothing without `moment`); yields a list
-    whose one number is the seconds that took."""
-    seconds = [0.0]
-    if moment is None:
-        yield seconds
-        return
-
-    def add(_module, _args, out):
-        start = time.perf_counter()
-        moment.add_batch(out)
-        seconds[0] += time.perf_counter() - start
-
-    handle = norm.register_forward_hook(add)
-    try:
-        yield seconds
-    finally:
-        handle.remove()
 
 
 def _forward_keeping(layer, hidden: list[torch.Tensor], kwargs: list[dict], keep: dict[str, list[int]],
@@ -379,11 +359,11 @@ def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSetting
                 return latent, row, latent_layer_state(source, latent)
 
             # this layer's inputs of the windows the choice and the refit run on, then the original layer over
-            # every window, its attention outputs there kept as their targets
+            # every window, its attention outputs there kept as their targets and its queries for replay
             selected, refit = (_gather(hidden, [position[w] for w in ws], bs) for ws in (picks.selection, picks.refit))
             # the statistics as `collect_statistics` accumulates them: input_layernorm's outputs, batch by batch
             moment = SecondMoment(layer.input_layernorm.weight.shape[0], device=device) if collect else None
-            with _collecting(layer.input_layernorm, moment) as seconds:
+            with accumulating(layer.input_layernorm, moment) as seconds:
                 kept = _forward_keeping(layer, hidden, kw_main, {name: [position[w] for w in getattr(picks, name)]
                                                                  for name in ("selection", "refit")}, bs)
             if collect:
