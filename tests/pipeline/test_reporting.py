@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import mmap
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -12,14 +14,28 @@ from care_mla.pipeline import convert as api
 from care_mla.pipeline.reporting import RssSampler, StageTimer
 
 
+@contextmanager
+def _touched_block(mb: int = 300):
+    """`mb` MB of anonymous memory mapped, written and unmapped on exit: resident while the block runs and given
+    back after, whatever the allocator keeps (a freed numpy array can stay resident in a long test session)."""
+    block = mmap.mmap(-1, mb * 2**20)
+    view = np.frombuffer(block, dtype=np.uint8)
+    view[:] = 1
+    try:
+        yield
+    finally:
+        del view
+        block.close()
+
+
 def test_stage_timer_attributes_a_peak_to_the_stage_that_made_it(caplog):
     stage = StageTimer(interval_s=0.01)
     with caplog.at_level(logging.INFO, logger="care_mla.pipeline.reporting"):
         with stage("small"):
             pass
         with stage("large"):
-            block = np.ones(300 * 2**20 // 8)  # 300 MB, touched
-            del block
+            with _touched_block():
+                pass
         with stage("after"):
             pass
     assert stage.peak_rss_mb["large"] >= stage.peak_rss_mb["small"] + 250
@@ -36,9 +52,8 @@ def test_rss_sampler_gives_the_peak_since_it_was_last_taken():
     with RssSampler(interval_s=0.01) as rss:
         rss.take()
         before = rss.take()
-        block = np.ones(300 * 2**20 // 8)  # 300 MB, touched
-        time.sleep(0.05)
-        del block
+        with _touched_block():
+            time.sleep(0.05)
         large = rss.take()
         time.sleep(0.05)
         after = rss.take()
