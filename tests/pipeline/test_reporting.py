@@ -60,6 +60,29 @@ def test_rss_sampler_gives_the_peak_since_it_was_last_taken():
     assert large >= before + 250 and after < large - 250
 
 
+def test_rss_sampler_never_gives_a_sample_read_before_a_take_to_the_step_after(monkeypatch):
+    """The race that made the peak of a freed block land on the next step late in a long suite: the sampling thread
+    reads the resident set while the block exists, the step ends (`take`), then the thread stores what it read."""
+    import threading
+    import time
+
+    read = threading.Event()
+
+    def rss_mb(self):
+        if threading.current_thread() is self._thread and not read.is_set():
+            read.set()
+            time.sleep(0.2)  # what the thread read is stored only after the main thread's take() below
+            return 1000.0
+        return 10.0
+
+    monkeypatch.setattr(RssSampler, "_rss_mb", rss_mb)
+    with RssSampler(interval_s=0.001) as rss:
+        assert read.wait(5)
+        during = rss.take()  # waits for the sample in flight: it belongs to this step
+        after = rss.take()
+    assert during == 1000.0 and after == 10.0
+
+
 @pytest.mark.parametrize("single_pass", [True, False])
 def test_report_has_every_stage_with_its_time_and_memory(single_pass, tiny_model_dir, text_file, tmp_path):
     report = api.convert(settings_for(tiny_model_dir("llama"), text_file, tmp_path, kv_fraction=0.5,

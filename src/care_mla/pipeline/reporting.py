@@ -55,12 +55,15 @@ class RssSampler:
     def __init__(self, interval_s: float = 0.05):
         self.interval_s, self._max = interval_s, 0.0
         self._process = psutil.Process()
+        # A sample is read and stored under the lock, so one read before a take() cannot land after it.
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="care-mla-rss-steps", daemon=True)
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self._max = max(self._max, self._process.memory_info().rss / 2**20)
+            with self._lock:
+                self._max = max(self._max, self._rss_mb())
 
     def __enter__(self) -> "RssSampler":
         self._thread.start()
@@ -70,9 +73,12 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
 
+    def _rss_mb(self) -> float:
+        return self._process.memory_info().rss / 2**20
+
     def take(self) -> float:
-        peak = max(self._max, self._process.memory_info().rss / 2**20)
-        self._max = 0.0
+        with self._lock:
+            peak, self._max = max(self._max, self._rss_mb()), 0.0
         return peak
 
 
