@@ -109,6 +109,7 @@ class CheckpointReader:
         self.folder = folder
         self.weight_map: dict[str, str] = dict(weight_map)
         self._last_layer: object = _NOTHING_READ
+        self._finite: set[str] = set()  # names already checked: a conversion reads each tensor several times
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -131,7 +132,9 @@ class CheckpointReader:
             with safe_open(str(self.folder / file), "pt") as f:
                 for k in keys:
                     t = f.get_tensor(k)
-                    check_finite(k, t, f" (in {self.folder / file})")
+                    if k not in self._finite:
+                        check_finite(k, t, f" (in {self.folder / file})")
+                        self._finite.add(k)
                     out[k] = t if dtype is None or t.dtype == dtype else t.to(dtype)
         return {n: out[n] for n in names}
 
