@@ -32,6 +32,7 @@ def test_convert_folder(tiny_model_dir, text_file, tmp_path):
     assert "Calibration: corpus.txt, 8 × 32 tokens (256)" in text and "## Plots" not in text
     # the one pass's choice: every layer under the candidate it took
     assert "objective and key emphasis **chosen per layer** (one pass)" in text
+    assert "on 8 calibration windows (every candidate screened on 4 of them, the 3 best scored on all):" in text
     for name, count in saved["objective_choice"]["layers_by_candidate"].items():
         layers = [str(i) for i, c in enumerate(saved["objective_choice"]["per_layer"]) if c == name]
         assert f"| {name} | {count} | {', '.join(layers)} |" in text

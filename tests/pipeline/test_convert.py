@@ -67,7 +67,10 @@ def test_budget_is_met_exactly_and_measured(latent, allocation, tiny_model_dir, 
     if choice is not None and allocation == "uniform":  # the default layout: one pass, the objective per layer
         assert report["timings_s"].keys() >= {"calibrate_choose_refit", "save"}
         assert report["objective"] == report["key_emphasis"] == "auto"  # stored as asked: it differs per layer
-        assert len(choice["per_layer"]) == 3 and all(len(e) == 7 for e in choice["attention_error"])
+        screening = choice["screening"]  # two rounds: 7 candidates on 4 of the 8 selection windows, 3 on all 8
+        assert choice["windows"] == 8 and screening["windows"] == 4 and screening["finalists"] == 3
+        assert len(choice["per_layer"]) == 3 and all(len(e) == 7 for e in screening["attention_error"])
+        assert all(len(e) == 3 for e in choice["attention_error"])
         for name, errors, row in zip(choice["per_layer"], choice["attention_error"], report["layers"]):
             assert name == min(errors, key=errors.get) and row["choice_error"] == pytest.approx(errors[name], abs=1e-6)
             assert 0 < row["o_refit_error"] < row["o_error"]  # the refit lowered the attention output's error

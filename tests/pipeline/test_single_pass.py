@@ -200,3 +200,32 @@ def test_replayed_queries_are_the_computed_ones(tiny_model_dir, text_file, tmp_p
     m, n = _models(tmp_path / "a", tmp_path / "b")
     for (name, p), q in zip(m.named_parameters(), n.parameters()):
         assert (p - q).abs().max() <= 1e-5 * q.abs().max(), name
+
+
+def test_choice_screens_every_candidate_then_scores_the_finalists_on_every_window(tiny_model_dir, text_file,
+                                                                                 tmp_path, monkeypatch):
+    """Two rounds, as `selection.screened_losses`: each candidate's refitted error on 4 of the 8 selection windows,
+    then the 3 lowest on the other 4 added to their moments. A finalist's error is then the one a single round over
+    all 8 windows gives it (seven finalists: nothing screened out), and the winner is the lowest of the finalists."""
+    from care_mla.pipeline import selection
+
+    src = tiny_model_dir("qwen2")
+    common = dict(kv_fraction=0.125, evaluate=False, calib_seq_len=128)
+    two = api.convert(settings_for(src, text_file, tmp_path, out=str(tmp_path / "two"), **common))["objective_choice"]
+    monkeypatch.setattr(selection, "FINALISTS", 7)  # as many as the candidates: one round scores them all
+    one = api.convert(settings_for(src, text_file, tmp_path, out=str(tmp_path / "one"), **common))["objective_choice"]
+    assert one["screening"] is None and all(len(e) == 7 for e in one["attention_error"])
+    compared = 0
+    for layer, (screen, final, every, chosen) in enumerate(zip(two["screening"]["attention_error"],
+                                                               two["attention_error"], one["attention_error"],
+                                                               two["per_layer"])):
+        assert len(screen) == 7 and len(final) == 3, layer
+        assert max(screen[n] for n in final) <= min(e for n, e in screen.items() if n not in final), layer
+        assert chosen == min(final, key=final.get)
+        if min(every.values()) < 1e-6:  # layer 0 of the tiny model is all but exact: float32 cancellation only
+            continue
+        compared += 1
+        for name, error in final.items():
+            assert error == pytest.approx(every[name], rel=1e-2), (layer, name)  # float32 moments, summed apart
+        assert any(screen[n] != pytest.approx(every[n], rel=0.02) for n in final)  # the screen saw fewer windows
+    assert compared == 2

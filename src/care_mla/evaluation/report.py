@@ -105,8 +105,11 @@ def _convert_section(folder: Path, r: dict) -> list[str]:
     for field, title in (("objective_choice", "objective"), ("rope_dim_choice", "RoPE/latent split")):
         choice = r.get(field)
         if choice and "per_layer" in choice:  # the one pass: chosen per layer by what each candidate's refit leaves
+            rounds = choice.get("screening")
             lines += [f"Chosen per layer ({title}) by the attention-output error each candidate leaves after its own "
-                      f"o_proj refit, on {choice['windows']} calibration windows:", ""]
+                      f"o_proj refit, on {choice['windows']} calibration windows" +
+                      (f" (every candidate screened on {rounds['windows']} of them, the {rounds['finalists']} best "
+                       "scored on all)" if rounds else "") + ":", ""]
             rows = [[name, str(count), ", ".join(str(i) for i, c in enumerate(choice["per_layer"]) if c == name)]
                     for name, count in sorted(choice["layers_by_candidate"].items(), key=lambda kv: -kv[1])]
             lines += _table(["candidate", "layers", "which"], rows) + [""]

@@ -44,7 +44,8 @@ __all__ = ["SELECTION_WINDOWS", "SCREEN_WINDOWS", "FINALISTS", "KEY_EMPHASIS_GRI
 #: Calibration windows (evenly spaced over the calibration set) that candidates are scored on.
 SELECTION_WINDOWS = 16
 #: A choice runs in two rounds: every candidate on `SCREEN_WINDOWS` of the selection windows (evenly spaced), then
-#: the `FINALISTS` with the lowest loss on the other ones; the winner has the lowest loss over all of them. Seven
+#: the `FINALISTS` with the lowest loss on the other ones; the winner has the lowest loss over all of them (the one
+#: pass's choice per layer too, `single_pass`, its loss the attention-output error after the refit). Seven
 #: candidates then cost 7 × 4 + 3 × 12 = 64 window passes instead of 112. SmolLM2 (64 × 256 calibration): the
 #: margins between the best candidates were 0.008–0.018 nats on 16 windows, the screening kept the winner
 #: (docs/benchmarks.md).

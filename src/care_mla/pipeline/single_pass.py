@@ -12,8 +12,9 @@ in hand when it reaches the layer — the original stream's inputs of that layer
    outputs (the targets) and ``q_proj`` outputs (`_replaying`) on the windows the choice and the refit use;
 3. each candidate objective (`selection.objective_candidates`) factorized from C (`factorization.stack_gram`: one
    eigendecomposition of an m × m Gram each) and scored by **what its output refit leaves of the layer's
-   attention-output error** on `selection.SELECTION_WINDOWS` windows (`refitted_error`); the layer keeps its best,
-   so the objective is chosen per layer;
+   attention-output error** on `selection.SELECTION_WINDOWS` windows (`refitted_error`), in the two rounds of
+   `selection.screened_losses` (every candidate on `selection.SCREEN_WINDOWS` of them, the `selection.FINALISTS`
+   best on the rest, added to their moments); the layer keeps its best, so the objective is chosen per layer;
 4. the winner factorized by the whitened SVD (the written factors, as in every conversion), its ``o_proj``
    refitted by least squares from its heads to the original attention's output on the original stream over
    ``settings.refit_samples`` windows (`compensation.refit_output_weight`).
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 
 from care_mla.formats.configuration_care_mla import CareMlaConfig
 from care_mla.formats.mapping import LayerLatent, latent_layer_state
-from care_mla.method.compensation import output_refit_error, refit_output_weight
+from care_mla.method.compensation import OutputMoments, output_refit_error, refit_output_weight
 from care_mla.method.statistics import CalibrationCacheError, CalibrationStats, SecondMoment
 from care_mla.pipeline import calibration
 from care_mla.pipeline.build import ConvertedStream, sequential_windows
@@ -83,17 +84,25 @@ class PassWindows:
     selection: list[int]
     refit: list[int]
     drift: list[int]
+    screen: list[int]  # the selection windows every candidate is scored on (all of them when one round does)
+    rest: list[int]  # the selection's other windows, the finalists' second round (empty: one round)
 
     @classmethod
     def of(cls, n: int, settings: ConvertSettings, *, statistics: bool) -> PassWindows:
-        from care_mla.pipeline.selection import SELECTION_WINDOWS
+        from care_mla.pipeline.selection import FINALISTS, SCREEN_WINDOWS, SELECTION_WINDOWS, objective_candidates
 
         everything = torch.arange(n)
         refit = sequential_windows(everything, settings).tolist()
         selection = everything[:: max(1, n // SELECTION_WINDOWS)][:SELECTION_WINDOWS].tolist()
         drift = refit[:DRIFT_WINDOWS]
         main = list(range(n)) if statistics else sorted(set(selection) | set(refit))
-        return cls(main, selection, refit, drift)
+        screen, rest = selection, []
+        if len(objective_candidates(settings)) > FINALISTS and len(selection) > SCREEN_WINDOWS:
+            # as `selection.screened_losses` splits them: evenly spaced over the selection
+            first = set(torch.linspace(0, len(selection) - 1, SCREEN_WINDOWS).round().long().tolist())
+            screen = [w for k, w in enumerate(selection) if k in first]
+            rest = [w for k, w in enumerate(selection) if k not in first]
+        return cls(main, selection, refit, drift, screen, rest)
 
 
 @dataclass
@@ -123,30 +132,28 @@ def _gather(hidden: list[torch.Tensor], positions: list[int], batch_size: int) -
 MOMENT_DTYPE = torch.float32
 
 
-def refitted_error(layer, hidden: list[torch.Tensor], kwargs: list[dict], targets: list[torch.Tensor],
-                   weight: torch.Tensor, damping: float, queries: list[torch.Tensor] | None = None) -> float:
-    """Relative error of converted decoder `layer`'s attention output against `targets` (the original attention's,
-    batch by batch, on the same inputs `hidden`) once its ``o_proj`` is refitted on these very batches from
-    `weight` (`compensation.refit_output_weight`): what the refit leaves of a candidate, the choice's score.
-    `queries`: the layer's ``q_proj`` outputs on `hidden`, when known (not computed again)."""
-    moments = _output_moments(layer, hidden, kwargs, targets, queries)
+def refitted_error(moments: OutputMoments, weight: torch.Tensor, damping: float) -> float:
+    """Relative error of a converted layer's attention output against the original attention's, both summed into
+    `moments` (`_moment_sum`), once its ``o_proj`` is refitted on them from `weight`
+    (`compensation.refit_output_weight`): what the refit leaves of a candidate, the choice's score."""
     W = refit_output_weight(moments, weight, damping)
     # E‖ô Wᵀ − y‖² = tr(W A Wᵀ) − 2 tr(W B) + E‖y‖², with one m × m GEMM (`compensation.output_refit_error` takes two)
     error = float((W @ moments.heads).mul_(W).sum() - 2 * (W * moments.cross.T).sum()) + moments.energy
     return max(error, 0.0) / max(moments.energy, 1e-30)
 
 
-def _output_moments(layer, hidden: list[torch.Tensor], kwargs: list[dict], targets: list[torch.Tensor],
-                    queries: list[torch.Tensor] | None = None):
-    """`OutputMoments` of converted decoder `layer`'s heads on `hidden` against the original attention's `targets`
-    (`queries`: its ``q_proj`` outputs there, `_replaying`)."""
+def _moment_sum(layer, hidden: list[torch.Tensor], kwargs: list[dict], targets: list[torch.Tensor],
+                queries: list[torch.Tensor] | None = None, total: MomentSum | None = None) -> MomentSum:
+    """Converted decoder `layer`'s heads on `hidden` against the original attention's `targets` summed into `total`
+    (a new `MomentSum` when None; `queries`: its ``q_proj`` outputs there, `_replaying`)."""
     o_proj = layer.self_attn.o_proj
-    total = MomentSum(o_proj.in_features, o_proj.out_features, o_proj.bias, o_proj.weight.device, MOMENT_DTYPE)
+    if total is None:
+        total = MomentSum(o_proj.in_features, o_proj.out_features, o_proj.bias, o_proj.weight.device, MOMENT_DTYPE)
     with _replaying(layer.self_attn.q_proj, queries):
         for h, k, y in zip(hidden, kwargs, targets):  # batch by batch: one batch's heads held at a time
             (heads,) = attention_parts(layer, [h], [k], "heads")
             total.add(heads, y)
-    return total.moments()
+    return total
 
 
 @contextmanager
@@ -167,11 +174,13 @@ def _replaying(module: torch.nn.Module, outputs: list[torch.Tensor] | None):
 
 
 def _forward_keeping(layer, hidden: list[torch.Tensor], kwargs: list[dict], keep: dict[str, list[int]],
-                     batch_size: int) -> dict[str, dict[str, list[torch.Tensor]]]:
+                     batch_size: int, *, whole: bool = True) -> dict[str, dict[str, list[torch.Tensor]]]:
     """Replace each batch of `hidden` by decoder `layer`'s output on it (in place: one stream is held, not two).
     Returns the layer's attention outputs (``"attention"``) and its ``q_proj`` outputs (``"query"``) of the rows at
     the stream positions of each list of `keep`, re-batched by `batch_size` as `_gather` does: ``[what][name]``.
-    The rows are copied into those batches as the layer makes them, so the rest of each batch's is freed."""
+    The rows are copied into those batches as the layer makes them, so the rest of each batch's is freed.
+    Not `whole`: the layer stops after its attention (its MLP never runs) and `hidden` is left as it was — the
+    last layer, whose outputs no layer after it needs."""
     slots: dict[int, list[tuple[str, int, int]]] = {}  # stream position → (list, batch, row) it is copied to
     for name, positions in keep.items():
         for k, p in enumerate(positions):
@@ -196,11 +205,19 @@ def _forward_keeping(layer, hidden: list[torch.Tensor], kwargs: list[dict], keep
     try:
         for b, k in enumerate(kwargs):
             first = b * hidden[0].shape[0]
-            hidden[b] = layer_output(layer(hidden[b], **k))
+            if whole:
+                hidden[b] = layer_output(layer(hidden[b], **k))
+            else:
+                attention_parts(layer, [hidden[b]], [k], "output")
         return kept
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _significant(x: float, digits: int = 6) -> float:
+    """`x` to `digits` significant digits: errors of a small model are ~1e-5, where six decimals would tie them."""
+    return float(f"{x:.{digits}g}")
 
 
 def _relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
@@ -297,7 +314,7 @@ def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSetting
         qo_weights_reader,
         skeleton,
     )
-    from care_mla.pipeline.selection import objective_candidates
+    from care_mla.pipeline.selection import FINALISTS, objective_candidates
 
     reader = LayerMemo(reader)  # each layer's tensors read from the checkpoint once, whatever asks for them
     collect = stats is None
@@ -320,14 +337,16 @@ def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSetting
     embedding = reader.get("model.embed_tokens.weight", stream_dtype)
     hidden, kw_main = inputs(original, picks.main, embedding)
     position = {w: p for p, w in enumerate(picks.main)}
-    kw = {name: inputs(converted, getattr(picks, name), embedding)[1] for name in ("selection", "refit")}
+    rounds = ("screen", "rest") if picks.rest else ("screen",)  # of the choice: every candidate, the finalists
+    kw = {name: inputs(converted, getattr(picks, name), embedding)[1] for name in (*rounds, "refit")}
     drift_stream, kw_drift = inputs(converted, picks.drift, embedding)
+    kw_drift_original = inputs(original, picks.drift, embedding)[1]
     del embedding
 
     candidates = objective_candidates(settings)
     names = [f"{c.objective}, key_emphasis {c.key_emphasis:g}" for c in candidates]
     moments, abs_means, count = [], [], 0
-    latents, rows, chosen, errors = [], [], [], []
+    latents, rows, chosen, errors, screened = [], [], [], [], []
     if not collect:
         moments, abs_means, count = list(stats.second_moments), list(stats.abs_means), stats.num_tokens
     tokens = windows[picks.main].numel()
@@ -340,6 +359,7 @@ def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSetting
         start, so_far, latents, record, streams = restored
         hidden, drift_stream = streams["hidden"], streams["drift"]
         rows, chosen, errors, spent = record["rows"], record["chosen"], record["errors"], record["spent"]
+        screened = record.get("screened", [{}] * start)
         if collect:
             moments, abs_means, count = list(so_far.second_moments), list(so_far.abs_means), so_far.num_tokens
         logger.info("resuming the one pass after layer %d of %d (%s)", start, config.num_hidden_layers, resume)
@@ -360,38 +380,58 @@ def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSetting
 
             # this layer's inputs of the windows the choice and the refit run on, then the original layer over
             # every window, its attention outputs there kept as their targets and its queries for replay
-            selected, refit = (_gather(hidden, [position[w] for w in ws], bs) for ws in (picks.selection, picks.refit))
+            selected = {name: _gather(hidden, [position[w] for w in getattr(picks, name)], bs) for name in rounds}
+            refit = _gather(hidden, [position[w] for w in picks.refit], bs)
             # the statistics as `collect_statistics` accumulates them: input_layernorm's outputs, batch by batch
             moment = SecondMoment(layer.input_layernorm.weight.shape[0], device=device) if collect else None
+            last = i == config.num_hidden_layers - 1  # its outputs are needed only on the drift figure's windows
             with accumulating(layer.input_layernorm, moment) as seconds:
                 kept = _forward_keeping(layer, hidden, kw_main, {name: [position[w] for w in getattr(picks, name)]
-                                                                 for name in ("selection", "refit")}, bs)
+                                                                 for name in (*rounds, "refit")}, bs, whole=not last)
+            drift_positions = [position[w] for w in picks.drift]
+            reference = [layer_output(layer(h, **k)) for h, k in
+                         zip(_gather(hidden, drift_positions, bs), kw_drift_original)] if last else None
             if collect:
                 moments.append(moment.second_moment.float().cpu())
                 abs_means.append(moment.abs_mean.float().cpu())
                 count = moment.count
             so_far = CalibrationStats(moments[: i + 1], abs_means[: i + 1], count)
-            (targets, refit_targets), (queries, refit_queries) = (
-                (kept[what]["selection"], kept[what]["refit"]) for what in ("attention", "query"))
+            targets, queries = ({name: kept[what][name] for name in rounds} for what in ("attention", "query"))
+            refit_targets, refit_queries = kept["attention"]["refit"], kept["query"]["refit"]
             del kept
             q_proj = dict(layer.self_attn.q_proj.state_dict())
         clock("forward", statistics=seconds[0])
+        # the choice in two rounds, as `selection.screened_losses` makes it: every candidate scored on the screening
+        # windows, then the `FINALISTS` best on the rest added to their moments; the lowest error over all wins
         shared = SharedWeightings()
-        losses = []
+        streamed, o_weights, sums, screening = [], [], [], []
         for c in candidates:
             state = attention_state(c, shared)[2]
-            streamed = _cast(state, stream_dtype)
-            if not _same_query(streamed, q_proj):  # the written dtype rounded q_proj: the queries are computed
-                queries = refit_queries = None
-            with materialised(converted.model.layers[i], streamed, device) as candidate:
-                losses.append(refitted_error(candidate, selected, kw["selection"], targets,
-                                             state["self_attn.o_proj.weight"], settings.damping, queries))
-        del selected, targets, queries, shared
+            streamed.append(_cast(state, stream_dtype))
+            o_weights.append(state["self_attn.o_proj.weight"])
+            if not _same_query(streamed[-1], q_proj):  # the written dtype rounded q_proj: the queries are computed
+                queries, refit_queries = dict.fromkeys(rounds), None
+            with materialised(converted.model.layers[i], streamed[-1], device) as candidate:
+                sums.append(_moment_sum(candidate, selected["screen"], kw["screen"], targets["screen"],
+                                        queries["screen"]))
+            screening.append(refitted_error(sums[-1].moments(), o_weights[-1], settings.damping))
+        losses = list(screening)
+        if "rest" in rounds:
+            ranked = sorted((e, k) for k, e in enumerate(screening) if math.isfinite(e))
+            finalists = {k for _, k in ranked[:FINALISTS]}
+            for k in range(len(candidates)):
+                if k not in finalists:
+                    losses[k] = math.nan
+                    continue
+                with materialised(converted.model.layers[i], streamed[k], device) as candidate:
+                    _moment_sum(candidate, selected["rest"], kw["rest"], targets["rest"], queries["rest"], sums[k])
+                losses[k] = refitted_error(sums[k].moments(), o_weights[k], settings.damping)
+        del selected, targets, queries, shared, streamed, o_weights, sums
         best = min(range(len(candidates)), key=lambda k: (losses[k] if math.isfinite(losses[k]) else math.inf, k))
         clock("choice")
         latent, row, state = attention_state(candidates[best])
         with materialised(converted.model.layers[i], _cast(state, stream_dtype), device) as fitted:
-            outputs = _output_moments(fitted, refit, kw["refit"], refit_targets, refit_queries)
+            outputs = _moment_sum(fitted, refit, kw["refit"], refit_targets, refit_queries).moments()
         del refit, refit_targets, refit_queries
         before = state["self_attn.o_proj.weight"]
         weight = refit_output_weight(outputs, before, settings.damping).cpu()
@@ -402,18 +442,22 @@ def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSetting
         with materialised(converted.model.layers[i], _cast(latent_layer_state(source, latent), stream_dtype),
                           device) as fitted:
             drift_stream = [layer_output(fitted(h, **k)) for h, k in zip(drift_stream, kw_drift)]
-        reference = _gather(hidden, [position[w] for w in picks.drift], bs)
+        if reference is None:
+            reference = _gather(hidden, drift_positions, bs)
         row["drift"] = _relative_error(drift_stream, reference)
+        del reference
         clock("drift")
         latents.append(latent)
         rows.append(row)
         chosen.append(names[best])
-        errors.append({n: round(e, 6) for n, e in zip(names, losses) if math.isfinite(e)})
+        errors.append({n: _significant(e) for n, e in zip(names, losses) if math.isfinite(e)})
+        screened.append({n: _significant(e) for n, e in zip(names, screening) if math.isfinite(e)}
+                        if "rest" in rounds else {})
         bar.update(1)
         bar.set_postfix_str(f"{tokens / (time.perf_counter() - t):,.0f} tok/s, {names[best]}")
         if i + 1 < config.num_hidden_layers and progress.due():
             progress.save(i + 1, moments, abs_means, count, latents,
-                          {"rows": rows, "chosen": chosen, "errors": errors, "spent": spent},
+                          {"rows": rows, "chosen": chosen, "errors": errors, "screened": screened, "spent": spent},
                           {"hidden": hidden, "drift": drift_stream})
     bar.close()
     progress.remove()
@@ -425,7 +469,10 @@ def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSetting
                 {k: round(v, 1) for k, v in spent.items()}, {k: round(v) for k, v in peaks.items()})
     fields = {"ranks": ranks, "layers": rows,
               "objective_choice": {"per_layer": chosen, "layers_by_candidate": tally, "attention_error": errors,
-                                   "windows": len(picks.selection)},
+                                   "windows": len(picks.selection),
+                                   # two rounds: each candidate's error on the screening windows, per layer
+                                   "screening": {"windows": len(picks.screen), "finalists": FINALISTS,
+                                                 "attention_error": screened} if picks.rest else None},
               "single_pass": {"windows": len(picks.main), "statistics_collected": collect,
                               "seconds_by_step": {k: round(v, 3) for k, v in spent.items()},
                               "peak_rss_mb_by_step": peaks}}
