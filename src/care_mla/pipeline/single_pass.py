@@ -415,6 +415,9 @@ def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSetting
                 sums.append(_moment_sum(candidate, selected["screen"], kw["screen"], targets["screen"],
                                         queries["screen"]))
             screening.append(refitted_error(sums[-1].moments(), o_weights[-1], settings.damping))
+            if "rest" in rounds:  # only the best `FINALISTS` so far keep their moments (m × (m + D) float64 each)
+                for _, k in sorted((e if math.isfinite(e) else math.inf, k) for k, e in enumerate(screening))[FINALISTS:]:
+                    sums[k] = streamed[k] = None
         losses = list(screening)
         if "rest" in rounds:
             ranked = sorted((e, k) for k, e in enumerate(screening) if math.isfinite(e))
