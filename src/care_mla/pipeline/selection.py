@@ -39,7 +39,7 @@ from care_mla.settings import ConvertSettings
 logger = logging.getLogger(__name__)
 
 __all__ = ["SELECTION_WINDOWS", "SCREEN_WINDOWS", "FINALISTS", "KEY_EMPHASIS_GRID", "OBJECTIVE_CHOICES", "ROPE_SHARES",
-           "streamed_losses", "screened_losses", "best"]
+           "streamed_losses", "screens", "screening_split", "screened_losses", "best"]
 
 #: Calibration windows (evenly spaced over the calibration set) that candidates are scored on.
 SELECTION_WINDOWS = 16
@@ -119,16 +119,27 @@ def streamed_losses(model_class: type[nn.Module], tensor: Callable[[str], torch.
     return losses
 
 
+def screens(candidates: int, windows: int) -> bool:
+    """Whether a choice among `candidates` on `windows` selection windows runs in two rounds."""
+    return candidates > FINALISTS and windows > SCREEN_WINDOWS
+
+
+def screening_split(n: int) -> tuple[list[int], list[int]]:
+    """(the screening round's, the finalists' other) indices into `n` selection windows: `SCREEN_WINDOWS` evenly
+    spaced, then the rest."""
+    first = torch.linspace(0, n - 1, SCREEN_WINDOWS).round().long().tolist()
+    return first, [k for k in range(n) if k not in set(first)]
+
+
 def screened_losses(candidates: Sequence, windows: torch.Tensor,
                     score: Callable[[Sequence, torch.Tensor], list[float]]) -> tuple[list[float], dict[int, float]]:
     """The two rounds of a choice (`SCREEN_WINDOWS`, `FINALISTS`): ``score(candidates, windows)`` is the mean loss of
     each candidate on `windows`. Returns (each candidate's mean loss over all `windows`, NaN for those screened
     out; each candidate's loss on the screening windows, by index — empty when one round scored everything)."""
     n = windows.shape[0]
-    if len(candidates) <= FINALISTS or n <= SCREEN_WINDOWS:
+    if not screens(len(candidates), n):
         return list(score(candidates, windows)), {}
-    screen = torch.linspace(0, n - 1, SCREEN_WINDOWS).round().long()
-    rest = torch.tensor([k for k in range(n) if k not in set(screen.tolist())])
+    screen, rest = (torch.tensor(ks) for ks in screening_split(n))
     first = score(candidates, windows[screen])
     ranked = sorted((loss, k) for k, loss in enumerate(first) if math.isfinite(loss))
     finalists = sorted(k for _, k in ranked[:FINALISTS])

@@ -89,7 +89,7 @@ class PassWindows:
 
     @classmethod
     def of(cls, n: int, settings: ConvertSettings, *, statistics: bool) -> PassWindows:
-        from care_mla.pipeline.selection import FINALISTS, SCREEN_WINDOWS, SELECTION_WINDOWS, objective_candidates
+        from care_mla.pipeline.selection import SELECTION_WINDOWS, objective_candidates, screening_split, screens
 
         everything = torch.arange(n)
         refit = sequential_windows(everything, settings).tolist()
@@ -97,11 +97,8 @@ class PassWindows:
         drift = refit[:DRIFT_WINDOWS]
         main = list(range(n)) if statistics else sorted(set(selection) | set(refit))
         screen, rest = selection, []
-        if len(objective_candidates(settings)) > FINALISTS and len(selection) > SCREEN_WINDOWS:
-            # as `selection.screened_losses` splits them: evenly spaced over the selection
-            first = set(torch.linspace(0, len(selection) - 1, SCREEN_WINDOWS).round().long().tolist())
-            screen = [w for k, w in enumerate(selection) if k in first]
-            rest = [w for k, w in enumerate(selection) if k not in first]
+        if screens(len(objective_candidates(settings)), len(selection)):  # as `selection.screened_losses` does
+            screen, rest = ([selection[k] for k in ks] for ks in screening_split(len(selection)))
         return cls(main, selection, refit, drift, screen, rest)
 
 
