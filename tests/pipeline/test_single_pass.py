@@ -229,3 +229,28 @@ def test_choice_screens_every_candidate_then_scores_the_finalists_on_every_windo
             assert error == pytest.approx(every[name], rel=1e-2), (layer, name)  # float32 moments, summed apart
         assert any(screen[n] != pytest.approx(every[n], rel=0.02) for n in final)  # the screen saw fewer windows
     assert compared == 2
+
+
+def test_the_last_layer_stops_after_its_attention_and_keeps_the_same_rows(tiny_model_dir, text_file, tmp_path):
+    """`_forward_keeping(whole=False)` (the last layer: no layer after it needs its outputs) leaves the stream as it
+    was and keeps the attention outputs and queries a whole forward keeps, bit for bit."""
+    from transformers import AutoTokenizer
+
+    from care_mla.pipeline.single_pass import _forward_keeping
+
+    src = tiny_model_dir("llama")
+    model = _models(src, src)[0]
+    windows = calibration_windows(AutoTokenizer.from_pretrained(src), settings_for(src, text_file, tmp_path))
+    hidden, kwargs = capture_layer_inputs(model, windows, 3)  # batches of 3, 3 and 2
+    keep = {"a": [0, 4, 7], "b": [2, 5]}
+    layer = model.model.layers[2]
+    stopped, whole = [h.clone() for h in hidden], [h.clone() for h in hidden]
+    with torch.no_grad():
+        kept_stopped = _forward_keeping(layer, stopped, kwargs, keep, 3, whole=False)
+        kept_whole = _forward_keeping(layer, whole, kwargs, keep, 3)
+    assert all(torch.equal(s, h) for s, h in zip(stopped, hidden))  # the stream untouched
+    assert not torch.equal(whole[0], hidden[0])  # a whole forward replaced it
+    for what in ("attention", "query"):
+        for name in keep:
+            assert all(torch.equal(s, w) for s, w in zip(kept_stopped[what][name], kept_whole[what][name]))
+            assert sum(b.shape[0] for b in kept_stopped[what][name]) == len(keep[name])
