@@ -65,7 +65,8 @@ report = convert(ConvertSettings(model=args["model"], out=args["out"], kv_fracti
                                  overwrite=True, device=args["device"], format=args["format"], **args.get("settings", {})))
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(),
                   "timings_s": report["timings_s"], "calibration_dtype": report["calibration"]["dtype"],
-                  "single_pass_s": (report.get("single_pass") or {}).get("seconds_by_step")}))
+                  "single_pass_s": (report.get("single_pass") or {}).get("seconds_by_step"),
+                  "single_pass_mb": (report.get("single_pass") or {}).get("peak_rss_mb_by_step")}))
 """
 
 
@@ -120,12 +121,13 @@ def main() -> None:
     print(f"ratio conversion / forward: {conv['seconds'] / fwd['seconds']:.2f}   stages: {conv['timings_s']}")
     if conv.get("single_pass_s"):
         print(f"   the one pass by step (s): {conv['single_pass_s']}")
+        print(f"   the one pass's peak RSS by step (MB): {conv['single_pass_mb']}")
     if len(pairs) > 1:
         ratios = sorted(c["seconds"] / f["seconds"] for f, c in pairs)
         for k, (f, c) in enumerate(pairs[1:], 2):
             print(f"run {k}: plain forward {f['seconds']:.1f} s, conversion {c['seconds']:.1f} s, ratio "
-                  f"{c['seconds'] / f['seconds']:.2f}" + (f"; one pass by step (s): {c['single_pass_s']}"
-                                                          if c.get("single_pass_s") else ""))
+                  f"{c['seconds'] / f['seconds']:.2f}, peak RSS {f['peak_rss_mb']:.0f} / {c['peak_rss_mb']:.0f} MB"
+                  + (f"; one pass by step (s): {c['single_pass_s']}" if c.get("single_pass_s") else ""))
         print(f"median ratio conversion / forward over {len(pairs)} alternating runs: "
               f"{ratios[len(ratios) // 2] if len(ratios) % 2 else sum(ratios[len(ratios) // 2 - 1:][:2]) / 2:.2f}")
     if whole:

@@ -7,17 +7,20 @@ over windows to choose one objective for all layers, then runs the converted str
 in hand when it reaches the layer — the original stream's inputs of that layer:
 
 1. the layer's second moment C over every window (the attention inputs, as `calibration.collect_statistics`
-   accumulates them from ``input_layernorm``'s outputs: the same numbers);
-2. the original layer run over every window: the next layer's inputs (in place of its own), and its attention
-   outputs (the targets) and ``q_proj`` outputs (`_replaying`) on the windows the choice and the refit use;
+   accumulates them from ``input_layernorm``'s outputs: the same numbers), taken first;
+2. the original attention on the `selection.SELECTION_WINDOWS` windows the choice runs on: its outputs (the
+   targets) and ``q_proj`` outputs (`_replaying`);
 3. each candidate objective (`selection.objective_candidates`) factorized from C (`factorization.stack_gram`: one
    eigendecomposition of an m × m Gram each) and scored by **what its output refit leaves of the layer's
-   attention-output error** on `selection.SELECTION_WINDOWS` windows (`refitted_error`), in the two rounds of
-   `selection.screened_losses` (every candidate on `selection.SCREEN_WINDOWS` of them, the `selection.FINALISTS`
-   best on the rest, added to their moments); the layer keeps its best, so the objective is chosen per layer;
-4. the winner factorized by the whitened SVD (the written factors, as in every conversion), its ``o_proj``
-   refitted by least squares from its heads to the original attention's output on the original stream over
-   ``settings.refit_samples`` windows (`compensation.refit_output_weight`).
+   attention-output error** on those windows (`refitted_error`), in the two rounds of `selection.screened_losses`
+   (every candidate on `selection.SCREEN_WINDOWS` of them, the `selection.FINALISTS` best on the rest, added to
+   their moments); the layer keeps its best, so the objective is chosen per layer;
+4. the winner factorized by the whitened SVD (the written factors, as in every conversion); then the original
+   layer runs over every window — the next layer's inputs, in place of its own — and, batch by batch as it runs,
+   the winner's heads on the batch's refit rows (of ``settings.refit_samples`` windows) are summed against the
+   original attention's output there (`_forward_refitting`): no refit input, target or query outlives its batch,
+   so the pass holds one stream and a layer, as a calibration does. Its ``o_proj`` is then refitted by least
+   squares from those moments (`compensation.refit_output_weight`).
 
 Held-out ppl ratio (docs/results.md), SmolLM2 at F = 0.25 / 0.125 with the objectives pinned, the refit on the
 original stream against the converted one: 1.213 / 1.519 against 1.217 / 1.548. Applies to the default layout (a
@@ -48,7 +51,6 @@ from care_mla.pipeline import calibration
 from care_mla.pipeline.build import ConvertedStream, sequential_windows
 from care_mla.pipeline.calibration import (
     StatisticsCache,
-    accumulating,
     calibration_windows,
     capture_layer_inputs,
     layer_output,
@@ -170,46 +172,69 @@ def _replaying(module: torch.nn.Module, outputs: list[torch.Tensor] | None):
         del module.forward
 
 
-def _forward_keeping(layer, hidden: list[torch.Tensor], kwargs: list[dict], keep: dict[str, list[int]],
-                     batch_size: int, *, whole: bool = True) -> dict[str, dict[str, list[torch.Tensor]]]:
-    """Replace each batch of `hidden` by decoder `layer`'s output on it (in place: one stream is held, not two).
-    Returns the layer's attention outputs (``"attention"``) and its ``q_proj`` outputs (``"query"``) of the rows at
-    the stream positions of each list of `keep`, re-batched by `batch_size` as `_gather` does: ``[what][name]``.
-    The rows are copied into those batches as the layer makes them, so the rest of each batch's is freed.
-    Not `whole`: the layer stops after its attention (its MLP never runs) and `hidden` is left as it was — the
-    last layer, whose outputs no layer after it needs."""
-    slots: dict[int, list[tuple[str, int, int]]] = {}  # stream position → (list, batch, row) it is copied to
-    for name, positions in keep.items():
-        for k, p in enumerate(positions):
-            slots.setdefault(p, []).append((name, k // batch_size, k % batch_size))
-    kept = {what: {name: [None] * math.ceil(len(ps) / batch_size) for name, ps in keep.items()}
-            for what in ("attention", "query")}
-    first = 0  # the stream position of the batch running
+def _attention_keeping(layer, hidden: list[torch.Tensor], kwargs: list[dict]) -> tuple[list, list]:
+    """Decoder `layer`'s attention outputs and ``q_proj`` outputs on each batch of `hidden`, the layer stopped after
+    its attention: the choice's targets and the queries its candidates replay (`_replaying`)."""
+    caught: dict[str, torch.Tensor] = {}
+    handle = layer.self_attn.q_proj.register_forward_hook(lambda _m, _a, out: caught.__setitem__("query", out))
+    attention, queries = [], []
+    try:
+        for h, k in zip(hidden, kwargs):
+            attention += attention_parts(layer, [h], [k], "output")
+            queries.append(caught.pop("query"))
+    finally:
+        handle.remove()
+    return attention, queries
 
-    def keeper(what: str):
-        def copy(_module, _args, out):
-            for j in range(out.shape[0]):
-                for name, b, r in slots.get(first + j, ()):
-                    batches = kept[what][name]
-                    if batches[b] is None:
-                        rows = min(batch_size, len(keep[name]) - b * batch_size)
-                        batches[b] = out.new_empty((rows, *out.shape[1:]))
-                    batches[b][r] = out[j]
-        return copy
 
-    handles = [layer.self_attn.o_proj.register_forward_hook(keeper("attention")),
-               layer.self_attn.q_proj.register_forward_hook(keeper("query"))]
+def _forward_refitting(layer, hidden: list[torch.Tensor], kwargs: list[dict], rows: dict[int, list[int]], fitted,
+                       fitted_kwargs: dict[int, dict], total: MomentSum, *, replay: bool = True,
+                       whole: bool = True) -> float:
+    """Replace each batch of `hidden` by decoder `layer`'s output on it (in place: one stream is held, not two) and,
+    as batch b runs, add the converted layer `fitted`'s heads on its rows ``rows[b]`` against `layer`'s attention
+    output there to `total` (`fitted_kwargs[b]`: the converted model's keyword arguments for those rows): the
+    output refit's moments, made batch by batch, so none of its inputs, targets or queries outlive their batch.
+    `replay`: `fitted` takes `layer`'s ``q_proj`` outputs (`_replaying`). Not `whole`: the layer stops after its
+    attention (its MLP never runs), only the batches with refit rows run, and `hidden` is left as it was — the last
+    layer, whose outputs no layer after it needs. Returns the seconds the refit's own work took."""
+    caught: dict[str, torch.Tensor] = {}
+
+    def catch(what: str):
+        return lambda _module, _args, out: caught.__setitem__(what, out)
+
+    handles = [layer.self_attn.o_proj.register_forward_hook(catch("attention")),
+               layer.self_attn.q_proj.register_forward_hook(catch("query"))]
+    spent = 0.0
     try:
         for b, k in enumerate(kwargs):
-            first = b * hidden[0].shape[0]
+            picks = rows.get(b)
+            if not whole and not picks:
+                continue
+            x = hidden[b][picks] if picks else None  # copied before the batch is replaced
             if whole:
                 hidden[b] = layer_output(layer(hidden[b], **k))
             else:
                 attention_parts(layer, [hidden[b]], [k], "output")
-        return kept
+            if picks:
+                start = time.perf_counter()
+                y, q = caught["attention"][picks], caught["query"][picks]
+                with _replaying(fitted.self_attn.q_proj, [q] if replay else None):
+                    (heads,) = attention_parts(fitted, [x], [fitted_kwargs[b]], "heads")
+                total.add(heads, y)
+                spent += time.perf_counter() - start
+            caught.clear()
+        return spent
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _rows_by_batch(positions: list[int], batch_size: int) -> dict[int, list[int]]:
+    """The stream `positions` as {batch: its rows}, batches of `batch_size`, in order."""
+    rows: dict[int, list[int]] = {}
+    for p in positions:
+        rows.setdefault(p // batch_size, []).append(p % batch_size)
+    return rows
 
 
 def _significant(x: float, digits: int = 6) -> float:
@@ -322,12 +347,18 @@ def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSetting
     target = CareMlaConfig.from_base(config, kv_latent="joint", kv_lora_ranks=ranks)
     original, converted = skeleton(config, device), skeleton(target, device, CareMlaForCausalLM)
 
-    def inputs(model, which: list[int], embedding: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
+    def inputs(model, which: list[int], embedding: torch.Tensor,
+               groups: list[list[int]] | None = None) -> tuple[list[torch.Tensor], list[dict]]:
+        """`model`'s first-layer inputs of the windows `which`, in batches of `bs` (`groups`: one batch per group of
+        windows instead)."""
         embed = model.model.embed_tokens
         embed.to_empty(device=device)
         embed.load_state_dict({"weight": embedding.to(device)}, assign=True)
         try:
-            return capture_layer_inputs(model, windows[which], bs)
+            if groups is None:
+                return capture_layer_inputs(model, windows[which], bs)
+            caught = [capture_layer_inputs(model, windows[g], len(g)) for g in groups]  # one batch each
+            return [hs[0] for hs, _ in caught], [ks[0] for _, ks in caught]
         finally:
             embed.to("meta")
 
@@ -335,7 +366,13 @@ def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSetting
     hidden, kw_main = inputs(original, picks.main, embedding)
     position = {w: p for p, w in enumerate(picks.main)}
     rounds = ("screen", "rest") if picks.rest else ("screen",)  # of the choice: every candidate, the finalists
-    kw = {name: inputs(converted, getattr(picks, name), embedding)[1] for name in (*rounds, "refit")}
+    # the choice runs on the selection windows gathered apart: the original attention there, then each candidate
+    kw = {name: inputs(converted, getattr(picks, name), embedding)[1] for name in rounds}
+    kw_original = {name: inputs(original, getattr(picks, name), embedding)[1] for name in rounds}
+    # the refit runs inside the forward: on each batch's refit rows, with the converted model's arguments for them
+    refit_rows = _rows_by_batch([position[w] for w in picks.refit], bs)
+    kw_refit = dict(zip(refit_rows, inputs(converted, [], embedding, [[picks.main[b * bs + r] for r in rows]
+                                                                      for b, rows in refit_rows.items()])[1]))
     drift_stream, kw_drift = inputs(converted, picks.drift, embedding)
     kw_drift_original = inputs(original, picks.drift, embedding)[1]
     del embedding
@@ -375,64 +412,74 @@ def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSetting
                                            errors=shared is None)
                 return latent, row, latent_layer_state(source, latent)
 
-            # this layer's inputs of the windows the choice and the refit run on, then the original layer over
-            # every window, its attention outputs there kept as their targets and its queries for replay
-            selected = {name: _gather(hidden, [position[w] for w in getattr(picks, name)], bs) for name in rounds}
-            refit = _gather(hidden, [position[w] for w in picks.refit], bs)
-            # the statistics as `collect_statistics` accumulates them: input_layernorm's outputs, batch by batch
-            moment = SecondMoment(layer.input_layernorm.weight.shape[0], device=device) if collect else None
-            last = i == config.num_hidden_layers - 1  # its outputs are needed only on the drift figure's windows
-            with accumulating(layer.input_layernorm, moment) as seconds:
-                kept = _forward_keeping(layer, hidden, kw_main, {name: [position[w] for w in getattr(picks, name)]
-                                                                 for name in (*rounds, "refit")}, bs, whole=not last)
-            drift_positions = [position[w] for w in picks.drift]
-            reference = [layer_output(layer(h, **k)) for h, k in
-                         zip(_gather(hidden, drift_positions, bs), kw_drift_original)] if last else None
+            # the statistics as `collect_statistics` accumulates them: input_layernorm's outputs, batch by batch —
+            # first, as the choice factorizes from them before the layer runs over the stream
             if collect:
+                moment = SecondMoment(layer.input_layernorm.weight.shape[0], device=device)
+                for h in hidden:
+                    moment.add_batch(layer.input_layernorm(h))
                 moments.append(moment.second_moment.float().cpu())
                 abs_means.append(moment.abs_mean.float().cpu())
                 count = moment.count
+                del moment
             so_far = CalibrationStats(moments[: i + 1], abs_means[: i + 1], count)
-            targets, queries = ({name: kept[what][name] for name in rounds} for what in ("attention", "query"))
-            refit_targets, refit_queries = kept["attention"]["refit"], kept["query"]["refit"]
+            clock("statistics")
+            # the original attention on the selection windows: the choice's targets and the queries it replays
+            selected = {name: _gather(hidden, [position[w] for w in getattr(picks, name)], bs) for name in rounds}
+            kept = {name: _attention_keeping(layer, selected[name], kw_original[name]) for name in rounds}
+            targets, queries = ({name: kept[name][j] for name in rounds} for j in (0, 1))
             del kept
             q_proj = dict(layer.self_attn.q_proj.state_dict())
-        clock("forward", statistics=seconds[0])
-        # the choice in two rounds, as `selection.screened_losses` makes it: every candidate scored on the screening
-        # windows, then the `FINALISTS` best on the rest added to their moments; the lowest error over all wins
-        shared = SharedWeightings()
-        streamed, o_weights, sums, screening = [], [], [], []
-        for c in candidates:
-            state = attention_state(c, shared)[2]
-            streamed.append(_cast(state, stream_dtype))
-            o_weights.append(state["self_attn.o_proj.weight"])
-            if not _same_query(streamed[-1], q_proj):  # the written dtype rounded q_proj: the queries are computed
-                queries, refit_queries = dict.fromkeys(rounds), None
-            with materialised(converted.model.layers[i], streamed[-1], device) as candidate:
-                sums.append(_moment_sum(candidate, selected["screen"], kw["screen"], targets["screen"],
-                                        queries["screen"]))
-            screening.append(refitted_error(sums[-1].moments(), o_weights[-1], settings.damping))
-            if "rest" in rounds:  # only the best `FINALISTS` so far keep their moments (m × (m + D) float64 each)
-                for _, k in sorted((e if math.isfinite(e) else math.inf, k) for k, e in enumerate(screening))[FINALISTS:]:
-                    sums[k] = streamed[k] = None
-        losses = list(screening)
-        if "rest" in rounds:
-            ranked = sorted((e, k) for k, e in enumerate(screening) if math.isfinite(e))
-            finalists = {k for _, k in ranked[:FINALISTS]}
-            for k in range(len(candidates)):
-                if k not in finalists:
-                    losses[k] = math.nan
-                    continue
-                with materialised(converted.model.layers[i], streamed[k], device) as candidate:
-                    _moment_sum(candidate, selected["rest"], kw["rest"], targets["rest"], queries["rest"], sums[k])
-                losses[k] = refitted_error(sums[k].moments(), o_weights[k], settings.damping)
-        del selected, targets, queries, shared, streamed, o_weights, sums
-        best = min(range(len(candidates)), key=lambda k: (losses[k] if math.isfinite(losses[k]) else math.inf, k))
-        clock("choice")
-        latent, row, state = attention_state(candidates[best])
-        with materialised(converted.model.layers[i], _cast(state, stream_dtype), device) as fitted:
-            outputs = _moment_sum(fitted, refit, kw["refit"], refit_targets, refit_queries).moments()
-        del refit, refit_targets, refit_queries
+            # the choice in two rounds, as `selection.screened_losses` makes it: every candidate scored on the
+            # screening windows, then the `FINALISTS` best on the rest added to their moments; the lowest error wins
+            shared = SharedWeightings()
+            streamed, o_weights, sums, screening = [], [], [], []
+            replay = True
+            for c in candidates:
+                state = attention_state(c, shared)[2]
+                streamed.append(_cast(state, stream_dtype))
+                o_weights.append(state["self_attn.o_proj.weight"])
+                if not _same_query(streamed[-1], q_proj):  # the written dtype rounded q_proj: queries are computed
+                    queries, replay = dict.fromkeys(rounds), False
+                with materialised(converted.model.layers[i], streamed[-1], device) as candidate:
+                    sums.append(_moment_sum(candidate, selected["screen"], kw["screen"], targets["screen"],
+                                            queries["screen"]))
+                screening.append(refitted_error(sums[-1].moments(), o_weights[-1], settings.damping))
+                if "rest" in rounds:  # only the best `FINALISTS` so far keep their moments (m × (m + D) float64 each)
+                    for _, k in sorted((e if math.isfinite(e) else math.inf, k)
+                                       for k, e in enumerate(screening))[FINALISTS:]:
+                        sums[k] = streamed[k] = None
+            losses = list(screening)
+            if "rest" in rounds:
+                ranked = sorted((e, k) for k, e in enumerate(screening) if math.isfinite(e))
+                finalists = {k for _, k in ranked[:FINALISTS]}
+                for k in range(len(candidates)):
+                    if k not in finalists:
+                        losses[k] = math.nan
+                        continue
+                    with materialised(converted.model.layers[i], streamed[k], device) as candidate:
+                        _moment_sum(candidate, selected["rest"], kw["rest"], targets["rest"], queries["rest"], sums[k])
+                    losses[k] = refitted_error(sums[k].moments(), o_weights[k], settings.damping)
+            del selected, targets, queries, shared, streamed, o_weights, sums
+            best = min(range(len(candidates)), key=lambda k: (losses[k] if math.isfinite(losses[k]) else math.inf, k))
+            clock("choice")
+            # the winner factorized as every conversion writes it; the original layer then runs over the stream
+            # and the winner's heads on each batch's refit rows are summed into the refit's moments as it goes
+            latent, row, state = attention_state(candidates[best])
+            last = i == config.num_hidden_layers - 1  # its outputs are needed only on the drift figure's windows
+            clock("refit")
+            with materialised(converted.model.layers[i], _cast(state, stream_dtype), device) as fitted:
+                o_proj = fitted.self_attn.o_proj
+                total = MomentSum(o_proj.in_features, o_proj.out_features, o_proj.bias, o_proj.weight.device,
+                                  MOMENT_DTYPE)
+                refitting = _forward_refitting(layer, hidden, kw_main, refit_rows, fitted, kw_refit, total,
+                                               replay=replay, whole=not last)
+            drift_positions = [position[w] for w in picks.drift]
+            reference = [layer_output(layer(h, **k)) for h, k in
+                         zip(_gather(hidden, drift_positions, bs), kw_drift_original)] if last else None
+        clock("forward", refit=refitting)
+        outputs = total.moments()
+        del total
         before = state["self_attn.o_proj.weight"]
         weight = refit_output_weight(outputs, before, settings.damping).cpu()
         row.update(o_error=output_refit_error(outputs, before), o_refit_error=output_refit_error(outputs, weight),
