@@ -135,9 +135,13 @@ def refitted_error(moments: OutputMoments, weight: torch.Tensor, damping: float)
     """Relative error of a converted layer's attention output against the original attention's, both summed into
     `moments` (`_moment_sum`), once its ``o_proj`` is refitted on them from `weight`
     (`compensation.refit_output_weight`): what the refit leaves of a candidate, the choice's score."""
-    W = refit_output_weight(moments, weight, damping)
-    # E‖ô Wᵀ − y‖² = tr(W A Wᵀ) − 2 tr(W B) + E‖y‖², with one m × m GEMM (`compensation.output_refit_error` takes two)
-    error = float((W @ moments.heads).mul_(W).sum() - 2 * (W * moments.cross.T).sum()) + moments.energy
+    A, B = moments.heads.double(), moments.cross.double()
+    lam = damping * float(torch.diagonal(A).mean())
+    R = B + lam * weight.to(device=A.device, dtype=torch.float64).T
+    Wt = torch.linalg.solve(A + lam * torch.eye(A.shape[0], dtype=A.dtype, device=A.device), R)  # the refit, (m, D)
+    # E‖ô Wᵀ − y‖² = tr(W A Wᵀ) − 2 tr(W B) + E‖y‖², and at the ridge's solution (A + λI) Wᵀ = R, so
+    # tr(W A Wᵀ) = tr(W R) − λ‖W‖²: elementwise products only, no m × m × D product
+    error = float((Wt * (R - 2 * B)).sum() - lam * Wt.pow(2).sum()) + moments.energy
     return max(error, 0.0) / max(moments.energy, 1e-30)
 
 
