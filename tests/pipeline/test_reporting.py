@@ -92,7 +92,7 @@ def test_report_has_every_stage_with_its_time_and_memory(single_pass, tiny_model
     assert list(report["timings_s"]) == stages and list(report["peak_rss_mb_by_stage"]) == stages
     for name in stages:
         assert 0 < report["peak_rss_mb_by_stage"][name] <= report["peak_rss_mb"] + 1
-    if single_pass:  # and the pass's own steps (forward, choice, refit, drift: their peaks over the layers)
+    if single_pass:  # and the pass's own steps (statistics, forward, choice, refit, drift: peaks over the layers)
         steps = report["single_pass"]["peak_rss_mb_by_step"]
-        assert set(steps) == {"forward", "choice", "refit", "drift"}
+        assert set(steps) == {"statistics", "forward", "choice", "refit", "drift"}
         assert all(0 < mb <= report["peak_rss_mb"] + 1 for mb in steps.values())  # ru_maxrss: the true peak
