@@ -233,9 +233,10 @@ def test_choice_screens_every_candidate_then_scores_the_finalists_on_every_windo
 
 def test_refit_moments_are_made_as_the_layer_runs_and_the_last_layer_stops_after_its_attention(
         tiny_model_dir, text_file, tmp_path):
-    """`_forward_refitting` adds, batch by batch, the heads of a second layer on the refit rows against the layer's
-    attention output there: the moments of those rows computed apart. With ``whole=False`` (the last layer: no layer
-    after it needs its outputs) it leaves the stream as it was and adds the same moments, bit for bit."""
+    """`_forward_refitting` adds, group by group as the stream reaches them, the heads of a second layer on the refit
+    rows against the layer's attention output there: the moments of those rows computed apart, in the same groups
+    (one spans two batches). With ``whole=False`` (the last layer: no layer after it needs its outputs) it leaves the
+    stream as it was and adds the same moments, bit for bit."""
     from transformers import AutoTokenizer
 
     from care_mla.pipeline.sequential import MomentSum
@@ -245,24 +246,23 @@ def test_refit_moments_are_made_as_the_layer_runs_and_the_last_layer_stops_after
     model = _models(src, src)[0]
     windows = calibration_windows(AutoTokenizer.from_pretrained(src), settings_for(src, text_file, tmp_path))
     hidden, kwargs = capture_layer_inputs(model, windows, 3)  # batches of 3, 3 and 2
-    rows = {0: [0, 2], 2: [1]}  # windows 0, 2 and 7
-    _, sub_kwargs = capture_layer_inputs(model, windows[[0, 2]], 2)
-    fitted_kwargs = {0: sub_kwargs[0], 2: capture_layer_inputs(model, windows[[7]], 1)[1][0]}
+    positions = [0, 2, 4, 7]  # groups of 3: windows 0, 2 (batch 0) and 4 (batch 1), then 7 (batch 2)
+    _, group_kwargs = capture_layer_inputs(model, windows[positions], 3)
     layer, fitted = model.model.layers[2], model.model.layers[1]  # any decoder layer's heads will do
     m, D = fitted.self_attn.o_proj.in_features, fitted.self_attn.o_proj.out_features
     stopped, whole = [h.clone() for h in hidden], [h.clone() for h in hidden]
-    sums = [MomentSum(m, D, None, torch.device("cpu"), torch.float32) for _ in range(2)]
+    sums = [MomentSum(m, D, None, torch.device("cpu"), torch.float32) for _ in range(3)]
     with torch.no_grad():
-        _forward_refitting(layer, stopped, kwargs, rows, fitted, fitted_kwargs, sums[0], replay=False, whole=False)
-        _forward_refitting(layer, whole, kwargs, rows, fitted, fitted_kwargs, sums[1], replay=False)
-        x = torch.cat([hidden[0][[0, 2]], hidden[2][[1]]])
-        (y,) = attention_parts(layer, [x], [capture_layer_inputs(model, windows[[0, 2, 7]], 3)[1][0]])
-        (heads,) = attention_parts(fitted, [x], [capture_layer_inputs(model, windows[[0, 2, 7]], 3)[1][0]], "heads")
+        _forward_refitting(layer, stopped, kwargs, positions, fitted, group_kwargs, sums[0], replay=False, whole=False)
+        _forward_refitting(layer, whole, kwargs, positions, fitted, group_kwargs, sums[1], replay=False)
+        rows = torch.cat(hidden)[positions]
+        for group, kw in zip((rows[:3], rows[3:]), group_kwargs):
+            (y,) = attention_parts(layer, [group], [kw])
+            (heads,) = attention_parts(fitted, [group], [kw], "heads")
+            sums[2].add(heads, y)
     assert all(torch.equal(s, h) for s, h in zip(stopped, hidden))  # the stream untouched
     assert not torch.equal(whole[0], hidden[0])  # a whole forward replaced it
     assert torch.equal(sums[0].AB, sums[1].AB) and sums[0].energy == sums[1].energy
-    assert sums[0].count == 3 * windows.shape[1]
-    apart = MomentSum(m, D, None, torch.device("cpu"), torch.float64)
-    apart.add(heads, y)
-    assert (sums[0].AB - apart.AB).abs().max() <= 1e-5 * apart.AB.abs().max()
-    assert sums[0].energy == pytest.approx(apart.energy, rel=1e-6)
+    assert sums[0].count == sums[2].count == 4 * windows.shape[1]
+    assert (sums[0].AB - sums[2].AB).abs().max() <= 1e-5 * sums[2].AB.abs().max()
+    assert sums[0].energy == pytest.approx(sums[2].energy, rel=1e-6)

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from care_mla.formats.configuration_care_mla import CareMlaConfig
 from care_mla.formats.mapping import LayerLatent, latent_layer_state
+from care_mla.io.memory import trim_heap
 from care_mla.method.compensation import OutputMoments, output_refit_error, refit_output_weight
 from care_mla.method.statistics import CalibrationCacheError, CalibrationStats, SecondMoment
 from care_mla.pipeline import calibration
@@ -191,40 +192,50 @@ def _attention_keeping(layer, hidden: list[torch.Tensor], kwargs: list[dict]) ->
     return attention, queries
 
 
-def _forward_refitting(layer, hidden: list[torch.Tensor], kwargs: list[dict], rows: dict[int, list[int]], fitted,
-                       fitted_kwargs: dict[int, dict], total: MomentSum, *, replay: bool = True,
+def _forward_refitting(layer, hidden: list[torch.Tensor], kwargs: list[dict], positions: list[int], fitted,
+                       fitted_kwargs: list[dict], total: MomentSum, *, replay: bool = True,
                        whole: bool = True) -> float:
     """Replace each batch of `hidden` by decoder `layer`'s output on it (in place: one stream is held, not two) and,
-    as batch b runs, add the converted layer `fitted`'s heads on its rows ``rows[b]`` against `layer`'s attention
-    output there to `total` (`fitted_kwargs[b]`: the converted model's keyword arguments for those rows): the
-    output refit's moments, made batch by batch, so none of its inputs, targets or queries outlive their batch.
+    as the batches run, add the converted layer `fitted`'s heads on the rows at the stream `positions` (ascending)
+    against `layer`'s attention output there to `total`: the output refit's moments. The rows are taken in groups
+    of the stream's batch size, in order (`fitted_kwargs`: the converted model's keyword arguments for each group),
+    each group summed as soon as its last row has run, so at most one group's inputs, targets and queries are held.
     `replay`: `fitted` takes `layer`'s ``q_proj`` outputs (`_replaying`). Not `whole`: the layer stops after its
     attention (its MLP never runs), only the batches with refit rows run, and `hidden` is left as it was — the last
     layer, whose outputs no layer after it needs. Returns the seconds the refit's own work took."""
+    size = hidden[0].shape[0]
+    groups = [positions[s : s + size] for s in range(0, len(positions), size)]
+    rows = _rows_by_batch(positions, size)
     caught: dict[str, torch.Tensor] = {}
+    pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (inputs, targets, queries) of a group
 
     def catch(what: str):
         return lambda _module, _args, out: caught.__setitem__(what, out)
 
     handles = [layer.self_attn.o_proj.register_forward_hook(catch("attention")),
                layer.self_attn.q_proj.register_forward_hook(catch("query"))]
-    spent = 0.0
+    spent, done = 0.0, 0
     try:
         for b, k in enumerate(kwargs):
             picks = rows.get(b)
             if not whole and not picks:
                 continue
             x = hidden[b][picks] if picks else None  # copied before the batch is replaced
-            if whole:
-                hidden[b] = layer_output(layer(hidden[b], **k))
+            if whole:  # written into the batch's own buffer: the stream stays where it is
+                hidden[b].copy_(layer_output(layer(hidden[b], **k)))
             else:
                 attention_parts(layer, [hidden[b]], [k], "output")
             if picks:
                 start = time.perf_counter()
-                y, q = caught["attention"][picks], caught["query"][picks]
-                with _replaying(fitted.self_attn.q_proj, [q] if replay else None):
-                    (heads,) = attention_parts(fitted, [x], [fitted_kwargs[b]], "heads")
-                total.add(heads, y)
+                pending.append((x, caught["attention"][picks], caught["query"][picks]))
+                while done < len(groups) and sum(p[0].shape[0] for p in pending) >= len(groups[done]):
+                    x, y, q = (torch.cat(parts) for parts in zip(*pending))
+                    n = len(groups[done])
+                    with _replaying(fitted.self_attn.q_proj, [q[:n]] if replay else None):
+                        (heads,) = attention_parts(fitted, [x[:n]], [fitted_kwargs[done]], "heads")
+                    total.add(heads, y[:n])
+                    pending = [(x[n:], y[n:], q[n:])] if x.shape[0] > n else []
+                    done += 1
                 spent += time.perf_counter() - start
             caught.clear()
         return spent
@@ -351,18 +362,12 @@ def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSetting
     target = CareMlaConfig.from_base(config, kv_latent="joint", kv_lora_ranks=ranks)
     original, converted = skeleton(config, device), skeleton(target, device, CareMlaForCausalLM)
 
-    def inputs(model, which: list[int], embedding: torch.Tensor,
-               groups: list[list[int]] | None = None) -> tuple[list[torch.Tensor], list[dict]]:
-        """`model`'s first-layer inputs of the windows `which`, in batches of `bs` (`groups`: one batch per group of
-        windows instead)."""
+    def inputs(model, which: list[int], embedding: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
         embed = model.model.embed_tokens
         embed.to_empty(device=device)
         embed.load_state_dict({"weight": embedding.to(device)}, assign=True)
         try:
-            if groups is None:
-                return capture_layer_inputs(model, windows[which], bs)
-            caught = [capture_layer_inputs(model, windows[g], len(g)) for g in groups]  # one batch each
-            return [hs[0] for hs, _ in caught], [ks[0] for _, ks in caught]
+            return capture_layer_inputs(model, windows[which], bs)
         finally:
             embed.to("meta")
 
@@ -373,10 +378,9 @@ def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSetting
     # the choice runs on the selection windows gathered apart: the original attention there, then each candidate
     kw = {name: inputs(converted, getattr(picks, name), embedding)[1] for name in rounds}
     kw_original = {name: inputs(original, getattr(picks, name), embedding)[1] for name in rounds}
-    # the refit runs inside the forward: on each batch's refit rows, with the converted model's arguments for them
-    refit_rows = _rows_by_batch([position[w] for w in picks.refit], bs)
-    kw_refit = dict(zip(refit_rows, inputs(converted, [], embedding, [[picks.main[b * bs + r] for r in rows]
-                                                                      for b, rows in refit_rows.items()])[1]))
+    # the refit runs inside the forward, on the refit windows' rows in batches of `bs` as the stream reaches them
+    refit_positions = [position[w] for w in picks.refit]
+    kw_refit = inputs(converted, picks.refit, embedding)[1]
     drift_stream, kw_drift = inputs(converted, picks.drift, embedding)
     kw_drift_original = inputs(original, picks.drift, embedding)[1]
     del embedding
@@ -465,6 +469,7 @@ def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSetting
                         _moment_sum(candidate, selected["rest"], kw["rest"], targets["rest"], queries["rest"], sums[k])
                     losses[k] = refitted_error(sums[k].moments(), o_weights[k], settings.damping)
             del selected, targets, queries, shared, streamed, o_weights, sums
+            trim_heap()  # what the choice freed goes back before the forward allocates: the two peaks do not stack
             best = min(range(len(candidates)), key=lambda k: (losses[k] if math.isfinite(losses[k]) else math.inf, k))
             clock("choice")
             # the winner factorized as every conversion writes it; the original layer then runs over the stream
@@ -476,7 +481,7 @@ def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSetting
                 o_proj = fitted.self_attn.o_proj
                 total = MomentSum(o_proj.in_features, o_proj.out_features, o_proj.bias, o_proj.weight.device,
                                   MOMENT_DTYPE)
-                refitting = _forward_refitting(layer, hidden, kw_main, refit_rows, fitted, kw_refit, total,
+                refitting = _forward_refitting(layer, hidden, kw_main, refit_positions, fitted, kw_refit, total,
                                                replay=replay, whole=not last)
             drift_positions = [position[w] for w in picks.drift]
             reference = [layer_output(layer(h, **k)) for h, k in
