@@ -39,17 +39,25 @@ class OutputMoments:
     energy: float
 
 
-def refit_output_weight(moments: OutputMoments, weight: torch.Tensor, damping: float) -> torch.Tensor:
-    """``W' = argmin E‖ô W'ᵀ − y‖² + λ‖W' − W‖²`` = ``((E[ôôᵀ] + λI)⁻¹(E[ôyᵀ] + λWᵀ))ᵀ``, λ = damping × the mean
-    of diag E[ôôᵀ]: the ridge pulls towards the original ``weight`` (D, m), not towards zero, so directions the
-    calibration does not excite keep their weights. float64, same shape as ``weight``."""
+def ridge_system(moments: OutputMoments, weight: torch.Tensor,
+                 damping: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(M, R, λ) of the output refit's normal equations ``M W'ᵀ = R``: M = E[ôôᵀ] + λI, R = E[ôyᵀ] + λWᵀ, λ = damping
+    × the mean of diag E[ôôᵀ] (`refit_output_weight`), in float64."""
     A, B = moments.heads.double(), moments.cross.double()
     W = weight.to(device=A.device, dtype=torch.float64)
     if A.shape != (W.shape[1], W.shape[1]) or B.shape != (W.shape[1], W.shape[0]):
         raise ValueError(f"output moments {tuple(A.shape)}, {tuple(B.shape)} do not fit o_proj {tuple(W.shape)}")
     lam = damping * float(torch.diagonal(A).mean())
     eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    return torch.linalg.solve(A + lam * eye, B + lam * W.T).T.contiguous()
+    return A + lam * eye, B + lam * W.T, lam
+
+
+def refit_output_weight(moments: OutputMoments, weight: torch.Tensor, damping: float) -> torch.Tensor:
+    """``W' = argmin E‖ô W'ᵀ − y‖² + λ‖W' − W‖²`` = ``((E[ôôᵀ] + λI)⁻¹(E[ôyᵀ] + λWᵀ))ᵀ``, λ = damping × the mean
+    of diag E[ôôᵀ]: the ridge pulls towards the original ``weight`` (D, m), not towards zero, so directions the
+    calibration does not excite keep their weights. float64, same shape as ``weight``."""
+    M, R, _ = ridge_system(moments, weight, damping)
+    return torch.linalg.solve(M, R).T.contiguous()
 
 
 def output_refit_error(moments: OutputMoments, weight: torch.Tensor) -> float:

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from care_mla.formats.configuration_care_mla import CareMlaConfig
 from care_mla.formats.mapping import LayerLatent, latent_layer_state
 from care_mla.io.memory import trim_heap
-from care_mla.method.compensation import OutputMoments, output_refit_error, refit_output_weight
+from care_mla.method.compensation import OutputMoments, output_refit_error, refit_output_weight, ridge_system
 from care_mla.method.statistics import CalibrationCacheError, CalibrationStats, SecondMoment
 from care_mla.pipeline import calibration
 from care_mla.pipeline.build import ConvertedStream, sequential_windows
@@ -136,13 +136,11 @@ def refitted_error(moments: OutputMoments, weight: torch.Tensor, damping: float)
     """Relative error of a converted layer's attention output against the original attention's, both summed into
     `moments` (`_moment_sum`), once its ``o_proj`` is refitted on them from `weight`
     (`compensation.refit_output_weight`): what the refit leaves of a candidate, the choice's score."""
-    A, B = moments.heads.double(), moments.cross.double()
-    lam = damping * float(torch.diagonal(A).mean())
-    R = B + lam * weight.to(device=A.device, dtype=torch.float64).T
-    Wt = torch.linalg.solve(A + lam * torch.eye(A.shape[0], dtype=A.dtype, device=A.device), R)  # the refit, (m, D)
+    M, R, lam = ridge_system(moments, weight, damping)
+    Wt = torch.linalg.solve(M, R)  # the refit, (m, D)
     # E‖ô Wᵀ − y‖² = tr(W A Wᵀ) − 2 tr(W B) + E‖y‖², and at the ridge's solution (A + λI) Wᵀ = R, so
     # tr(W A Wᵀ) = tr(W R) − λ‖W‖²: elementwise products only, no m × m × D product
-    error = float((Wt * (R - 2 * B)).sum() - lam * Wt.pow(2).sum()) + moments.energy
+    error = float((Wt * (R - 2 * moments.cross.double())).sum() - lam * Wt.pow(2).sum()) + moments.energy
     return max(error, 0.0) / max(moments.energy, 1e-30)
 
 
@@ -473,7 +471,7 @@ def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSetting
             best = min(range(len(candidates)), key=lambda k: (losses[k] if math.isfinite(losses[k]) else math.inf, k))
             clock("choice")
             # the winner factorized as every conversion writes it; the original layer then runs over the stream
-            # and the winner's heads on each batch's refit rows are summed into the refit's moments as it goes
+            # and the winner's heads on the refit rows are summed into the refit's moments as it reaches them
             latent, row, state = attention_state(candidates[best])
             last = i == config.num_hidden_layers - 1  # its outputs are needed only on the drift figure's windows
             clock("refit")
