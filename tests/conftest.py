@@ -114,10 +114,12 @@ def tiny_model_dir(tmp_path_factory, text_file):
 
 
 def settings_for(model_dir, text_file, tmp_path, **kw) -> ConvertSettings:
-    """Settings of a small, quiet conversion of `model_dir` on `text_file` (calibration 8 x 32, evaluation 4 x 32)
-    into `tmp_path`; `kw` overrides."""
+    """Settings of a small, quiet conversion of `model_dir` on `text_file` (calibration 8 x 32, evaluation 4 x 32,
+    forward passes in float32) into `tmp_path`; `kw` overrides."""
     base = dict(
         model=str(model_dir),
+        # "auto" would take bfloat16 on a CPU with native bf16 and float32 elsewhere: the same numbers on any machine
+        calib_dtype="float32",
         out=str(tmp_path / "out"),
         calib_text=str(text_file),
         eval_text=str(text_file),

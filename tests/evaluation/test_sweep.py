@@ -23,7 +23,7 @@ def sweep_settings(model_dir, text_file, tmp_path, **kw) -> SweepSettings:
     base = dict(
         model=str(model_dir), out=str(tmp_path / "sweep"), calib_text=str(text_file), eval_text=str(text_file),
         calib_samples=8, calib_seq_len=32, eval_samples=4, eval_seq_len=32, cache_dir=str(tmp_path / "cache"),
-        progress=False, zero_shot=False,
+        progress=False, zero_shot=False, calib_dtype="float32",  # as `conftest.settings_for`: any machine alike
     )
     base.update(kw)
     return SweepSettings(**base)
