@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import tiny_model
 
-from care_mla.method.statistics import CalibrationStats, SecondMoment
+from care_mla.method.statistics import CalibrationStats, SecondMoment, gram
 from care_mla.pipeline.calibration import collect_statistics
 
 
@@ -43,6 +43,21 @@ def test_second_moment_streams_batches():
         acc.add_batch(chunk)
     assert acc.count == 1000
     assert torch.allclose(acc.second_moment, x.T @ x / 1000, rtol=1e-6, atol=1e-7)
+
+
+def test_gram_is_the_symmetric_product_block_by_block():
+    """`gram` computes xᵀx as its upper block triangle and mirrors it: the same numbers as one GEMM to float32
+    rounding, exactly symmetric, for widths below one block, of whole blocks and of a ragged last block."""
+    g = torch.Generator().manual_seed(0)
+    for d in (5, 64, 96, 100, 576, 600):
+        x, y = torch.randn(257, d, generator=g), torch.randn(257, 7, generator=g)
+        both = gram(x, right=y)
+        xtx, reference = both[:, :d], x.double().T @ x.double()
+        assert both.shape == (d, d + 7) and both.dtype == torch.float32
+        assert torch.equal(xtx, xtx.T), d
+        assert (xtx.double() - reference).abs().max() <= 1e-5 * reference.abs().max(), d
+        assert torch.allclose(both[:, d:].double(), x.double().T @ y.double(), rtol=1e-5, atol=1e-4), d
+        assert torch.equal(gram(x), xtx)  # `right` only appends columns
 
 
 def test_statistics_round_trip(tmp_path):

@@ -22,7 +22,7 @@ from care_mla.io.checkpoint import CheckpointReader
 from care_mla.io.outputs import OutputExistsError, OutputFolder, write_text_atomic  # noqa: F401  (OutputExistsError: API)
 from care_mla.method import decoupled
 from care_mla.method.compensation import OutputMoments
-from care_mla.method.statistics import CalibrationStats
+from care_mla.method.statistics import CalibrationStats, gram
 from care_mla.pipeline.calibration import capture_layer_inputs, layer_output, materialised
 from care_mla.pipeline.plan import KvWeights, QoWeights, decoupled_layer, layer_latent
 from care_mla.settings import ConvertSettings
@@ -56,8 +56,8 @@ class _Stop(Exception):
 
 class MomentSum:
     """`OutputMoments` summed batch by batch into float64 totals: ô the converted attention's ``o_proj`` input (m
-    wide), y the target output (D wide) less the converted ``o_proj``'s `bias`. Each batch's products are one GEMM
-    in `dtype`: float64 by default; float32 (as `statistics.SecondMoment` does) halves the time on a CPU, each
+    wide), y the target output (D wide) less the converted ``o_proj``'s `bias`. Each batch's products are computed
+    (`statistics.gram`) in `dtype`: float64 by default; float32 (as `statistics.SecondMoment` does) halves the time on a CPU, each
     batch's sum then rounded to ~1e-7 relative, far below the refit's ridge (1e-2 of the mean diagonal)."""
 
     def __init__(self, m: int, D: int, bias: torch.Tensor | None, device: torch.device,
@@ -71,8 +71,8 @@ class MomentSum:
         y = y.reshape(-1, self.D).to(self.dtype)
         if self.bias is not None:
             y = y - self.bias.to(self.dtype)
-        self.AB += (x.T @ torch.cat([x, y], dim=1)).double()  # one GEMM for both: a third less time than two
-        self.energy += float(y.double().pow(2).sum())
+        self.AB += gram(x, right=y).double()  # Σ ôôᵀ as its upper block triangle (`statistics.gram`), then Σ ôyᵀ
+        self.energy += float(y.pow(2).sum(dtype=torch.float64))
         self.count += x.shape[0]
 
     def moments(self) -> OutputMoments:
