@@ -23,8 +23,8 @@ def gram(x: torch.Tensor, *, right: torch.Tensor | None = None) -> torch.Tensor:
     is given: ``[xᵀx | xᵀ right]`` (D, D + E), in `x`'s dtype.
 
     ``xᵀx`` is computed as its upper block triangle (blocks of about D/6 columns) and mirrored: ~7/12 of the
-    multiply-adds of one GEMM. On a 2-core AVX-512 CPU in float32 at N = 2048 that took 5.5 ms instead of 8.8
-    for D = 576 and 148 instead of 277 for D = 4096 (`benchmarks/convert_speed.py` measures the conversion).
+    multiply-adds of one GEMM. On a 2-core AVX-512 CPU in float32 that took 5.5 ms instead of 8.8 for N = 2048,
+    D = 576, and 148 instead of 277 for N = 1024, D = 4096 (`benchmarks/convert_speed.py` measures the conversion).
     """
     n, d = x.shape
     out = torch.empty(d, d + (0 if right is None else right.shape[1]), dtype=x.dtype, device=x.device)

@@ -56,9 +56,10 @@ class _Stop(Exception):
 
 class MomentSum:
     """`OutputMoments` summed batch by batch into float64 totals: ô the converted attention's ``o_proj`` input (m
-    wide), y the target output (D wide) less the converted ``o_proj``'s `bias`. Each batch's products are computed
-    (`statistics.gram`) in `dtype`: float64 by default; float32 (as `statistics.SecondMoment` does) halves the time on a CPU, each
-    batch's sum then rounded to ~1e-7 relative, far below the refit's ridge (1e-2 of the mean diagonal)."""
+    wide), y the target output (D wide) less the converted ``o_proj``'s `bias`. Each batch's products are
+    computed (`statistics.gram`) in `dtype`: float64 by default; float32 (as `statistics.SecondMoment` does)
+    halves the time on a CPU, each batch's sum then rounded to ~1e-7 relative, far below the refit's ridge (1e-2
+    of the mean diagonal)."""
 
     def __init__(self, m: int, D: int, bias: torch.Tensor | None, device: torch.device,
                  dtype: torch.dtype = torch.float64):
@@ -71,7 +72,7 @@ class MomentSum:
         y = y.reshape(-1, self.D).to(self.dtype)
         if self.bias is not None:
             y = y - self.bias.to(self.dtype)
-        self.AB += gram(x, right=y).double()  # Σ ôôᵀ as its upper block triangle (`statistics.gram`), then Σ ôyᵀ
+        self.AB += gram(x, right=y).double()  # [Σ ôôᵀ (upper block triangle, mirrored) | Σ ôyᵀ]
         self.energy += float(y.pow(2).sum(dtype=torch.float64))
         self.count += x.shape[0]
 
