@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import tiny_model
 
-from care_mla.method.statistics import CalibrationStats, SecondMoment, gram
+from care_mla.method.statistics import CalibrationStats, SecondMoment, gram, product_dtype
 from care_mla.pipeline.calibration import collect_statistics
 
 
@@ -43,6 +43,50 @@ def test_second_moment_streams_batches():
         acc.add_batch(chunk)
     assert acc.count == 1000
     assert torch.allclose(acc.second_moment, x.T @ x / 1000, rtol=1e-6, atol=1e-7)
+
+
+def test_bfloat16_stream_products_round_each_batch_once():
+    """A bfloat16 stream's second moment takes its products in bfloat16 (`product_dtype`): each batch's sum is rounded
+    to 2⁻⁹ relative and the batches' roundings average out in the float64 total — well within 1e-3 of the exact
+    moment (Frobenius), yet not the float32 products' 1e-6; the mean |x| is summed in float32 either way."""
+    assert product_dtype(torch.bfloat16) == torch.bfloat16
+    assert product_dtype(torch.float32) == product_dtype(torch.float16) == torch.float32  # float16 would overflow
+    g = torch.Generator().manual_seed(0)
+    scale = torch.rand(96, generator=g) * 4  # uneven channels, as attention inputs have
+    x = (torch.randn(32 * 256, 96, generator=g) * scale).to(torch.bfloat16)
+    exact = x.double().T @ x.double() / x.shape[0]
+    errors = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        acc = SecondMoment(96, dtype=dtype)
+        for batch in x.split(256):
+            acc.add_batch(batch)
+        C = acc.second_moment
+        assert torch.equal(C, C.T)
+        errors[dtype] = float((C - exact).norm() / exact.norm())
+        assert torch.allclose(acc.abs_mean, x.double().abs().mean(0), rtol=1e-6)
+    assert errors[torch.float32] < 1e-6 < errors[torch.bfloat16] < 1e-3, errors
+
+
+def test_bfloat16_output_moments_keep_the_energy_and_the_bias_exact():
+    """`MomentSum` in bfloat16 (a bfloat16 stream's refit): the products within 1e-3 of the exact ones, the energy
+    E‖y − b‖² and the bias subtracted in float32."""
+    from care_mla.pipeline.sequential import MomentSum
+
+    g = torch.Generator().manual_seed(1)
+    m, D = 64, 48
+    heads = torch.randn(8, 256, m, generator=g).to(torch.bfloat16)
+    # the target depends on the heads, as an attention output does on o_proj's input
+    y = (heads.float() @ torch.randn(m, D, generator=g) / 8 + torch.randn(8, 256, D, generator=g) + 3).to(torch.bfloat16)
+    bias = torch.full((D,), 3.0) + 0.01 * torch.randn(D, generator=g)
+    total = MomentSum(m, D, bias, torch.device("cpu"), torch.bfloat16)
+    for h, t in zip(heads, y):
+        total.add(h, t)
+    moments = total.moments()
+    x, target = heads.reshape(-1, m).double(), y.reshape(-1, D).double() - bias.double()
+    n = x.shape[0]
+    for got, exact in ((moments.heads, x.T @ x / n), (moments.cross, x.T @ target / n)):
+        assert float((got - exact).norm() / exact.norm()) < 1e-3
+    assert abs(moments.energy - float(target.pow(2).sum()) / n) <= 1e-6 * moments.energy
 
 
 def test_gram_is_the_symmetric_product_block_by_block():

@@ -47,18 +47,21 @@ def test_pass_windows_cover_what_the_choice_and_refit_need():
     assert cached.main == sorted(set(fresh.selection) | set(fresh.refit)) and len(cached.main) < 64
 
 
-def test_statistics_are_the_calibrations(tiny_model_dir, text_file, tmp_path):
-    """The second moments the pass collects (and caches) are those `collect_statistics` collects, bit for bit."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_statistics_are_the_calibrations(tiny_model_dir, text_file, tmp_path, dtype):
+    """The second moments the pass collects (and caches) are those `collect_statistics` collects, bit for bit, in a
+    float32 stream and in a bfloat16 one (whose products both take in bfloat16, `statistics.product_dtype`)."""
     src = tiny_model_dir("llama")
-    s = settings_for(src, text_file, tmp_path, kv_fraction=0.25, evaluate=False)
+    s = settings_for(src, text_file, tmp_path, kv_fraction=0.25, evaluate=False,
+                     calib_dtype=str(dtype).removeprefix("torch."))
     api.convert(s)
-    cached = StatisticsCache.of(str(src), s, torch.float32).load()
+    cached = StatisticsCache.of(str(src), s, dtype).load()
     assert cached is not None and cached.num_tokens == 8 * 32
     from transformers import AutoConfig, AutoTokenizer
 
     windows = calibration_windows(AutoTokenizer.from_pretrained(src), s)
     direct = collect_statistics_layerwise(checkpoint_reader(str(src)), AutoConfig.from_pretrained(src), windows,
-                                          dtype=torch.float32, device=torch.device("cpu"), progress=False)
+                                          dtype=dtype, device=torch.device("cpu"), progress=False)
     assert cached.num_layers == direct.num_layers == 3
     for a, b, c, d in zip(cached.second_moments, direct.second_moments, cached.abs_means, direct.abs_means):
         assert torch.equal(a, b) and torch.equal(c, d)
@@ -117,7 +120,7 @@ def test_refit_is_least_squares_on_the_original_stream(tiny_model_dir, text_file
     W = original.model.layers[1].self_attn.o_proj.weight.detach().double()
     expected = _ridge(heads, y, W, s.damping)
     written = converted.model.layers[1].self_attn.o_proj.weight.detach().double()
-    assert (written - expected).abs().max() <= 5e-4 * expected.abs().max()  # float32 moments (MOMENT_DTYPE)
+    assert (written - expected).abs().max() <= 5e-4 * expected.abs().max()  # float32 moments (`product_dtype`)
     assert (written - W).abs().max() >= 100 * (written - expected).abs().max()  # it did move from the original
 
 

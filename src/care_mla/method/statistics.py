@@ -40,24 +40,39 @@ def gram(x: torch.Tensor, *, right: torch.Tensor | None = None) -> torch.Tensor:
     return out
 
 
+def product_dtype(stream_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a batch's products (`gram`) are computed in for inputs from a hidden-state stream in
+    `stream_dtype`: bfloat16 for a bfloat16 stream, else float32.
+
+    A bfloat16 stream's values are exact in bfloat16, and a bfloat16 GEMM accumulates in float32: only each
+    batch's result is rounded, to 2⁻⁹ relative per entry, and the roundings of successive batches (summed in
+    float64) average out. SmolLM2, 8 batches of 2,048 tokens, median over layers: C moved by 5e-4 of ‖C‖
+    (Frobenius), a third of what the stream's own rounding moves it (1.6e-3 from a float32 stream's C). On a
+    2-core CPU with native bf16 (avx512_bf16) the products take half float32's time: `gram` 2.8 instead of
+    5.4 ms for 2,048 × 576, with ``right`` 6.6 instead of 16.4. A float16 stream keeps float32 products: a
+    batch's sums would overflow float16."""
+    return torch.bfloat16 if stream_dtype == torch.bfloat16 else torch.float32
+
+
 class SecondMoment:
     """Running Σ x xᵀ, Σ |x| and token count of one layer's input.
 
-    Each batch is reduced in fp32 (`gram`) and added to fp64 totals, so the accumulation
-    error does not grow with the number of batches.
+    Each batch is reduced in `dtype` (`gram`; float32, or bfloat16 for a bfloat16 stream: `product_dtype`) and
+    added to float64 totals, so the accumulation error does not grow with the number of batches.
     """
 
-    def __init__(self, dim: int, device: torch.device | str = "cpu"):
-        self.dim = dim
+    def __init__(self, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.dim, self.dtype = dim, dtype
         self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.sum_abs = torch.zeros(dim, dtype=torch.float64, device=device)
         self.count = 0
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, self.dim).to(device=self.sum_outer.device, dtype=torch.float32)
-        self.sum_outer += gram(x).to(torch.float64)
-        self.sum_abs += x.abs().sum(0).to(torch.float64)  # one batch's sum in fp32: ~1e-7 relative
+        x = x.reshape(-1, self.dim).to(device=self.sum_outer.device)
+        self.sum_outer += gram(x.to(self.dtype)).to(torch.float64)
+        # one batch's sum in float32 (~1e-7 relative), whatever the products' dtype
+        self.sum_abs += x.abs().sum(0, dtype=torch.float32).to(torch.float64)
         self.count += x.shape[0]
 
     @property

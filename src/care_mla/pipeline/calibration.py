@@ -27,7 +27,7 @@ from care_mla.io.checkpoint import CheckpointReader
 from care_mla.io.fingerprint import model_digest
 from care_mla.io.outputs import OutputExistsError, OutputFolder, write_text_atomic  # noqa: F401  (OutputExistsError: API)
 from care_mla.io.text import load_windows, resolve_text
-from care_mla.method.statistics import CalibrationCacheError, CalibrationStats, SecondMoment
+from care_mla.method.statistics import CalibrationCacheError, CalibrationStats, SecondMoment, product_dtype
 from care_mla.pipeline.load import calib_dtype, load_model, resolve_device, torch_dtype
 from care_mla.settings import ConvertSettings
 
@@ -220,7 +220,8 @@ def collect_statistics(
             continue
         t = time.perf_counter()
         with materialised(layer, None if layer_weights is None else layer_weights(idx), device, layer_placement):
-            moment = SecondMoment(layer.input_layernorm.weight.shape[0], device=device)
+            moment = SecondMoment(layer.input_layernorm.weight.shape[0], device=device,
+                                  dtype=product_dtype(hidden[0].dtype))
             with accumulating(layer.input_layernorm, moment):
                 hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
         # kept in fp32 (half the memory of L·D² fp64): a relative rounding ≤ 2⁻²⁴ ≈ 6e-8 per entry,
@@ -242,8 +243,9 @@ def collect_statistics(
     )
 
 
-#: Version of the cached statistics (2: second moments stored in float32; 3: keyed by content); part of the key.
-STATS_FORMAT = 3
+#: Version of the cached statistics (2: second moments stored in float32; 3: keyed by content; 4: a bfloat16
+#: stream's products in bfloat16, `statistics.product_dtype`); part of the key.
+STATS_FORMAT = 4
 
 
 def model_fingerprint(model_path: str, cache_root: Path) -> bytes:

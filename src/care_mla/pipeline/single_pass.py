@@ -47,7 +47,7 @@ from care_mla.formats.configuration_care_mla import CareMlaConfig
 from care_mla.formats.mapping import LayerLatent, latent_layer_state
 from care_mla.io.memory import trim_heap
 from care_mla.method.compensation import OutputMoments, output_refit_error, refit_output_weight, ridge_system
-from care_mla.method.statistics import CalibrationCacheError, CalibrationStats, SecondMoment
+from care_mla.method.statistics import CalibrationCacheError, CalibrationStats, SecondMoment, product_dtype
 from care_mla.pipeline import calibration
 from care_mla.pipeline.build import ConvertedStream, sequential_windows
 from care_mla.pipeline.calibration import (
@@ -127,11 +127,6 @@ def _gather(hidden: list[torch.Tensor], positions: list[int], batch_size: int) -
     return [torch.stack(rows[s : s + batch_size]) for s in range(0, len(rows), batch_size)]
 
 
-#: The GEMM dtype of the refit's and the choice's output moments (`sequential.MomentSum`): float32, half the time of
-#: float64 on a CPU (the two-pass refit keeps float64, its bytes unchanged).
-MOMENT_DTYPE = torch.float32
-
-
 def refitted_error(moments: OutputMoments, weight: torch.Tensor, damping: float) -> float:
     """Relative error of a converted layer's attention output against the original attention's, both summed into
     `moments` (`_moment_sum`), once its ``o_proj`` is refitted on them from `weight`
@@ -150,7 +145,9 @@ def _moment_sum(layer, hidden: list[torch.Tensor], kwargs: list[dict], targets: 
     (a new `MomentSum` when None; `queries`: its ``q_proj`` outputs there, `_replaying`)."""
     o_proj = layer.self_attn.o_proj
     if total is None:
-        total = MomentSum(o_proj.in_features, o_proj.out_features, o_proj.bias, o_proj.weight.device, MOMENT_DTYPE)
+        # products in float32, or bfloat16 for a bfloat16 stream (`product_dtype`); float64 in the two passes
+        total = MomentSum(o_proj.in_features, o_proj.out_features, o_proj.bias, o_proj.weight.device,
+                          product_dtype(hidden[0].dtype))
     with _replaying(layer.self_attn.q_proj, queries):
         for h, k, y in zip(hidden, kwargs, targets):  # batch by batch: one batch's heads held at a time
             (heads,) = attention_parts(layer, [h], [k], "heads")
@@ -421,7 +418,8 @@ def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSetting
             # the statistics as `collect_statistics` accumulates them: input_layernorm's outputs, batch by batch —
             # first, as the choice factorizes from them before the layer runs over the stream
             if collect:
-                moment = SecondMoment(layer.input_layernorm.weight.shape[0], device=device)
+                moment = SecondMoment(layer.input_layernorm.weight.shape[0], device=device,
+                                      dtype=product_dtype(stream_dtype))
                 for h in hidden:
                     moment.add_batch(layer.input_layernorm(h))
                 moments.append(moment.second_moment.float().cpu())
@@ -478,7 +476,7 @@ def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSetting
             with materialised(converted.model.layers[i], _cast(state, stream_dtype), device) as fitted:
                 o_proj = fitted.self_attn.o_proj
                 total = MomentSum(o_proj.in_features, o_proj.out_features, o_proj.bias, o_proj.weight.device,
-                                  MOMENT_DTYPE)
+                                  product_dtype(stream_dtype))
                 refitting = _forward_refitting(layer, hidden, kw_main, refit_positions, fitted, kw_refit, total,
                                                replay=replay, whole=not last)
             drift_positions = [position[w] for w in picks.drift]
