@@ -15,11 +15,13 @@ in hand when it reaches the layer — the original stream's inputs of that layer
    attention-output error** on those windows (`refitted_error`), in the two rounds of `selection.screened_losses`
    (every candidate on `selection.SCREEN_WINDOWS` of them, the `selection.FINALISTS` best on the rest, added to
    their moments); the layer keeps its best, so the objective is chosen per layer;
-4. the winner factorized by the whitened SVD (the written factors, as in every conversion); then the original
-   layer runs over every window — the next layer's inputs, in place of its own — and, as it reaches them, the
-   winner's heads on the rows of the ``settings.refit_samples`` refit windows are summed against the original
-   attention's output there, a batch-sized group of rows at a time (`_forward_refitting`): at most one group's
-   refit inputs, targets and queries are held, so the pass holds one stream and a layer, as a calibration does.
+4. the winner's factors as they were scored (`factorization.joint_factorize_gram`: the whitened SVD's latent,
+   without its SVD; SmolLM2, every candidate at F = 0.5 and 0.125: down·up within 3e-9 relative, often the same
+   float32 bits); then the original layer runs over every window — the next layer's inputs,
+   in place of its own — and, as it reaches them, the winner's heads on the rows of the
+   ``settings.refit_samples`` refit windows are summed against the original attention's output there, a
+   batch-sized group of rows at a time (`_forward_refitting`): at most one group's refit inputs, targets and
+   queries are held, so the pass holds one stream and a layer, as a calibration does.
    Its ``o_proj`` is then refitted by least squares from those moments (`compensation.refit_output_weight`).
 
 Held-out ppl ratio (docs/results.md), SmolLM2 at F = 0.25 / 0.125 with the objectives pinned, the refit on the
@@ -410,9 +412,9 @@ def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSetting
         with materialised(original.model.layers[i], reader.state(layer_prefix(i), stream_dtype), device) as layer:
             clock("forward")  # reading the layer
 
-            def attention_state(s: ConvertSettings, shared: SharedWeightings | None = None):
+            def attention_state(s: ConvertSettings, shared: SharedWeightings, errors: bool = False):
                 latent, row = layer_latent(i, ranks[i], kv_weights, so_far, s, qo_weights, config, shared=shared,
-                                           errors=shared is None)
+                                           errors=errors)
                 return latent, row, latent_layer_state(source, latent)
 
             # the statistics as `collect_statistics` accumulates them: input_layernorm's outputs, batch by batch —
@@ -464,13 +466,15 @@ def _single_pass(config, reader, windows: torch.Tensor, settings: ConvertSetting
                     with materialised(converted.model.layers[i], streamed[k], device) as candidate:
                         _moment_sum(candidate, selected["rest"], kw["rest"], targets["rest"], queries["rest"], sums[k])
                     losses[k] = refitted_error(sums[k].moments(), o_weights[k], settings.damping)
-            del selected, targets, queries, shared, streamed, o_weights, sums
+            del selected, targets, queries, streamed, o_weights, sums
             trim_heap()  # what the choice freed goes back before the forward allocates: the two peaks do not stack
             best = min(range(len(candidates)), key=lambda k: (losses[k] if math.isfinite(losses[k]) else math.inf, k))
             clock("choice")
-            # the winner factorized as every conversion writes it; the original layer then runs over the stream
-            # and the winner's heads on the refit rows are summed into the refit's moments as it reaches them
-            latent, row, state = attention_state(candidates[best])
+            # the winner's factors as it was scored (from the layer's Gram: the whitened SVD's latent to rounding),
+            # with its error table; the original layer then runs over the stream and the winner's heads on the
+            # refit rows are summed into the refit's moments as it reaches them
+            latent, row, state = attention_state(candidates[best], shared, errors=True)
+            del shared
             last = i == config.num_hidden_layers - 1  # its outputs are needed only on the drift figure's windows
             clock("refit")
             with materialised(converted.model.layers[i], _cast(state, stream_dtype), device) as fitted:
