@@ -120,7 +120,7 @@ def test_refit_is_least_squares_on_the_original_stream(tiny_model_dir, text_file
     W = original.model.layers[1].self_attn.o_proj.weight.detach().double()
     expected = _ridge(heads, y, W, s.damping)
     written = converted.model.layers[1].self_attn.o_proj.weight.detach().double()
-    assert (written - expected).abs().max() <= 5e-4 * expected.abs().max()  # float32 moments (`product_dtype`)
+    assert (written - expected).abs().max() <= 5e-4 * expected.abs().max()  # float32 moments (MOMENT_DTYPE)
     assert (written - W).abs().max() >= 100 * (written - expected).abs().max()  # it did move from the original
 
 

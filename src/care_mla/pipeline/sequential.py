@@ -59,8 +59,7 @@ class MomentSum:
     wide), y the target output (D wide) less the converted ``o_proj``'s `bias`. Each batch's products are
     computed (`statistics.gram`) in `dtype`: float64 by default; float32 (as `statistics.SecondMoment` does)
     halves the time on a CPU, each batch's sum then rounded to ~1e-7 relative, far below the refit's ridge (1e-2
-    of the mean diagonal); bfloat16 (for a bfloat16 stream, `statistics.product_dtype`) halves it again with
-    native bf16, each batch's sum rounded to 2⁻⁹ relative. E‖y‖² is summed in float32 at least, whatever `dtype`."""
+    of the mean diagonal)."""
 
     def __init__(self, m: int, D: int, bias: torch.Tensor | None, device: torch.device,
                  dtype: torch.dtype = torch.float64):
@@ -69,12 +68,11 @@ class MomentSum:
         self.energy, self.count = 0.0, 0
 
     def add(self, heads: torch.Tensor, y: torch.Tensor) -> None:
-        wide = torch.promote_types(self.dtype, torch.float32)  # of y less the bias, and of its energy
         x = heads.reshape(-1, self.m).to(self.dtype)
-        y = y.reshape(-1, self.D).to(wide)
+        y = y.reshape(-1, self.D).to(self.dtype)
         if self.bias is not None:
-            y = y - self.bias.to(wide)
-        self.AB += gram(x, right=y.to(self.dtype)).double()  # [Σ ôôᵀ (upper block triangle, mirrored) | Σ ôyᵀ]
+            y = y - self.bias.to(self.dtype)
+        self.AB += gram(x, right=y).double()  # [Σ ôôᵀ (upper block triangle, mirrored) | Σ ôyᵀ]
         self.energy += float(y.pow(2).sum(dtype=torch.float64))
         self.count += x.shape[0]
 
