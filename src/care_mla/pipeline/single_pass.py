@@ -15,14 +15,13 @@ in hand when it reaches the layer — the original stream's inputs of that layer
    attention-output error** on those windows (`refitted_error`), in the two rounds of `selection.screened_losses`
    (every candidate on `selection.SCREEN_WINDOWS` of them, the `selection.FINALISTS` best on the rest, added to
    their moments); the layer keeps its best, so the objective is chosen per layer;
-4. the winner's factors as they were scored (`factorization.joint_factorize_gram`: the whitened SVD's latent,
-   without its SVD; SmolLM2, every candidate at F = 0.5 and 0.125: down·up within 3e-9 relative, often the same
-   float32 bits); then the original layer runs over every window — the next layer's inputs,
-   in place of its own — and, as it reaches them, the winner's heads on the rows of the
-   ``settings.refit_samples`` refit windows are summed against the original attention's output there, a
-   batch-sized group of rows at a time (`_forward_refitting`): at most one group's refit inputs, targets and
-   queries are held, so the pass holds one stream and a layer, as a calibration does.
-   Its ``o_proj`` is then refitted by least squares from those moments (`compensation.refit_output_weight`).
+4. the winner's factors as they were scored (`factorization.joint_factorize_gram`: the whitened SVD's latent, without
+   its SVD; SmolLM2, every candidate at F = 0.5 and 0.125: down·up within 3e-9 relative, often the same float32 bits);
+   then the original layer runs over every window — the next layer's inputs, in place of its own — and, as it reaches
+   them, the winner's heads on the rows of the ``settings.refit_samples`` refit windows are summed against the
+   original attention's output there, a batch-sized group of rows at a time (`_forward_refitting`): at most one
+   group's refit inputs, targets and queries are held, so the pass holds one stream and a layer, as a calibration
+   does. Its ``o_proj`` is then refitted by least squares from those moments (`compensation.refit_output_weight`).
 
 Held-out ppl ratio (docs/results.md), SmolLM2 at F = 0.25 / 0.125 with the objectives pinned, the refit on the
 original stream against the converted one: 1.213 / 1.519 against 1.217 / 1.548. Applies to the default layout (a
