@@ -49,8 +49,9 @@ def product_dtype(stream_dtype: torch.dtype) -> torch.dtype:
     float64) average out. SmolLM2, 8 batches of 2,048 tokens, median over layers: C moved by 5e-4 of ‖C‖
     (Frobenius), a third of what the stream's own rounding moves it (1.6e-3 from a float32 stream's C). On a
     2-core CPU with native bf16 (avx512_bf16) the products take half float32's time: `gram` 2.8 instead of
-    5.4 ms for 2,048 × 576, with ``right`` 6.6 instead of 16.4. A float16 stream keeps float32 products: a
-    batch's sums would overflow float16."""
+    5.4 ms for 2,048 × 576. A float16 stream keeps float32 products: a batch's sums would overflow float16.
+    The refit's output moments do not use this (`single_pass.MOMENT_DTYPE`: their residual is below bf16's
+    rounding)."""
     return torch.bfloat16 if stream_dtype == torch.bfloat16 else torch.float32
 
 
