@@ -8,8 +8,10 @@ normal cache (``$CARE_MLA_CACHE`` or ``~/.cache/care-mla``); the first run conve
 from __future__ import annotations
 
 import bz2
+import hashlib
 import importlib.metadata
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -258,3 +260,25 @@ def test_austen_cache_verifies_and_rebuilds(austen_files: dict[str, Path], tmp_p
         "austen-checksums.json",
         "austen-evaluation.txt",
     ]
+
+
+def test_files_match_remembers_digests_and_sees_a_same_size_rewrite(tmp_path: Path, monkeypatch) -> None:
+    from care_mla.io import assets as digests
+
+    root, memo = tmp_path / "asset", tmp_path / "hashes"
+    root.mkdir()
+    weights = root / "w.bin"
+    weights.write_bytes(b"a" * 4096)
+    expected = {"w.bin": hashlib.sha256(b"a" * 4096).hexdigest()}
+    assert assets.files_match(root, expected, memo)
+    hashed: list[Path] = []
+    real = digests.sha256_file
+    monkeypatch.setattr(digests, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
+    assert assets.files_match(root, expected, memo)
+    assert hashed == []  # nothing touched the file: its digest is remembered, no byte is read
+    stat = weights.stat()
+    weights.write_bytes(b"b" * 4096)  # same size (a rewrite with its mtime put back: test_fingerprint.py)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a coarse clock may not have moved it
+    assert not assets.files_match(root, expected, memo)
+    assert hashed == [weights]
+    assert not assets.files_match(root, expected)  # without a memo every byte is read

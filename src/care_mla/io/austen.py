@@ -31,6 +31,7 @@ from care_mla.io.assets import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from care_mla.io.fingerprint import MEMO_FOLDER
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def _text_is_valid(folder: Path, paths: Mapping[str, Path]) -> bool:
         return False
     if record.get("splits") != {split: list(novels) for split, novels in AUSTEN_SPLITS.items()}:
         return False
-    return files_match(folder, files)
+    return files_match(folder, files, folder.parent / MEMO_FOLDER)
 
 
 def austen_text(split: str, cache_dir: Path | None = None) -> Path:

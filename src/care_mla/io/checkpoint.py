@@ -11,6 +11,7 @@ else ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +23,11 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 #: Default largest shard: small enough to keep writing memory modest, large enough for few files.
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+#: Least seconds between two heap trims of a reader (`memory.trim_heap`, at a change of layer). A trim costs 10–25
+#: ms; a layer of a calibration pass takes seconds, but the rank plan and the writing of the factors read a layer
+#: every few tens of ms, where a trim per layer was a quarter of the sweep (the paper's CARE, SmolLM2: 93 trims,
+#: 1.0 s) and there was little to give back.
+TRIM_INTERVAL_S = 1.0
 
 
 class CheckpointFormatError(ValueError):
@@ -109,6 +115,7 @@ class CheckpointReader:
         self.folder = folder
         self.weight_map: dict[str, str] = dict(weight_map)
         self._last_layer: object = _NOTHING_READ
+        self._trimmed = -TRIM_INTERVAL_S  # time.monotonic() of the last trim
         self._finite: set[str] = set()  # names already checked: a conversion reads each tensor several times
 
     def __contains__(self, name: str) -> bool:
@@ -120,7 +127,9 @@ class CheckpointReader:
     def _read(self, names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         layer = _layer_of(names[0]) if names else None
         if layer != self._last_layer:  # what the last layer freed goes back to the system before the next is read
-            trim_heap()  # once per layer: a trim costs ~25 ms when much was freed, and a layer is read ~5 times
+            if time.monotonic() - self._trimmed >= TRIM_INTERVAL_S:  # at most once a second (a layer is read ~5 times)
+                trim_heap()
+                self._trimmed = time.monotonic()
             self._last_layer = layer
         by_file: dict[str, list[str]] = {}
         for name in names:

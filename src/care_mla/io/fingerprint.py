@@ -11,45 +11,15 @@ changes the ctime, which no user call can set.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
+
+# the digests of single files live with the assets, whose check of a cached model must not import torch
+from care_mla.io.assets import MEMO_FOLDER, file_digest, sha256_file
+
+__all__ = ["MEMO_FOLDER", "MODEL_FILE_SUFFIXES", "file_digest", "model_digest", "sha256_file"]
 
 #: Files of a model folder that decide what calibration computes.
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt")
-_CHUNK = 8 << 20
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_digest(path: str | Path, memo_dir: Path | None = None) -> str:
-    """SHA-256 of `path`'s bytes, remembered in `memo_dir` under its (device, inode, size, mtime_ns, ctime_ns)."""
-    path = Path(path)
-    st = path.stat()
-    if memo_dir is None:
-        return sha256_file(path)
-    ident = f"{path.resolve()}\0{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
-    memo = memo_dir / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.sha256"
-    try:
-        digest = memo.read_text().strip()
-        if len(digest) == 64:
-            return digest
-    except OSError:
-        pass
-    digest = sha256_file(path)
-    try:
-        memo_dir.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".{memo.name}.tmp-{os.getpid()}")
-        tmp.write_text(digest)
-        tmp.replace(memo)
-    except OSError:
-        pass  # a read-only cache only costs the hashing next time
-    return digest
 
 
 def model_digest(model_path: str, memo_dir: Path | None = None) -> str:

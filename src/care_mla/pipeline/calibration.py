@@ -24,7 +24,7 @@ from transformers import AutoConfig
 
 from care_mla.io import assets
 from care_mla.io.checkpoint import CheckpointReader
-from care_mla.io.fingerprint import model_digest
+from care_mla.io.fingerprint import MEMO_FOLDER, model_digest
 from care_mla.io.outputs import OutputExistsError, OutputFolder, write_text_atomic  # noqa: F401  (OutputExistsError: API)
 from care_mla.io.text import load_windows, resolve_text
 from care_mla.method.statistics import CalibrationCacheError, CalibrationStats, SecondMoment, product_dtype
@@ -250,7 +250,7 @@ STATS_FORMAT = 4
 
 def model_fingerprint(model_path: str, cache_root: Path) -> bytes:
     """Identity of a model folder by content (`fingerprint.model_digest`, digests remembered per file)."""
-    return bytes.fromhex(model_digest(model_path, cache_root / "hashes"))
+    return bytes.fromhex(model_digest(model_path, cache_root / MEMO_FOLDER))
 
 
 def _fingerprint(model_path: str, text_path: Path, settings: ConvertSettings, dtype: torch.dtype,
