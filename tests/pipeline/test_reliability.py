@@ -280,6 +280,25 @@ def test_damaged_model_is_one_line_and_exit_2(work, capsys, how, needle):
     assert not (work.root / "out").exists()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_check_sees_every_bad_entry_and_passes_sums_that_overflow(dtype):
+    from care_mla.io.checkpoint import CheckpointCorruptError, check_finite
+
+    big = torch.full((64, 64), torch.finfo(dtype).max / 2, dtype=dtype)  # finite entries whose sum overflows
+    assert not math.isfinite(float(big.sum()))
+    check_finite("big", big)
+    check_finite("ids", torch.arange(10))  # not floating point: nothing to check
+    for bad in (math.nan, math.inf, -math.inf):
+        w = torch.randn(64, 64).to(dtype)
+        w[17, 5] = bad
+        with pytest.raises(CheckpointCorruptError, match="weight w holds 1 NaN/Inf"):
+            check_finite("w", w)
+    pair = torch.randn(64, 64).to(dtype)
+    pair[0, 0], pair[1, 1] = math.inf, -math.inf  # a sum of Inf and -Inf is NaN, still refused
+    with pytest.raises(CheckpointCorruptError, match="holds 2 NaN/Inf"):
+        check_finite("pair", pair)
+
+
 def test_missing_model_folder_is_refused(work, capsys):
     assert_refused(work, capsys, work.args(work.root / "out", model=work.root / "nope"), 2, "model folder not found")
 
