@@ -54,7 +54,8 @@ def main() -> None:
                               "device": "cpu", "format": "care_mla", "layerwise": True,
                               "settings": PAPER if a.which == "paper" else {}})
                 seconds[name].append(r["seconds"])
-                print(f"round {k + 1}, {name} ({src}): {r['seconds']:.1f} s, stages {r['timings_s']}"
+                print(f"round {k + 1}, {name} ({src}): {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
+                      f"stages {r['timings_s']}"
                       + (f", one pass by step {r['single_pass_s']}" if r.get("single_pass_s") else ""), flush=True)
     ma, mb = statistics.median(seconds["a"]), statistics.median(seconds["b"])
     print(f"{a.which} conversion, median of {a.repeat}: a {ma:.1f} s, b {mb:.1f} s, b / a {mb / ma:.3f}")
