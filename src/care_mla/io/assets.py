@@ -34,7 +34,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-
 logger = logging.getLogger("care_mla.io.assets")
 
 
