@@ -157,7 +157,7 @@ def _hash_files(root: Path, names: Iterable[str]) -> dict[str, str]:
 def files_match(root: Path, expected: Mapping[str, str], memo_dir: Path | None = None) -> bool:
     """Whether every file in ``expected`` exists under ``root`` with the recorded sha256.
 
-    With `memo_dir`, each digest is remembered there under the file's identity (`fingerprint.file_digest`: device,
+    With `memo_dir`, each digest is remembered there under the file's identity (`file_digest`: device,
     inode, size, mtime and ctime), so a check of files nothing touched since reads no bytes: the embedded model is
     checked on every run, and hashing its 538 MB took 0.56 s of each conversion."""
     for name, digest in expected.items():

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from care_mla.io.assets import (
+    MEMO_FOLDER,
     AssetError,
     files_match,
     make_dir,
@@ -31,7 +32,6 @@ from care_mla.io.assets import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from care_mla.io.fingerprint import MEMO_FOLDER
 
 logger = logging.getLogger(__name__)
 
