@@ -263,8 +263,6 @@ def test_austen_cache_verifies_and_rebuilds(austen_files: dict[str, Path], tmp_p
 
 
 def test_files_match_remembers_digests_and_sees_a_same_size_rewrite(tmp_path: Path, monkeypatch) -> None:
-    from care_mla.io import assets as digests
-
     root, memo = tmp_path / "asset", tmp_path / "hashes"
     root.mkdir()
     weights = root / "w.bin"
@@ -272,8 +270,8 @@ def test_files_match_remembers_digests_and_sees_a_same_size_rewrite(tmp_path: Pa
     expected = {"w.bin": hashlib.sha256(b"a" * 4096).hexdigest()}
     assert assets.files_match(root, expected, memo)
     hashed: list[Path] = []
-    real = digests.sha256_file
-    monkeypatch.setattr(digests, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
+    real = assets.sha256_file
+    monkeypatch.setattr(assets, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
     assert assets.files_match(root, expected, memo)
     assert hashed == []  # nothing touched the file: its digest is remembered, no byte is read
     stat = weights.stat()

@@ -121,7 +121,7 @@ class CheckpointReader:
         self.folder = folder
         self.weight_map: dict[str, str] = dict(weight_map)
         self._last_layer: object = _NOTHING_READ
-        self._trimmed = -TRIM_INTERVAL_S  # time.monotonic() of the last trim
+        self._trimmed = -math.inf  # time.monotonic() of the last trim
         self._finite: set[str] = set()  # names already checked: a conversion reads each tensor several times
 
     def __contains__(self, name: str) -> bool:
