@@ -309,3 +309,24 @@ def test_placement_moves_a_submodule_or_one_tensor():
     assert m[0].scale.is_meta and not m[0].bias.is_meta
     _move(m, "0", "meta")
     assert m[0].bias.is_meta
+
+
+def test_reader_trims_the_heap_at_a_new_layer_at_most_once_a_second(tiny_model_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    from care_mla.io import checkpoint
+
+    reader = CheckpointReader(tiny_model_dir("llama"))
+    clock = [1000.0]
+    trims = []
+    monkeypatch.setattr(checkpoint, "time", SimpleNamespace(monotonic=lambda: clock[0]))  # this module's clock only
+    monkeypatch.setattr(checkpoint, "trim_heap", lambda: trims.append(clock[0]))
+    reader.state(layer_prefix(0))
+    reader.state(layer_prefix(0))  # the same layer again: no trim
+    reader.state(layer_prefix(1))  # a new layer within the second: no trim
+    assert trims == [1000.0]
+    clock[0] += checkpoint.TRIM_INTERVAL_S
+    reader.state(layer_prefix(1))  # the second has passed, but the layer is the same
+    assert trims == [1000.0]
+    reader.state(layer_prefix(0))
+    assert trims == [1000.0, 1000.0 + checkpoint.TRIM_INTERVAL_S]
